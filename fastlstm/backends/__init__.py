@@ -1,0 +1,1 @@
+"""One module per backend; ``base`` holds the primitives they share (see its docstring)."""

@@ -1,0 +1,178 @@
+"""The sequence-level primitives every backend implements, and their reference version.
+
+A backend runs one layer in one direction over a whole sequence; the layer
+(``fastlstm.layer``) builds stacks, directions, dropout and state handling on top
+and never talks to a backend in any other way:
+
+    forward_sequence(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training)
+        -> y (T, B, H), h_n (B, H), c_n (B, H), saved
+    backward_sequence(saved, dy, dh_n, dc_n)
+        -> dx (T, B, I), dh0 (B, H), dc0 (B, H), dw_ih (4H, I), dw_hh (4H, H), dbias (4H,)
+
+Conventions (those of ``torch.nn.LSTM``): gate order i, f, g, o; ``bias`` is
+``b_ih + b_hh``; ``lengths`` is None or a (B,) integer array with values in 1..T.
+A sequence is active at step t when t < length. Inactive steps carry the state
+through unchanged and output zeros, so the forward direction ends each sequence
+at its own last step and the reverse direction starts there. ``saved`` is opaque
+to the layer and None when ``training`` is False (nothing is kept for backward).
+
+``ReferenceBackend`` implements the primitives with array operations on ``self.xp``
+(NumPy, or CuPy for a GPU fallback): one GEMM for the input projection of all
+steps, one recurrent GEMM per step, the weight gradients as GEMMs over all steps
+after the loop. Faster backends subclass it and override the primitives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._arrays import to_numpy
+
+
+@dataclass
+class SavedSequence:
+    """What the reference backward needs from its forward (one layer, one direction)."""
+
+    x: object  # (T, B, I) layer input
+    w_ih: object
+    w_hh: object
+    h0: object
+    c0: object
+    lengths: object  # (B,) or None
+    reverse: bool
+    gates: object  # (T, B, 4H) activated gates i, f, g, o
+    h_states: object  # (T, B, H) carried hidden state after each step
+    c_states: object  # (T, B, H) carried cell state after each step
+
+
+def step_order(num_steps: int, reverse: bool) -> range:
+    """The order in which a direction visits the time steps."""
+    return range(num_steps - 1, -1, -1) if reverse else range(num_steps)
+
+
+def previous_states(xp, states, initial, reverse: bool):
+    """(T, B, H): the state each step started from, in that direction's order."""
+    shifted = xp.empty_like(states)
+    if reverse:
+        shifted[-1] = initial
+        shifted[:-1] = states[1:]
+    else:
+        shifted[0] = initial
+        shifted[1:] = states[:-1]
+    return shifted
+
+
+def active_steps(xp, lengths, num_steps: int):
+    """(T, B, 1) boolean: is sequence b still running at step t; None without lengths."""
+    if lengths is None:
+        return None
+    return (xp.arange(num_steps)[:, None] < lengths[None, :])[:, :, None]
+
+
+def sigmoid(xp, a):
+    """Logistic function without overflow or warnings for any input (NaN stays NaN)."""
+    with np.errstate(under="ignore"):  # exp(-|a|) of a large |a| is rightly 0
+        e = xp.exp(-xp.abs(a))
+    return xp.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(a.dtype, copy=False)
+
+
+class ReferenceBackend:
+    """Array-module-generic LSTM primitives: the reference every backend must agree with."""
+
+    name = "reference"
+    xp = np
+
+    def describe(self) -> str:
+        return f"{self.xp.__name__} {self.xp.__version__}"
+
+    # -- array plumbing -------------------------------------------------------------
+    def from_user(self, value, name: str):
+        """A caller's array (any framework) as this backend's array, dtype unchanged."""
+        return to_numpy(value, name)
+
+    def to_user(self, array, like):
+        """A result for a caller whose input was `like`: NumPy for host backends."""
+        return array
+
+    def asarray(self, array, dtype=None):
+        """`array` on this backend's device (no copy when it is already there)."""
+        return self.xp.asarray(array, dtype=dtype)
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    # -- primitives -----------------------------------------------------------------
+    def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
+        xp = self.xp
+        num_steps, batch, _ = x.shape
+        hidden = w_hh.shape[1]
+        # Input projection for every step at once; the recurrent part is added per step.
+        gates = (x.reshape(num_steps * batch, -1) @ w_ih.T).reshape(num_steps, batch, 4 * hidden)
+        gates += bias
+        active = active_steps(xp, lengths, num_steps)
+        y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        if training:
+            h_states = xp.empty_like(y)
+            c_states = xp.empty_like(y)
+        h, c = h0, c0
+        for t in step_order(num_steps, reverse):
+            a = gates[t]
+            a += h @ w_hh.T
+            # Activate in place: in training the buffer becomes the saved gates.
+            a[:, : 2 * hidden] = sigmoid(xp, a[:, : 2 * hidden])
+            a[:, 2 * hidden : 3 * hidden] = xp.tanh(a[:, 2 * hidden : 3 * hidden])
+            a[:, 3 * hidden :] = sigmoid(xp, a[:, 3 * hidden :])
+            i, f, g, o = (a[:, k * hidden : (k + 1) * hidden] for k in range(4))
+            c_new = f * c + i * g
+            h_new = o * xp.tanh(c_new)
+            if active is None:
+                h, c = h_new, c_new
+                y[t] = h_new
+            else:
+                h = xp.where(active[t], h_new, h)
+                c = xp.where(active[t], c_new, c)
+                y[t] = xp.where(active[t], h_new, 0)
+            if training:
+                h_states[t] = h
+                c_states[t] = c
+        saved = None
+        if training:
+            saved = SavedSequence(x, w_ih, w_hh, h0, c0, lengths, reverse, gates, h_states, c_states)
+        return y, h, c, saved
+
+    def backward_sequence(self, saved: SavedSequence, dy, dh_n, dc_n):
+        xp = self.xp
+        num_steps, batch, input_size = saved.x.shape
+        hidden = saved.w_hh.shape[1]
+        active = active_steps(xp, saved.lengths, num_steps)
+        c_prev = previous_states(xp, saved.c_states, saved.c0, saved.reverse)
+        d_gates = xp.empty_like(saved.gates)
+        dh, dc = dh_n, dc_n
+        for t in reversed(step_order(num_steps, saved.reverse)):
+            i, f, g, o = (saved.gates[t][:, k * hidden : (k + 1) * hidden] for k in range(4))
+            tanh_c = xp.tanh(saved.c_states[t])
+            dh_t = dh + (dy[t] if active is None else xp.where(active[t], dy[t], 0))
+            dc_t = dc + dh_t * o * (1 - tanh_c * tanh_c)
+            da = d_gates[t]
+            da[:, :hidden] = dc_t * g * i * (1 - i)
+            da[:, hidden : 2 * hidden] = dc_t * c_prev[t] * f * (1 - f)
+            da[:, 2 * hidden : 3 * hidden] = dc_t * i * (1 - g * g)
+            da[:, 3 * hidden :] = dh_t * tanh_c * o * (1 - o)
+            if active is None:
+                dc = dc_t * f
+                dh = da @ saved.w_hh
+            else:
+                # Inactive steps pass both carries through untouched.
+                da *= active[t]
+                dc = xp.where(active[t], dc_t * f, dc)
+                dh = da @ saved.w_hh + xp.where(active[t], 0, dh_t)
+        # Weight and input gradients: large GEMMs over all T*B rows after the loop.
+        rows = d_gates.reshape(num_steps * batch, 4 * hidden)
+        h_prev = previous_states(xp, saved.h_states, saved.h0, saved.reverse)
+        dx = (rows @ saved.w_ih).reshape(num_steps, batch, input_size)
+        dw_ih = rows.T @ saved.x.reshape(num_steps * batch, input_size)
+        dw_hh = rows.T @ h_prev.reshape(num_steps * batch, hidden)
+        dbias = rows.sum(axis=0)
+        return dx, dh, dc, dw_ih, dw_hh, dbias

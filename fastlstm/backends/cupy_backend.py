@@ -1,0 +1,247 @@
+"""The CuPy backend: CUDA kernels (``kernels/lstm_forward.cu``, ``lstm_backward.cu``) plus cuBLAS.
+
+Per layer and direction: the input projection of all steps is one GEMM; each step
+runs one recurrent GEMM that cuBLAS accumulates into that step's slice of the
+projection (beta = 1) and one fused pointwise kernel (one thread per sequence and
+hidden unit, all four gates); backward mirrors it; the weight gradients are GEMMs
+over all steps after the loop and the bias gradient is a deterministic column sum.
+
+The sequence logic (``CudaSequenceBackend``) is written against three seams, an
+array module, a GEMM and a kernel launcher, so that the tests run it on the CPU
+with NumPy, NumPy GEMMs and a host build of the same CUDA sources. CuPy itself is
+imported only by ``create_backend``, which the registry calls when this backend is
+asked for; CUDA submodules (cuBLAS) only after a device has been found to work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._arrays import is_cupy_array, is_torch_tensor, to_numpy
+from .base import ReferenceBackend
+
+THREADS_PER_BLOCK = 256
+ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second pass
+
+
+def kernel_dir() -> Path:
+    """Folder of the CUDA sources, installed (fastlstm/kernels) or in a checkout (kernels/)."""
+    from .. import kernels
+
+    return Path(kernels.__file__).resolve().parent
+
+
+@dataclass
+class _CudaSaved:
+    x2: object  # (T*B, I)
+    w_ih: object
+    w_hh: object
+    h0: object
+    c0: object
+    lengths: object  # (B,) int64
+    reverse: bool
+    gates: object  # (T, B, 4H) activated
+    h_states: object  # (T, B, H) carried
+    c_states: object
+
+
+class CudaSequenceBackend(ReferenceBackend):
+    """The CUDA sequence primitives over an array module, a GEMM and a kernel set.
+
+    gemm(transa, transb, a, b, out, beta): out = op(a) @ op(b) + beta * out.
+    kernels: forward_step, backward_step, column_sum (see CupyKernels).
+    """
+
+    name = "cupy"
+
+    def __init__(self, xp, gemm, kernels):
+        self.xp = xp
+        self._gemm = gemm
+        self._kernels = kernels
+
+    # -- primitives -------------------------------------------------------------------
+    def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
+        xp = self.xp
+        num_steps, batch, input_size = x.shape
+        hidden = w_hh.shape[1]
+        step_lengths = xp.full(batch, num_steps, dtype=np.int64) if lengths is None else lengths
+        x2 = x.reshape(num_steps * batch, input_size)
+        gates = xp.empty((num_steps, batch, 4 * hidden), dtype=x.dtype)
+        self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 4 * hidden), 0.0)
+        y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        if training:
+            h_states = xp.empty_like(y)
+            c_states = xp.empty_like(y)
+        else:  # one buffer each, updated in place (each thread owns its element)
+            h_buffer, c_buffer = h0.copy(), c0.copy()
+        h_prev, c_prev = h0, c0
+        for t in _step_order(num_steps, reverse):
+            h_out, c_out = (h_states[t], c_states[t]) if training else (h_buffer, c_buffer)
+            self._gemm("N", "T", h_prev, w_hh, gates[t], 1.0)
+            self._kernels.forward_step(t, training, gates[t], bias, h_prev, c_prev, h_out, c_out, y[t], step_lengths)
+            h_prev, c_prev = h_out, c_out
+        saved = None
+        if training:
+            saved = _CudaSaved(x2, w_ih, w_hh, h0, c0, step_lengths, reverse, gates, h_states, c_states)
+        return y, h_prev.copy(), c_prev.copy(), saved
+
+    def backward_sequence(self, saved: _CudaSaved, dy, dh_n, dc_n):
+        xp = self.xp
+        num_steps, batch, hidden = saved.h_states.shape
+        rows, input_size = saved.x2.shape
+        d_gates = xp.empty_like(saved.gates)
+        dh_in, dh_out = dh_n.copy(), xp.empty_like(dh_n)
+        dc = dc_n.copy()
+        order = list(_step_order(num_steps, saved.reverse))
+        for position in reversed(range(num_steps)):
+            t = order[position]
+            c_before = saved.c0 if position == 0 else saved.c_states[order[position - 1]]
+            self._kernels.backward_step(t, saved.gates[t], saved.c_states[t], c_before, dy[t], dh_in, dh_out,
+                                        dc, d_gates[t], saved.lengths)
+            self._gemm("N", "N", d_gates[t], saved.w_hh, dh_out, 1.0)
+            dh_in, dh_out = dh_out, dh_in
+        d_rows = d_gates.reshape(rows, 4 * hidden)
+        dx2 = xp.empty((rows, input_size), dtype=dy.dtype)
+        self._gemm("N", "N", d_rows, saved.w_ih, dx2, 0.0)
+        dw_ih = xp.empty((4 * hidden, input_size), dtype=dy.dtype)
+        self._gemm("T", "N", d_rows, saved.x2, dw_ih, 0.0)
+        dw_hh = self._recurrent_weight_grad(saved, d_gates)
+        dbias = self._column_sums(d_rows)
+        return dx2.reshape(num_steps, batch, input_size), dh_in, dc, dw_ih, dw_hh, dbias
+
+    # -- helpers ------------------------------------------------------------------------
+    def _recurrent_weight_grad(self, saved: _CudaSaved, d_gates):
+        """sum_t d_gates[t]^T h_{t-1}: h_{t-1} is another step's state except at the first
+        step, where it is h0 -- two GEMMs into one output, no shifted copy of the states."""
+        num_steps, batch, hidden = saved.h_states.shape
+        dw_hh = self.xp.empty((4 * hidden, hidden), dtype=d_gates.dtype)
+        first = num_steps - 1 if saved.reverse else 0
+        self._gemm("T", "N", d_gates[first], saved.h0, dw_hh, 0.0)
+        if num_steps > 1:
+            rows = (num_steps - 1) * batch
+            if saved.reverse:  # step t started from the state after step t+1
+                d_rest, h_rest = d_gates[: num_steps - 1], saved.h_states[1:]
+            else:
+                d_rest, h_rest = d_gates[1:], saved.h_states[: num_steps - 1]
+            self._gemm("T", "N", d_rest.reshape(rows, 4 * hidden), h_rest.reshape(rows, hidden), dw_hh, 1.0)
+        return dw_hh
+
+    def _column_sums(self, a2):
+        """Deterministic column sums: fixed chunks of rows, then the chunks, each in order."""
+        rows, cols = a2.shape
+        chunks = -(-rows // ROWS_PER_CHUNK)
+        partial = self.xp.empty((chunks, cols), dtype=a2.dtype)
+        self._kernels.column_sum(a2, ROWS_PER_CHUNK, partial)
+        total = self.xp.empty((1, cols), dtype=a2.dtype)
+        self._kernels.column_sum(partial, chunks, total)
+        return total[0]
+
+
+def _step_order(num_steps: int, reverse: bool) -> range:
+    return range(num_steps - 1, -1, -1) if reverse else range(num_steps)
+
+
+def launch_shape(elements: int) -> tuple[int, int]:
+    """(blocks, threads per block) for one thread per element."""
+    return max(1, -(-elements // THREADS_PER_BLOCK)), THREADS_PER_BLOCK
+
+
+class CupyKernels:
+    """The CUDA kernels compiled by CuPy (NVRTC, cached on disk by CuPy), one launcher each."""
+
+    def __init__(self, cupy):
+        self._cupy = cupy
+        folder = kernel_dir()
+        options = ("--std=c++14", f"-I{folder}")
+        forward_names = [f"lstm_forward_step<{t}, {flag}>" for t in ("float", "double") for flag in ("true", "false")]
+        backward_names = [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in ("float", "double")]
+        self._modules = []
+        self._functions = {}
+        for source, names in (("lstm_forward.cu", forward_names), ("lstm_backward.cu", backward_names)):
+            module = cupy.RawModule(code=(folder / source).read_text(), options=options, name_expressions=names)
+            self._modules.append(module)
+            for name in names:
+                self._functions[name] = module.get_function(name)
+
+    @staticmethod
+    def _ctype(array) -> str:
+        return "float" if array.dtype == np.float32 else "double"
+
+    def forward_step(self, t, training, gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths):
+        batch, hidden = h_out.shape
+        name = f"lstm_forward_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
+        grid, block = launch_shape(batch * hidden)
+        self._functions[name](
+            (grid,), (block,),
+            (np.int32(batch), np.int32(hidden), np.int32(t), gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths),
+        )
+
+    def backward_step(self, t, gates_t, c_t, c_before, dy_t, dh_in, dh_out, dc, d_gates_t, lengths):
+        batch, hidden = dc.shape
+        grid, block = launch_shape(batch * hidden)
+        self._functions[f"lstm_backward_step<{self._ctype(dc)}>"](
+            (grid,), (block,),
+            (np.int32(batch), np.int32(hidden), np.int32(t), gates_t, c_t, c_before, dy_t, dh_in, dh_out, dc,
+             d_gates_t, lengths),
+        )
+
+    def column_sum(self, a2, rows_per_chunk, partial):
+        rows, cols = a2.shape
+        grid_x, block = launch_shape(cols)
+        self._functions[f"column_sum<{self._ctype(a2)}>"](
+            (grid_x, partial.shape[0]), (block,),
+            (np.int64(rows), np.int32(cols), np.int64(rows_per_chunk), a2, partial),
+        )
+
+
+class CupyBackend(CudaSequenceBackend):
+    """CudaSequenceBackend on CuPy arrays, cuBLAS GEMMs and the compiled CUDA kernels."""
+
+    def __init__(self, cupy):
+        import cupy.cublas  # noqa: F401 - only once a device is known to work (DESIGN.md)
+
+        self._cupy = cupy
+        super().__init__(cupy, self._cublas_gemm, CupyKernels(cupy))
+
+    def _cublas_gemm(self, transa, transb, a, b, out, beta):
+        self._cupy.cublas.gemm(transa, transb, a, b, out=out, alpha=1.0, beta=beta)
+
+    def describe(self) -> str:
+        device = self._cupy.cuda.Device()
+        props = self._cupy.cuda.runtime.getDeviceProperties(device.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return f"cupy {self._cupy.__version__} on GPU {device.id}: {name}"
+
+    # -- data movement ------------------------------------------------------------------
+    def from_user(self, value, name: str):
+        """CuPy arrays as they are; torch CUDA tensors through DLPack (no host copy);
+        anything else through the host."""
+        cupy = self._cupy
+        if isinstance(value, cupy.ndarray):
+            return value
+        if is_torch_tensor(value) and value.is_cuda:
+            return cupy.from_dlpack(value.detach())
+        return cupy.asarray(to_numpy(value, name))
+
+    def to_user(self, array, like):
+        """Device arrays for callers that passed device arrays, NumPy otherwise."""
+        on_device = is_cupy_array(like) or (is_torch_tensor(like) and like.is_cuda)
+        return array if on_device else self._cupy.asnumpy(array)
+
+    def asarray(self, array, dtype=None):
+        return self._cupy.asarray(array, dtype=dtype)
+
+    def to_host(self, array) -> np.ndarray:
+        return self._cupy.asnumpy(array)
+
+
+def create_backend() -> CupyBackend:
+    import cupy
+
+    if not cupy.is_available():
+        raise RuntimeError("CuPy is installed but no usable CUDA device was found (no GPU, or no driver)")
+    cupy.zeros(1).sum()  # first real use: raises e.g. cudaErrorInsufficientDriver
+    return CupyBackend(cupy)

@@ -1,0 +1,162 @@
+"""The Numba backend: the sequence primitives as compiled CPU kernels (``kernels/numba_lstm.py``).
+
+Importing this module imports numba, scipy (Numba's ``np.dot`` calls scipy's BLAS)
+and threadpoolctl; the registry does that only when this backend is asked for.
+Nothing is compiled at import: kernels compile (or load from Numba's cache) on
+first use.
+
+Threads: the kernels run one block of hidden units per Numba thread and call
+BLAS single-threaded from inside each thread, so BLAS is limited to one thread
+for the duration of each call (threadpoolctl). ``fastlstm.set_num_threads`` sets
+how many Numba threads run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import scipy
+import scipy.linalg.cython_blas  # noqa: F401  - Numba's np.dot needs it; fail here, not mid-call
+import threadpoolctl
+
+from .. import threads
+from ..kernels import numba_lstm as kernels
+from .base import ReferenceBackend
+
+# Below this many multiply-adds per step, fork/join costs more than a second thread saves.
+_PARALLEL_MIN_STEP_WORK = 384 * 1024
+# Batches up to this size use the hand-written GEMM (kernels._matmul_small); BLAS wins above.
+_SMALL_BATCH = 1
+# Fewest hidden units worth a thread of their own.
+_MIN_UNITS_PER_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class _Plan:
+    bounds: np.ndarray  # block boundaries over hidden units
+    perm: np.ndarray  # weight row order matching the blocks
+    parallel: bool
+    small_batch: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def max_units(self) -> int:
+        return int(np.max(np.diff(self.bounds)))
+
+
+@dataclass
+class _NumbaSaved:
+    plan: _Plan
+    x2: np.ndarray
+    w_ih_p: np.ndarray
+    w_hh_p: np.ndarray
+    h0: np.ndarray
+    c0: np.ndarray
+    lengths: np.ndarray
+    reverse: bool
+    gates: np.ndarray
+    h_states: np.ndarray
+    c_states: np.ndarray
+
+
+class NumbaBackend(ReferenceBackend):
+    name = "numba"
+    xp = np
+
+    def __init__(self):
+        self._blas = threadpoolctl.ThreadpoolController()
+
+    def describe(self) -> str:
+        return (
+            f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, "
+            f"{threads.get_num_threads()} threads"
+        )
+
+    # -- planning ---------------------------------------------------------------------
+    def _plan(self, batch: int, hidden: int) -> _Plan:
+        num_threads = threads.get_num_threads()
+        step_work = batch * hidden * 4 * hidden
+        parallel = num_threads > 1 and step_work >= _PARALLEL_MIN_STEP_WORK
+        num_blocks = min(num_threads, max(1, hidden // _MIN_UNITS_PER_BLOCK)) if parallel else 1
+        parallel = parallel and num_blocks > 1
+        bounds = kernels.block_bounds(hidden, num_blocks)
+        return _Plan(bounds, kernels.block_permutation(bounds, hidden), parallel, batch <= _SMALL_BATCH)
+
+    def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
+        """Run a kernel with Numba's thread count set and BLAS held to one thread."""
+        with self._blas.limit(limits=1, user_api="blas"):
+            if plan.parallel:
+                numba.set_num_threads(plan.num_blocks)
+                return parallel_kernel(*args)
+            return serial_kernel(*args)
+
+    def _transposed_blocks(self, plan: _Plan, w_p: np.ndarray) -> np.ndarray:
+        """Per block, its rows of w_p transposed to (H, 4*nu), for the small-batch GEMM."""
+        hidden = w_p.shape[1]
+        out = np.zeros((plan.num_blocks, hidden * 4 * plan.max_units), dtype=w_p.dtype)
+        for k, (u0, u1) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
+            block = w_p[4 * u0 : 4 * u1].T
+            out[k, : block.size] = block.ravel()
+        return out
+
+    # -- primitives -------------------------------------------------------------------
+    def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
+        num_steps, batch, input_size = x.shape
+        hidden = w_hh.shape[1]
+        dtype = x.dtype
+        plan = self._plan(batch, hidden)
+        w_ih_p = np.ascontiguousarray(w_ih[plan.perm])
+        w_hh_p = np.ascontiguousarray(w_hh[plan.perm])
+        bias_p = np.ascontiguousarray(bias[plan.perm])
+        w_hh_pt = self._transposed_blocks(plan, w_hh_p) if plan.small_batch else np.empty((1, 1), dtype)
+        step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
+        gates = np.empty((plan.num_blocks, num_steps * batch * 4 * plan.max_units), dtype)
+        rec = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
+        y = np.empty((num_steps, batch, hidden), dtype)
+        state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
+        h_states, c_states = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
+        x2 = x.reshape(num_steps * batch, input_size)
+        h_n, c_n = self._run(
+            plan, kernels.forward_parallel, kernels.forward_serial,
+            x2, w_ih_p, w_hh_p, w_hh_pt, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
+            step_lengths, reverse, plan.bounds, training, plan.small_batch, gates, rec, y, h_states, c_states,
+        )
+        saved = None
+        if training:
+            saved = _NumbaSaved(plan, x2, w_ih_p, w_hh_p, h0, c0, step_lengths, reverse, gates, h_states, c_states)
+        return y, h_n, c_n, saved
+
+    def backward_sequence(self, saved: _NumbaSaved, dy, dh_n, dc_n):
+        plan = saved.plan
+        num_steps, batch, hidden = saved.h_states.shape
+        rows, input_size = saved.x2.shape
+        dtype = saved.x2.dtype
+        d_gates = np.empty_like(saved.gates)
+        dh0, dc0 = self._run(
+            plan, kernels.backward_loop_parallel, kernels.backward_loop_serial,
+            saved.gates, saved.c_states, np.ascontiguousarray(saved.c0), saved.w_hh_p, dy,
+            np.ascontiguousarray(dh_n), np.ascontiguousarray(dc_n), saved.lengths, saved.reverse,
+            plan.bounds, plan.max_units, plan.small_batch, d_gates,
+        )
+        dw_ih_p = np.empty((4 * hidden, input_size), dtype)
+        dw_hh_p = np.empty((4 * hidden, hidden), dtype)
+        dbias_p = np.empty(4 * hidden, dtype)
+        dx2 = np.empty((rows, input_size), dtype)
+        self._run(
+            plan, kernels.gradients_parallel, kernels.gradients_serial,
+            d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
+            plan.bounds, dw_ih_p, dw_hh_p, dbias_p, dx2,
+        )
+        # Back from the blocked row order to torch's [i; f; g; o].
+        dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
+        dw_ih[plan.perm], dw_hh[plan.perm], dbias[plan.perm] = dw_ih_p, dw_hh_p, dbias_p
+        return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
+
+
+def create_backend() -> NumbaBackend:
+    return NumbaBackend()

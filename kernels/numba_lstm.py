@@ -1,0 +1,440 @@
+"""Numba CPU kernels for one LSTM layer and direction over a whole sequence.
+
+Work is split by hidden units into blocks, one block per thread. A block owns the
+four gates of its units: its rows of the (permuted) weights, its columns of the
+gate buffers, its units of the cell state. Per time step each block runs one GEMM
+for all four gates of its units (single-threaded BLAS, or a hand-written kernel
+for tiny batches where a BLAS call costs more than the arithmetic) and then the
+fused pointwise cell update, inside one parallel region; the only state shared
+between blocks is h, double-buffered. So there is one fork/join per step, no
+BLAS thread pool competing with Numba's threads, and each thread's weights stay
+in its core's cache from step to step.
+
+Permuted layout: block k covers units [u0, u1) (nu of them); its gate columns are
+[i(u0:u1), f(u0:u1), g(u0:u1), o(u0:u1)], stored contiguously per block as
+(T*B, 4*nu) in a flat (num_blocks, T*B*4*max_nu) buffer. ``block_permutation``
+gives the row order of the weights that matches.
+
+Activations: float32 uses a clamped odd rational approximation of tanh (own fit,
+max abs error 3.7e-7 in float32 arithmetic; sigma(x) = tanh(x/2)/2 + 1/2), built
+from multiply, add, divide and compares only so that LLVM vectorizes it; float64
+uses libm (exact, scalar). They live in this file rather than their own module
+because Numba's cache only checks the source file of the cached function itself.
+
+All kernels use error_model="numpy": the default "python" model puts a zero test
+before every division, which stops the loops from vectorizing.
+"""
+
+from __future__ import annotations
+
+import math
+from types import FunctionType
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
+
+def _parallel_and_serial(body):
+    """Compile one body twice: on threads (prange runs in parallel) and on the calling
+    thread (prange is then a plain range: no fork/join per step for small problems).
+
+    The serial copy gets its own qualified name because Numba's cache tells cached
+    functions apart by name and line, not by compile options.
+    """
+    serial_body = FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial",
+                               body.__defaults__, body.__closure__)
+    serial_body.__qualname__ = body.__qualname__ + "_serial"
+    serial_body.__doc__ = body.__doc__
+    return njit(parallel=True, **_OPTS)(body), njit(**_OPTS)(serial_body)
+
+
+# -- activations ----------------------------------------------------------------------
+_F = np.float32
+_CLAMP = _F(7.9)  # tanh(7.9) = 1 - 2.7e-7
+_P0, _P1, _P2, _P3, _P4, _P5 = (
+    _F(1.0000000346190072),
+    _F(0.1288114704612534),
+    _F(0.0028790625605799865),
+    _F(8.86499076751633e-06),
+    _F(-1.1450219355761799e-08),
+    _F(1.4370813822891392e-11),
+)
+_Q0, _Q1, _Q2 = _F(0.4621443089688248), _F(0.023594652236063395), _F(0.00022220457612625707)
+_ONE, _HALF = _F(1.0), _F(0.5)
+
+
+@njit(inline="always")
+def _tanh_rational(x):
+    # Compare-and-select (not min/max) so that NaN passes through as NaN.
+    if x > _CLAMP:
+        x = _CLAMP
+    if x < -_CLAMP:
+        x = -_CLAMP
+    z = x * x
+    num = x * (_P0 + z * (_P1 + z * (_P2 + z * (_P3 + z * (_P4 + z * _P5)))))
+    return num / (_ONE + z * (_Q0 + z * (_Q1 + z * _Q2)))
+
+
+def tanh(x):
+    """tanh for float32 (vectorizing approximation) and float64 (libm) inside kernels."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+def sigmoid(x):
+    """Logistic function inside kernels; never overflows."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(tanh)
+def _tanh_overload(x):
+    if x == types.float32:
+        return lambda x: _tanh_rational(x)
+    return lambda x: math.tanh(x)
+
+
+@overload(sigmoid)
+def _sigmoid_overload(x):
+    if x == types.float32:
+        return lambda x: _HALF * _tanh_rational(_HALF * x) + _HALF
+
+    def exact(x):
+        e = math.exp(-abs(x))
+        return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
+
+    return exact
+
+
+@njit(**_OPTS)
+def apply_tanh(values, out):
+    """Elementwise tanh as the kernels compute it (for tests of accuracy)."""
+    for n in range(values.shape[0]):
+        out[n] = tanh(values[n])
+
+
+@njit(**_OPTS)
+def apply_sigmoid(values, out):
+    for n in range(values.shape[0]):
+        out[n] = sigmoid(values[n])
+
+
+# -- blocking -------------------------------------------------------------------------
+def block_bounds(hidden: int, num_blocks: int) -> np.ndarray:
+    """Unit boundaries of `num_blocks` near-equal blocks (sizes kept multiples of 8 when possible)."""
+    num_blocks = max(1, min(num_blocks, hidden))
+    step = hidden / num_blocks
+    cuts = [0]
+    for k in range(1, num_blocks):
+        cut = int(round(k * step / 8.0)) * 8 if hidden >= 8 * num_blocks else int(round(k * step))
+        cuts.append(min(max(cut, cuts[-1] + 1), hidden - (num_blocks - k)))
+    cuts.append(hidden)
+    return np.asarray(cuts, dtype=np.int64)
+
+
+def block_permutation(bounds: np.ndarray, hidden: int) -> np.ndarray:
+    """Row order that turns torch's [i; f; g; o] gate rows into per-block gate groups."""
+    rows = []
+    for u0, u1 in zip(bounds[:-1], bounds[1:]):
+        for gate in range(4):
+            rows.append(np.arange(gate * hidden + u0, gate * hidden + u1))
+    return np.concatenate(rows).astype(np.int64)
+
+
+@njit(inline="always")
+def _block_view(flat, k, rows, cols):
+    """Block k's contiguous (rows, cols) region of a flat per-block buffer."""
+    return flat[k, : rows * cols].reshape((rows, cols))
+
+
+# -- small GEMMs ------------------------------------------------------------------------
+@njit(inline="always")
+def _matmul_small(a, b, out):
+    """out (M, N) = a (M, K) @ b (K, N) as rank-four updates that vectorize along N.
+
+    For batch 1, where BLAS dispatches to a slower matrix-vector path and its call
+    overhead is a large share; BLAS wins from batch 2 on (measured on AVX-512).
+    """
+    rows, inner = a.shape
+    cols = b.shape[1]
+    inner4 = inner - inner % 4
+    for m in range(rows):
+        o = out[m]
+        o[:] = 0
+        for q in range(0, inner4, 4):
+            s0, s1, s2, s3 = a[m, q], a[m, q + 1], a[m, q + 2], a[m, q + 3]
+            b0, b1, b2, b3 = b[q], b[q + 1], b[q + 2], b[q + 3]
+            for n in range(cols):
+                o[n] += s0 * b0[n] + s1 * b1[n] + s2 * b2[n] + s3 * b3[n]
+        for q in range(inner4, inner):
+            s = a[m, q]
+            bq = b[q]
+            for n in range(cols):
+                o[n] += s * bq[n]
+
+
+# -- pointwise cell ---------------------------------------------------------------------
+# One sequence's units of one block. Written so that LLVM vectorizes every loop: each
+# loop touches few arrays (with more it gives up proving they do not overlap), and
+# indexes a view from 0 (an offset index j + 2*nu defeats Numba's proof that the index
+# is not negative, and the wraparound select that remains stops vectorization).
+@njit(inline="always")
+def _gate_views(a, nu):
+    return a[:nu], a[nu : 2 * nu], a[2 * nu : 3 * nu], a[3 * nu : 4 * nu]
+
+
+@njit(inline="always")
+def _cell_forward(a, rec, bias, c, h):
+    """a: (4*nu) input projection in, activated gates [i f g o] out; rec: (4*nu) recurrent
+    part; c: (nu) cell state, updated in place; h: (nu) new hidden state out."""
+    nu = c.shape[0]
+    for j in range(4 * nu):
+        a[j] += rec[j] + bias[j]
+    ig, fg, gg, og = _gate_views(a, nu)
+    for j in range(nu):
+        ig[j] = sigmoid(ig[j])
+    for j in range(nu):
+        fg[j] = sigmoid(fg[j])
+    for j in range(nu):
+        gg[j] = tanh(gg[j])
+    for j in range(nu):
+        og[j] = sigmoid(og[j])
+    for j in range(nu):
+        c[j] = fg[j] * c[j] + ig[j] * gg[j]
+    for j in range(nu):
+        h[j] = og[j] * tanh(c[j])
+
+
+@njit(inline="always")
+def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
+    """a: (4*nu) activated gates; c_t / c_before: (nu) cell state after / before the step;
+    dh: (nu) gradient w.r.t. h_t; dc: (nu) carry, in: from step t+1, out: to step t-1;
+    tanh_c: (nu) scratch; da: (4*nu) out, gradient w.r.t. the gate pre-activations."""
+    nu = c_t.shape[0]
+    ig, fg, gg, og = _gate_views(a, nu)
+    di, df, dg, do = _gate_views(da, nu)
+    for j in range(nu):
+        tanh_c[j] = tanh(c_t[j])
+    for j in range(nu):
+        dc[j] += dh[j] * og[j] * (1 - tanh_c[j] * tanh_c[j])
+    for j in range(nu):
+        do[j] = dh[j] * tanh_c[j] * og[j] * (1 - og[j])
+    for j in range(nu):
+        di[j] = dc[j] * gg[j] * ig[j] * (1 - ig[j])
+    for j in range(nu):
+        df[j] = dc[j] * c_before[j] * fg[j] * (1 - fg[j])
+    for j in range(nu):
+        dg[j] = dc[j] * ig[j] * (1 - gg[j] * gg[j])
+    for j in range(nu):
+        dc[j] *= fg[j]
+
+
+# -- forward ----------------------------------------------------------------------------
+@njit(inline="always")
+def _forward_block_step(k, t, bounds, gates, w_hh_p, w_hh_pt, bias_p, h, h_next, c, rec,
+                        lengths, y, h_states, c_states, training, small_batch):
+    batch, hidden = h.shape
+    num_steps = y.shape[0]
+    u0 = bounds[k]
+    nu = bounds[k + 1] - u0
+    g_k = _block_view(gates, k, num_steps * batch, 4 * nu)
+    r = _block_view(rec, k, batch, 4 * nu)
+    if small_batch:
+        _matmul_small(h, _block_view(w_hh_pt, k, hidden, 4 * nu), r)
+    else:
+        np.dot(h, w_hh_p[4 * u0 : 4 * u0 + 4 * nu].T, r)
+    b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
+    for b in range(batch):
+        row = t * batch + b
+        a = g_k[row]
+        h_row = h_next[b, u0 : u0 + nu]
+        if t < lengths[b]:
+            _cell_forward(a, r[b], b_k, c[b, u0 : u0 + nu], h_row)
+            y[t, b, u0 : u0 + nu] = h_row
+        else:  # past this sequence's end: carry the state, output zeros
+            h_row[:] = h[b, u0 : u0 + nu]
+            y[t, b, u0 : u0 + nu] = 0
+        if training:
+            h_states[t, b, u0 : u0 + nu] = h_row
+            c_states[t, b, u0 : u0 + nu] = c[b, u0 : u0 + nu]
+
+
+@njit(inline="always")
+def _input_projection_block(k, bounds, x2, w_ih_p, gates):
+    u0 = bounds[k]
+    nu = bounds[k + 1] - u0
+    g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
+    np.dot(x2, w_ih_p[4 * u0 : 4 * u0 + 4 * nu].T, g_k)
+
+
+def _forward(x2, w_ih_p, w_hh_p, w_hh_pt, bias_p, h0, c0, lengths, reverse, bounds, training,
+             small_batch, gates, rec, y, h_states, c_states):
+    """Whole-sequence forward, one block of hidden units per thread. Returns (h_n, c_n).
+
+    x2: (T*B, I) input; gates: (num_blocks, T*B*4*max_nu) scratch that holds the
+    activated gates afterwards when training; rec: (num_blocks, B*4*max_nu) scratch;
+    h_states / c_states: (T, B, H) carried states, written only when training.
+    """
+    num_blocks = bounds.shape[0] - 1
+    num_steps = y.shape[0]
+    for k in prange(num_blocks):
+        _input_projection_block(k, bounds, x2, w_ih_p, gates)
+    h = h0.copy()
+    h_next = np.empty_like(h0)
+    c = c0.copy()
+    for s in range(num_steps):
+        t = num_steps - 1 - s if reverse else s
+        for k in prange(num_blocks):
+            _forward_block_step(k, t, bounds, gates, w_hh_p, w_hh_pt, bias_p, h, h_next, c, rec,
+                                lengths, y, h_states, c_states, training, small_batch)
+        h, h_next = h_next, h
+    return h, c
+
+
+forward_parallel, forward_serial = _parallel_and_serial(_forward)
+
+
+# -- backward ---------------------------------------------------------------------------
+@njit(inline="always")
+def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_p, dy, lengths, dh_pass,
+                         partial, partial_next, dc, d_gates, scratch, small_batch):
+    batch, hidden = dc.shape
+    num_steps = dy.shape[0]
+    num_blocks = bounds.shape[0] - 1
+    u0 = bounds[k]
+    nu = bounds[k + 1] - u0
+    g_k = _block_view(gates, k, num_steps * batch, 4 * nu)
+    d_k = _block_view(d_gates, k, num_steps * batch, 4 * nu)
+    dhr = scratch[k, :nu]
+    tanh_c = scratch[k, nu : 2 * nu]
+    c_start = c0 if t_prev < 0 else c_states[t_prev]  # cell state each sequence entered step t with
+    for b in range(batch):
+        row = t * batch + b
+        # dh for this block's units: what flowed back from step t+1 (plus dy[t] if active).
+        dhr[:] = dh_pass[b, u0 : u0 + nu]
+        for kk in range(num_blocks):
+            dhr += partial[kk, b, u0 : u0 + nu]
+        da = d_k[row]
+        if t < lengths[b]:
+            dhr += dy[t, b, u0 : u0 + nu]
+            _cell_backward(g_k[row], c_states[t, b, u0 : u0 + nu], c_start[b, u0 : u0 + nu], dhr,
+                           dc[b, u0 : u0 + nu], tanh_c, da)
+            dh_pass[b, u0 : u0 + nu] = 0
+        else:  # inactive: no gate gradient, both carries pass through
+            da[:] = 0
+            dh_pass[b, u0 : u0 + nu] = dhr
+    # This block's share of dh_{t-1}: d_gates[t][:, block] @ W_hh_p[block rows].
+    da_t = d_k[t * batch : (t + 1) * batch]
+    w_k = w_hh_p[4 * u0 : 4 * u0 + 4 * nu]
+    if small_batch:
+        _matmul_small(da_t, w_k, partial_next[k])
+    else:
+        np.dot(da_t, w_k, partial_next[k])
+
+
+@njit(inline="always")
+def _backward_loop_setup(dh_n, dc_n, num_blocks, max_nu):
+    batch, hidden = dh_n.shape
+    dh_pass = dh_n.copy()
+    dc = dc_n.copy()
+    partial = np.zeros((num_blocks, batch, hidden), dh_n.dtype)
+    partial_next = np.zeros((num_blocks, batch, hidden), dh_n.dtype)
+    scratch = np.empty((num_blocks, 2 * max_nu), dh_n.dtype)  # per block: dh row, tanh(c) row
+    return dh_pass, dc, partial, partial_next, scratch
+
+
+@njit(inline="always")
+def _sum_carry(dh_pass, partial):
+    dh0 = dh_pass.copy()
+    for kk in range(partial.shape[0]):
+        dh0 += partial[kk]
+    return dh0
+
+
+def _backward_loop(gates, c_states, c0, w_hh_p, dy, dh_n, dc_n, lengths, reverse, bounds,
+                   max_nu, small_batch, d_gates):
+    """Backward through time, one block per thread; fills d_gates. Returns (dh0, dc0)."""
+    num_blocks = bounds.shape[0] - 1
+    num_steps = dy.shape[0]
+    dh_pass, dc, partial, partial_next, scratch = _backward_loop_setup(dh_n, dc_n, num_blocks, max_nu)
+    for s in range(num_steps):
+        t = s if reverse else num_steps - 1 - s
+        t_prev = t + 1 if reverse else t - 1
+        if t_prev == num_steps:
+            t_prev = -1
+        for k in prange(num_blocks):
+            _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_p, dy, lengths, dh_pass,
+                                 partial, partial_next, dc, d_gates, scratch, small_batch)
+        partial, partial_next = partial_next, partial
+    return _sum_carry(dh_pass, partial), dc
+
+
+backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_loop)
+
+
+# -- weight gradients -------------------------------------------------------------------
+@njit(inline="always")
+def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p):
+    """Block k's rows of dW_ih, dW_hh and dbias: GEMMs over all T*B rows, column sums."""
+    num_steps, batch, hidden = h_states.shape
+    rows = num_steps * batch
+    u0 = bounds[k]
+    nu = bounds[k + 1] - u0
+    r0, r1 = 4 * u0, 4 * u0 + 4 * nu
+    d_k = _block_view(d_gates, k, rows, 4 * nu)
+    np.dot(d_k.T, x2, dw_ih_p[r0:r1])
+    # h_{t-1} of every step but the first is another step's h: two GEMMs, no copy.
+    h2 = h_states.reshape((rows, hidden))
+    out = dw_hh_p[r0:r1]
+    first = np.empty((4 * nu, hidden), h0.dtype)
+    if rows == batch:  # a single step: only h0
+        out[:] = 0
+    elif reverse:
+        np.dot(d_k[: rows - batch].T, h2[batch:], out)
+    else:
+        np.dot(d_k[batch:].T, h2[: rows - batch], out)
+    if reverse:
+        np.dot(d_k[rows - batch :].T, h0, first)
+    else:
+        np.dot(d_k[:batch].T, h0, first)
+    out += first
+    # Deterministic column sums: rows in order, no atomics.
+    acc = dbias_p[r0:r1]
+    acc[:] = 0
+    for r in range(rows):
+        acc += d_k[r]
+
+
+@njit(inline="always")
+def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, dx2, scratch):
+    """Rows of dx (T*B, I) for part p: sum over blocks of d_gates[block] @ W_ih_p[block rows]."""
+    rows = dx2.shape[0]
+    r0 = rows * p // num_parts
+    r1 = rows * (p + 1) // num_parts
+    if r1 <= r0:
+        return
+    out = dx2[r0:r1]
+    tmp = scratch[p, : (r1 - r0) * dx2.shape[1]].reshape((r1 - r0, dx2.shape[1]))
+    for k in range(bounds.shape[0] - 1):
+        u0 = bounds[k]
+        nu = bounds[k + 1] - u0
+        d_k = _block_view(d_gates, k, rows, 4 * nu)
+        w_k = w_ih_p[4 * u0 : 4 * u0 + 4 * nu]
+        if k == 0:
+            np.dot(d_k[r0:r1], w_k, out)
+        else:
+            np.dot(d_k[r0:r1], w_k, tmp)
+            out += tmp
+
+
+def _gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, dw_ih_p, dw_hh_p, dbias_p, dx2):
+    """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
+    num_blocks = bounds.shape[0] - 1
+    for k in prange(num_blocks):
+        _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p)
+    scratch = np.empty((num_blocks, (dx2.shape[0] // num_blocks + 1) * dx2.shape[1]), dx2.dtype)
+    for p in prange(num_blocks):
+        _input_grad_rows(p, num_blocks, bounds, d_gates, w_ih_p, dx2, scratch)
+
+
+gradients_parallel, gradients_serial = _parallel_and_serial(_gradients)

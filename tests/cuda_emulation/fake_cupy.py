@@ -1,0 +1,93 @@
+"""A stand-in for the ``cupy`` package, for testing the CuPy backend's host-side logic on a
+machine without a GPU: "device" arrays are a NumPy subclass, cuBLAS is NumPy, and
+RawModule functions launch the host build of kernels/*.cu (host_kernels.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import types
+
+import numpy as np
+
+from .host_kernels import numpy_gemm
+
+
+class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
+    """A 'device' array: NumPy memory, but a different type, as a CuPy array would be."""
+
+
+ndarray.__module__ = "cupy"
+
+
+def _device(array):
+    return np.ascontiguousarray(array).view(ndarray) if not isinstance(array, ndarray) else array
+
+
+def _arg(value):
+    if isinstance(value, np.ndarray):
+        assert value.flags.c_contiguous
+        return ctypes.c_void_p(value.ctypes.data)
+    if isinstance(value, np.int32):
+        return ctypes.c_int(int(value))
+    if isinstance(value, np.int64):
+        return ctypes.c_longlong(int(value))
+    raise TypeError(f"kernel argument of type {type(value).__name__}: pass NumPy scalars of the C type")
+
+
+class _Function:
+    """A RawModule function: launch(grid, block, args) -> the host build's entry point."""
+
+    def __init__(self, library, name):
+        match = re.fullmatch(r"(\w+)<(float|double)(?:, (true|false))?>", name)
+        assert match, name
+        kernel, ctype, training = match.groups()
+        entry = {"lstm_forward_step": "forward_step", "lstm_backward_step": "backward_step"}.get(kernel, kernel)
+        self._fn = getattr(library, f"{entry}_{'f32' if ctype == 'float' else 'f64'}")
+        self._training = training
+        self.launches = 0
+
+    def __call__(self, grid, block, args):
+        self.launches += 1
+        shape = [ctypes.c_uint(g) for g in grid] + [ctypes.c_uint(block[0])]
+        if self._training is not None:
+            shape.append(ctypes.c_int(self._training == "true"))
+        self._fn(*shape, *map(_arg, args))
+
+
+def make_fake_cupy(library_path) -> types.ModuleType:
+    library = ctypes.CDLL(str(library_path))
+    cupy = types.ModuleType("cupy")
+    cupy.__version__ = "0.0-fake"
+    cupy.ndarray = ndarray
+    cupy.compiled = []  # what RawModule was asked to compile
+    cupy.is_available = lambda: True
+    cupy.asarray = lambda a, dtype=None: _device(np.asarray(a, dtype=dtype))
+    cupy.asnumpy = lambda a: np.array(a, copy=True).view(np.ndarray)
+    cupy.from_dlpack = lambda a: _device(np.from_dlpack(a))
+    for name in ("zeros", "empty", "full", "zeros_like", "empty_like", "concatenate", "ascontiguousarray", "where"):
+        setattr(cupy, name, (lambda f: lambda *a, **k: _device(f(*a, **k)))(getattr(np, name)))
+    cupy.arange = lambda *a, **k: _device(np.arange(*a, **k))
+    cupy.tanh, cupy.exp, cupy.abs = np.tanh, np.exp, np.abs
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            assert '#include "lstm_common.cuh"' in code
+            assert any(o.startswith("-I") for o in options)
+            cupy.compiled.append(tuple(name_expressions))
+            self._functions = {name: _Function(library, name) for name in name_expressions}
+
+        def get_function(self, name):
+            return self._functions[name]
+
+    cupy.RawModule = RawModule
+    cublas = types.ModuleType("cupy.cublas")
+    cublas.gemm = lambda transa, transb, a, b, out, alpha, beta: numpy_gemm(transa, transb, a, b, out, beta)
+    cupy.cublas = cublas
+    cuda = types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=0),
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU"}),
+    )
+    cupy.cuda = cuda
+    return cupy

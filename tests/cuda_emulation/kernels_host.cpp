@@ -1,0 +1,37 @@
+// The CUDA kernels of kernels/*.cu built for the host (see cuda_host.h), with C entry
+// points that take the launch shape, for the tests to call through ctypes.
+#include "cuda_host.h"
+#include "lstm_forward.cu"
+#include "lstm_backward.cu"
+
+#define FL_ENTRY_POINTS(T, SUFFIX)                                                                 \
+    extern "C" void forward_step_##SUFFIX(unsigned grid, unsigned block, int training, int batch,  \
+                                          int hidden, int t, T* gates, const T* bias,              \
+                                          const T* h_prev, const T* c_prev, T* h_out, T* c_out,    \
+                                          T* y, const long long* lengths) {                        \
+        fl_dim3 g = {grid, 1, 1}, b = {block, 1, 1};                                               \
+        if (training)                                                                              \
+            fl_launch(g, b, lstm_forward_step<T, true>, batch, hidden, t, gates, bias, h_prev,     \
+                      c_prev, h_out, c_out, y, lengths);                                           \
+        else                                                                                       \
+            fl_launch(g, b, lstm_forward_step<T, false>, batch, hidden, t, gates, bias, h_prev,    \
+                      c_prev, h_out, c_out, y, lengths);                                           \
+    }                                                                                              \
+    extern "C" void backward_step_##SUFFIX(unsigned grid, unsigned block, int batch, int hidden,   \
+                                           int t, const T* gates, const T* c_t,                    \
+                                           const T* c_before, const T* dy, const T* dh_in,         \
+                                           T* dh_out, T* dc, T* d_gates,                           \
+                                           const long long* lengths) {                             \
+        fl_dim3 g = {grid, 1, 1}, b = {block, 1, 1};                                               \
+        fl_launch(g, b, lstm_backward_step<T>, batch, hidden, t, gates, c_t, c_before, dy, dh_in,  \
+                  dh_out, dc, d_gates, lengths);                                                   \
+    }                                                                                              \
+    extern "C" void column_sum_##SUFFIX(unsigned grid_x, unsigned grid_y, unsigned block,          \
+                                        long long rows, int cols, long long rows_per_chunk,        \
+                                        const T* a, T* partial) {                                  \
+        fl_dim3 g = {grid_x, grid_y, 1}, b = {block, 1, 1};                                        \
+        fl_launch(g, b, column_sum<T>, rows, cols, rows_per_chunk, a, partial);                    \
+    }
+
+FL_ENTRY_POINTS(float, f32)
+FL_ENTRY_POINTS(double, f64)

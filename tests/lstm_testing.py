@@ -1,0 +1,74 @@
+"""Helpers shared by the tests: backends to parametrize over, tolerances, random problems."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastlstm
+
+CPU_BACKENDS = [name for name in ("numpy", "numba") if fastlstm.available_backends()[name].available]
+ALL_CPU_BACKENDS = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(
+            not fastlstm.available_backends()[name].available,
+            reason=f"{name} backend unavailable: {fastlstm.available_backends()[name].reason}",
+        ),
+    )
+    for name in ("numpy", "numba")
+]
+
+# Largest error relative to the largest magnitude of the reference array.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+def relative_error(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-30)
+    return float(np.max(np.abs(actual - expected))) / scale if expected.size else 0.0
+
+
+def assert_close(actual, expected, rtol: float, what: str = "") -> None:
+    err = relative_error(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def random_problem(lstm, num_steps, batch, seed=0, with_state=True, lengths=None):
+    """x, state, lengths and the loss weights (dy, dh_n, dc_n) for a layer, in its layout."""
+    rng = np.random.default_rng(seed)
+    d = lstm.num_layers * lstm.num_directions
+    if lstm.batch_first:
+        x = rng.standard_normal((batch, num_steps, lstm.input_size))
+    else:
+        x = rng.standard_normal((num_steps, batch, lstm.input_size))
+    state = None
+    if with_state:
+        state = tuple(0.5 * rng.standard_normal((d, batch, lstm.hidden_size)) for _ in range(2))
+    out_shape = x.shape[:2] + (lstm.hidden_size * lstm.num_directions,)
+    dy = rng.standard_normal(out_shape)
+    dstate = tuple(rng.standard_normal((d, batch, lstm.hidden_size)) for _ in range(2))
+    return x, state, lengths, dy, dstate
+
+
+def snapshot(lstm) -> dict:
+    """Copies of everything a failing call must leave alone."""
+    return {
+        "params": {k: np.array(v, copy=True) for k, v in lstm.state_dict().items()},
+        "grads": {k: np.array(lstm._storage.to_host(v), copy=True) for k, v in lstm.grads.items()},
+        "record": lstm._record,
+        "rng": lstm._dropout_rng.bit_generator.state,
+        "training": lstm.training,
+    }
+
+
+def assert_unchanged(lstm, before: dict) -> None:
+    after = snapshot(lstm)
+    for group in ("params", "grads"):
+        for name, value in before[group].items():
+            assert np.array_equal(after[group][name], value), f"{group}[{name}] changed"
+    assert after["record"] is before["record"], "the saved forward changed"
+    assert after["rng"] == before["rng"], "the dropout generator advanced"
+    assert after["training"] == before["training"]

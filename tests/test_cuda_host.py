@@ -1,0 +1,174 @@
+"""The CuPy backend without a GPU: its CUDA kernels built for the host, its sequence logic,
+and its host-side plumbing, against the NumPy reference.
+
+kernels/*.cu are compiled with the system C++ compiler under a small emulation header
+(tests/cuda_emulation/cuda_host.h): the same source file, no second copy of the math.
+A fake ``cupy`` module (NumPy arrays of another type, NumPy GEMMs, RawModule functions
+that launch the host build) then lets the real CupyBackend run end to end on the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastlstm
+from fastlstm import registry
+from fastlstm.backends import cupy_backend
+from fastlstm.backends.numpy_backend import NumpyBackend
+from cuda_emulation import host_kernels
+from cuda_emulation.fake_cupy import make_fake_cupy
+from lstm_testing import TOLERANCE, assert_close, random_problem
+
+pytestmark = pytest.mark.skipif(host_kernels.compiler() is None, reason="no C++ compiler to build the kernels for the host")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    return host_kernels.build(tmp_path_factory.mktemp("cuda_host"))
+
+
+@pytest.fixture(scope="module")
+def emulated(library):
+    """CudaSequenceBackend over NumPy, NumPy GEMMs and the host-built kernels."""
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library))
+
+
+@pytest.fixture
+def fake_cupy(library, monkeypatch):
+    """A usable 'cupy' backend built from the fake module; registry restored afterwards."""
+    fake = make_fake_cupy(library)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cublas", fake.cublas)
+    saved = dict(registry._probed)
+    registry._probed.pop("cupy", None)
+    yield fake
+    registry._probed.clear()
+    registry._probed.update(saved)
+
+
+def sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths):
+    x = rng.standard_normal((num_steps, batch, input_size)).astype(dtype)
+    w_ih = (0.3 * rng.standard_normal((4 * hidden, input_size))).astype(dtype)
+    w_hh = (0.3 * rng.standard_normal((4 * hidden, hidden))).astype(dtype)
+    bias = (0.3 * rng.standard_normal(4 * hidden)).astype(dtype)
+    h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(dtype)
+    c0 = (0.5 * rng.standard_normal((batch, hidden))).astype(dtype)
+    lengths = rng.integers(1, num_steps + 1, size=batch).astype(np.int64) if with_lengths else None
+    return x, w_ih, w_hh, bias, h0, c0, lengths
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_steps=st.integers(1, 6), batch=st.integers(1, 5), input_size=st.integers(1, 5), hidden=st.integers(1, 70),
+    dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_host_built_kernels_match_numpy(emulated, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed):
+    rng = np.random.default_rng(seed)
+    args = sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths)
+    reference = NumpyBackend()
+    y_ref, h_ref, c_ref, saved_ref = reference.forward_sequence(*args, reverse, True)
+    y, h, c, saved = emulated.forward_sequence(*args, reverse, True)
+    tol = TOLERANCE[dtype]
+    for name, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
+        assert_close(a, b, tol, name)
+    y_eval, h_eval, c_eval, nothing = emulated.forward_sequence(*args, reverse, False)
+    assert nothing is None
+    assert_close(y_eval, y_ref, tol, "y (eval)")
+    assert_close(h_eval, h_ref, tol, "h_n (eval)")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dh_n = rng.standard_normal(h.shape).astype(dtype)
+    dc_n = rng.standard_normal(c.shape).astype(dtype)
+    expected = reference.backward_sequence(saved_ref, dy, dh_n, dc_n)
+    actual = emulated.backward_sequence(saved, dy, dh_n, dc_n)
+    for name, a, b in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "dbias"), actual, expected):
+        assert_close(a, b, tol, name)
+
+
+def test_bias_gradient_is_deterministic_and_chunked(emulated):
+    rng = np.random.default_rng(0)
+    a2 = rng.standard_normal((1000, 37)).astype(np.float32)  # 4 chunks of 256 rows, one short
+    first = emulated._column_sums(a2)
+    np.testing.assert_allclose(first, a2.astype(np.float64).sum(axis=0), rtol=1e-5)
+    assert np.array_equal(first, emulated._column_sums(a2.copy()))
+
+
+def test_cupy_backend_end_to_end_on_the_fake_device(fake_cupy):
+    """The real CupyBackend (launchers, argument types, cuBLAS calls, data movement) through the layer."""
+    status = fastlstm.available_backends()["cupy"]
+    assert status.available and "Fake GPU" in status.reason
+    assert fastlstm.get_backend() == "cupy"  # auto prefers a usable GPU
+    gpu = fastlstm.LSTM(3, 5, num_layers=2, bidirectional=True, dropout=0.3, dtype="float64", backend="cupy", seed=4)
+    cpu = fastlstm.LSTM(3, 5, num_layers=2, bidirectional=True, dropout=0.3, dtype="float64", backend="numpy", seed=4)
+    cpu.load_state_dict(gpu.state_dict())
+    assert all(type(p) is fake_cupy.ndarray for p in gpu.params.values())  # weights live on the device
+    assert all(type(v) is np.ndarray for v in gpu.state_dict().values())  # state_dict is NumPy
+    x, state, _, dy, dstate = random_problem(cpu, 6, 4, seed=5)
+    lengths = np.array([6, 3, 1, 5])
+    out_gpu = gpu(x, state, lengths)
+    out_cpu = cpu(x, state, lengths)
+    assert type(out_gpu[0]) is np.ndarray  # NumPy in, NumPy out
+    grads_gpu = gpu.backward(dy, dstate)
+    grads_cpu = cpu.backward(dy, dstate)
+    for a, b in zip((out_gpu[0], *out_gpu[1], grads_gpu[0], *grads_gpu[1]), (out_cpu[0], *out_cpu[1], grads_cpu[0], *grads_cpu[1])):
+        assert_close(a, b, 1e-12)
+    for name in cpu.grads:
+        assert type(gpu.grads[name]) is fake_cupy.ndarray
+        assert_close(np.asarray(gpu.grads[name]), cpu.grads[name], 1e-12, name)
+    assert {names for names in fake_cupy.compiled} == {
+        ("lstm_forward_step<float, true>", "lstm_forward_step<float, false>",
+         "lstm_forward_step<double, true>", "lstm_forward_step<double, false>"),
+        ("lstm_backward_step<float>", "lstm_backward_step<double>", "column_sum<float>", "column_sum<double>"),
+    }
+
+
+def test_device_arrays_in_device_arrays_out(fake_cupy):
+    lstm = fastlstm.LSTM(3, 4, backend="cupy", seed=0)
+    x = fake_cupy.asarray(np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32))
+    y, (h, c) = lstm(x)
+    assert type(y) is type(h) is type(c) is fake_cupy.ndarray
+    dx, (dh0, dc0) = lstm.backward(fake_cupy.asarray(np.ones((5, 2, 4), np.float32)))
+    assert type(dx) is type(dh0) is fake_cupy.ndarray
+    # float64 device input is converted to the layer's float32 on the device
+    y64, _ = lstm(fake_cupy.asarray(np.zeros((5, 2, 3))))
+    assert y64.dtype == np.float32 and type(y64) is fake_cupy.ndarray
+
+
+def test_moving_a_layer_between_host_and_device(fake_cupy):
+    lstm = fastlstm.LSTM(3, 4, backend="numpy", seed=0)
+    before = lstm.state_dict()
+    lstm.to("cupy")
+    assert all(type(p) is fake_cupy.ndarray for p in lstm.params.values())
+    lstm.to("numpy")
+    assert all(type(p) is np.ndarray for p in lstm.params.values())
+    for k, v in lstm.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_bad_input_is_refused_before_anything_reaches_the_device(fake_cupy):
+    lstm = fastlstm.LSTM(3, 4, backend="cupy")
+    with pytest.raises(ValueError, match="x: expected input_size=3"):
+        lstm(fake_cupy.asarray(np.zeros((5, 2, 6), np.float32)))
+    with pytest.raises(TypeError, match="x: expected real numbers"):
+        lstm(np.zeros((5, 2, 3), complex))
+
+
+def test_no_usable_device_means_unavailable(monkeypatch, library):
+    fake = make_fake_cupy(library)
+    fake.is_available = lambda: False
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    saved = dict(registry._probed)
+    registry._probed.pop("cupy", None)
+    try:
+        status = fastlstm.available_backends()["cupy"]
+        assert not status.available and "no usable CUDA device" in status.reason
+        with pytest.raises(fastlstm.BackendUnavailableError, match="fastlstm\\[cuda12\\]"):
+            fastlstm.LSTM(2, 3, backend="cupy")
+    finally:
+        registry._probed.clear()
+        registry._probed.update(saved)

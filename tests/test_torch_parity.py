@@ -1,0 +1,154 @@
+"""Parity with torch.nn.LSTM (CPU): outputs, final states and every gradient.
+
+Tolerances (largest error relative to the largest magnitude): 1e-5 in float32,
+1e-10 in float64. Sequences with lengths are compared against
+pack_padded_sequence(..., enforce_sorted=False). Run for every CPU backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fastlstm
+from lstm_testing import ALL_CPU_BACKENDS, TOLERANCE, assert_close, random_problem
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0")
+
+
+def torch_run(module, x, state, lengths, dy, dstate, batch_first, dtype):
+    tt = getattr(torch, dtype)
+    xt = torch.tensor(x, dtype=tt, requires_grad=True)
+    state_t = None
+    if state is not None:
+        state_t = tuple(torch.tensor(s, dtype=tt, requires_grad=True) for s in state)
+    if lengths is None:
+        y, (h_n, c_n) = module(xt, state_t)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            xt, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
+        )
+        out, (h_n, c_n) = module(packed, state_t)
+        total = x.shape[1] if batch_first else x.shape[0]
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=total)
+    loss = (y * torch.tensor(dy, dtype=tt)).sum()
+    loss = loss + (h_n * torch.tensor(dstate[0], dtype=tt)).sum() + (c_n * torch.tensor(dstate[1], dtype=tt)).sum()
+    loss.backward()
+    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": xt.grad}
+    if state is not None:
+        results.update(dh0=state_t[0].grad, dc0=state_t[1].grad)
+    results.update({name: p.grad for name, p in module.named_parameters()})
+    return {k: v.detach().numpy() for k, v in results.items()}
+
+
+def ours_run(lstm, x, state, lengths, dy, dstate):
+    y, (h_n, c_n) = lstm(x, state, lengths)
+    dx, (dh0, dc0) = lstm.backward(dy, dstate)
+    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": dx}
+    if state is not None:
+        results.update(dh0=dh0, dc0=dc0)
+    results.update({name: np.array(g) for name, g in lstm.grads.items()})
+    return results
+
+
+CONFIGS = [
+    dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, with_state=with_state, lengths=lengths)
+    for layers, bidirectional, batch_first, with_state, lengths in itertools.product(
+        (1, 2, 3), (False, True), (False, True), (False, True), (False, True)
+    )
+    # the full product of the two binary options that interact least is covered by the rest
+    if not (layers == 3 and batch_first and not with_state)
+]
+
+
+def config_id(cfg):
+    return "L{num_layers}-{b}-{bf}-{s}-{l}".format(
+        num_layers=cfg["num_layers"],
+        b="bi" if cfg["bidirectional"] else "uni",
+        bf="bf" if cfg["batch_first"] else "tf",
+        s="state" if cfg["with_state"] else "nostate",
+        l="lengths" if cfg["lengths"] else "full",
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_matches_torch(backend, cfg, dtype):
+    input_size, hidden, num_steps, batch = 4, 6, 5, 3
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(
+        input_size, hidden, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
+        batch_first=cfg["batch_first"],
+    ).to(getattr(torch, dtype))
+    lstm = fastlstm.LSTM(
+        input_size, hidden, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
+        batch_first=cfg["batch_first"], backend=backend, dtype=dtype,
+    )
+    lstm.load_state_dict(module.state_dict())
+    lengths = np.array([5, 2, 4]) if cfg["lengths"] else None
+    x, state, lengths, dy, dstate = random_problem(lstm, num_steps, batch, seed=1, with_state=cfg["with_state"], lengths=lengths)
+    expected = torch_run(module, x, state, lengths, dy, dstate, cfg["batch_first"], dtype)
+    actual = ours_run(lstm, x, state, lengths, dy, dstate)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert_close(actual[name], expected[name], TOLERANCE[dtype], name)
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_larger_float32_problem(backend):
+    """Long enough for the compiled kernels' parallel and BLAS paths (T=30, B=16, H=96)."""
+    torch.manual_seed(1)
+    module = torch.nn.LSTM(20, 96, num_layers=2, bidirectional=True)
+    lstm = fastlstm.LSTM(20, 96, num_layers=2, bidirectional=True, backend=backend)
+    lstm.load_state_dict(module.state_dict())
+    lengths = np.random.default_rng(2).integers(1, 31, size=16)
+    x, state, lengths, dy, dstate = random_problem(lstm, 30, 16, seed=3, lengths=lengths)
+    expected = torch_run(module, x, state, lengths, dy, dstate, False, "float32")
+    actual = ours_run(lstm, x, state, lengths, dy, dstate)
+    for name in expected:
+        assert_close(actual[name], expected[name], TOLERANCE["float32"], name)
+
+
+def test_state_dict_names_shapes_and_order_match_torch():
+    module = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True)
+    lstm = fastlstm.LSTM(5, 7, num_layers=2, bidirectional=True)
+    ours = lstm.state_dict()
+    theirs = module.state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    # and back: torch loads ours
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in ours.items()})
+
+
+def test_load_accepts_tensors_that_require_grad_and_dlpack():
+    module = torch.nn.LSTM(3, 4)
+    lstm = fastlstm.LSTM(3, 4)
+    lstm.load_state_dict(dict(module.named_parameters()))  # requires_grad=True tensors
+    for name, p in module.named_parameters():
+        np.testing.assert_array_equal(lstm.state_dict()[name], p.detach().numpy())
+
+    class DLPackOnly:  # exposes DLPack but not __array__
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __dlpack__(self, **kwargs):
+            return self.tensor.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.tensor.__dlpack_device__()
+
+    doubled = {k: DLPackOnly(v * 2) for k, v in module.state_dict().items()}
+    lstm.load_state_dict(doubled)
+    for name, v in module.state_dict().items():
+        np.testing.assert_allclose(lstm.state_dict()[name], 2 * v.numpy())
+
+
+def test_initialisation_range_matches_torch():
+    lstm = fastlstm.LSTM(10, 25, num_layers=2, seed=0)
+    bound = 1 / np.sqrt(25)
+    for name, value in lstm.state_dict().items():
+        assert np.all(np.abs(value) <= bound), name
+        assert np.max(np.abs(value)) > 0.9 * bound, name  # uses the whole range
