@@ -68,13 +68,19 @@ _ONE, _HALF = _F(1.0), _F(0.5)
 @njit(inline="always")
 def _tanh_rational(x):
     # Compare-and-select (not min/max) so that NaN passes through as NaN.
-    if x > _CLAMP:
-        x = _CLAMP
-    if x < -_CLAMP:
-        x = -_CLAMP
-    z = x * x
-    num = x * (_P0 + z * (_P1 + z * (_P2 + z * (_P3 + z * (_P4 + z * _P5)))))
-    return num / (_ONE + z * (_Q0 + z * (_Q1 + z * _Q2)))
+    y = x
+    if y > _CLAMP:
+        y = _CLAMP
+    if y < -_CLAMP:
+        y = -_CLAMP
+    z = y * y
+    num = y * (_P0 + z * (_P1 + z * (_P2 + z * (_P3 + z * (_P4 + z * _P5)))))
+    out = num / (_ONE + z * (_Q0 + z * (_Q1 + z * _Q2)))
+    if x >= _CLAMP:  # saturated: exactly +-1 (the fit gives 1 - 3.6e-7 there)
+        out = _ONE
+    if x <= -_CLAMP:
+        out = -_ONE
+    return out
 
 
 def tanh(x):

@@ -1,0 +1,189 @@
+"""The Numba backend: activations, parity with the NumPy reference, determinism, threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlstm
+
+if not fastlstm.available_backends()["numba"].available:
+    pytest.skip(f"numba backend unavailable: {fastlstm.available_backends()['numba'].reason}", allow_module_level=True)
+
+import threadpoolctl  # noqa: E402
+
+from fastlstm.backends import numba_backend  # noqa: E402
+from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
+from lstm_testing import assert_close  # noqa: E402
+
+PARITY = {"float32": 1e-5, "float64": 1e-9}
+
+
+def whole_real_line(dtype):
+    dense = np.linspace(-30, 30, 1_200_001)
+    wide = np.logspace(-30, 38, 2001)
+    values = np.concatenate([dense, wide, -wide, [0.0, np.finfo(dtype).max, -np.finfo(dtype).max]])
+    return values.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_are_accurate_on_the_whole_real_line(dtype):
+    x = whole_real_line(dtype)
+    tanh_out, sigmoid_out = np.empty_like(x), np.empty_like(x)
+    kernels.apply_tanh(x, tanh_out)
+    kernels.apply_sigmoid(x, sigmoid_out)
+    exact = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        sigmoid_exact = 1.0 / (1.0 + np.exp(-exact))
+    assert np.max(np.abs(tanh_out - np.tanh(exact))) <= 1e-6
+    assert np.max(np.abs(sigmoid_out - sigmoid_exact)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_special_values(dtype):
+    x = np.array([np.nan, np.inf, -np.inf, 0.0], dtype=dtype)
+    t, s = np.empty_like(x), np.empty_like(x)
+    kernels.apply_tanh(x, t)
+    kernels.apply_sigmoid(x, s)
+    assert np.isnan(t[0]) and np.isnan(s[0])
+    np.testing.assert_array_equal(t[1:], [1, -1, 0])
+    np.testing.assert_array_equal(s[1:], [1, 0, 0.5])
+
+
+def layer_pair(dtype, **config):
+    a = fastlstm.LSTM(backend="numba", dtype=dtype, seed=config.pop("seed", 0), **config)
+    b = fastlstm.LSTM(backend="numpy", dtype=dtype, seed=0, **config)
+    b.load_state_dict(a.state_dict())
+    b._dropout_rng.bit_generator.state = a._dropout_rng.bit_generator.state  # same dropout masks
+    return a, b
+
+
+def run(lstm, x, state, lengths, dy, dstate):
+    y, (h, c) = lstm(x, state, lengths)
+    dx, (dh0, dc0) = lstm.backward(dy, dstate)
+    out = {"y": y, "h_n": h, "c_n": c, "dx": dx}
+    if state is not None:
+        out.update(dh0=dh0, dc0=dc0)
+    out.update({k: np.array(v) for k, v in lstm.grads.items()})
+    return out
+
+
+@st.composite
+def problems(draw):
+    config = dict(
+        input_size=draw(st.integers(1, 6)),
+        hidden_size=draw(st.sampled_from([1, 3, 8, 17, 40, 96])),
+        num_layers=draw(st.integers(1, 3)),
+        bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.3])),
+    )
+    if config["num_layers"] == 1:
+        config["dropout"] = 0.0
+    num_steps = draw(st.integers(1, 7))
+    batch = draw(st.sampled_from([1, 2, 5, 16]))
+    with_lengths = draw(st.booleans())
+    lengths = draw(st.lists(st.integers(1, num_steps), min_size=batch, max_size=batch)) if with_lengths else None
+    return config, num_steps, batch, lengths, draw(st.booleans()), draw(st.sampled_from(["float32", "float64"])), draw(st.integers(0, 1000))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_matches_numpy_on_every_feature(problem):
+    config, num_steps, batch, lengths, with_state, dtype, seed = problem
+    numba_layer, numpy_layer = layer_pair(dtype, **config)
+    rng = np.random.default_rng(seed)
+    d = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    shape = (batch, num_steps) if config["batch_first"] else (num_steps, batch)
+    x = rng.standard_normal(shape + (config["input_size"],))
+    state = tuple(0.5 * rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2)) if with_state else None
+    dy = rng.standard_normal(shape + (config["hidden_size"] * (2 if config["bidirectional"] else 1),))
+    dstate = tuple(rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2))
+    expected = run(numpy_layer, x, state, lengths, dy, dstate)
+    actual = run(numba_layer, x, state, lengths, dy, dstate)
+    for name in expected:
+        assert_close(actual[name], expected[name], PARITY[dtype], name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bit_identical_across_runs(threads, monkeypatch):
+    if threads > fastlstm.threads.available_cores():
+        pytest.skip("needs 2 cores")
+    fastlstm.set_num_threads(threads)
+    try:
+        results = []
+        for _ in range(2):
+            lstm = fastlstm.LSTM(24, 96, num_layers=2, bidirectional=True, backend="numba", seed=3)
+            x = np.random.default_rng(0).standard_normal((12, 16, 24))
+            results.append(run(lstm, x, None, np.arange(16) % 12 + 1, np.ones((12, 16, 192)), None))
+        for name in results[0]:
+            assert np.array_equal(results[0][name], results[1][name]), name
+    finally:
+        fastlstm.set_num_threads(None)
+
+
+def test_parallel_and_serial_paths_agree(monkeypatch):
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores")
+    x = np.random.default_rng(0).standard_normal((9, 16, 5))
+
+    def outputs(min_work):
+        monkeypatch.setattr(numba_backend, "_PARALLEL_MIN_STEP_WORK", min_work)
+        lstm = fastlstm.LSTM(5, 64, backend="numba", dtype="float64", seed=1)
+        plan = lstm._current_backend()._plan(16, 64)
+        return plan.parallel, run(lstm, x, None, None, np.ones((9, 16, 64)), None)
+
+    parallel, a = outputs(0)
+    serial, b = outputs(10**15)
+    assert parallel and not serial
+    for name in a:
+        assert_close(a[name], b[name], 1e-12, name)
+
+
+def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatch):
+    """No oversubscription: Numba's threads each call BLAS, so BLAS must use one thread then."""
+    seen = []
+    original = kernels.forward_parallel
+
+    def spy(*args):
+        seen.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"])
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "forward_parallel", spy)
+    monkeypatch.setattr(kernels, "forward_serial", spy)
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    lstm = fastlstm.LSTM(8, 64, backend="numba")
+    lstm(np.ones((3, 32, 8)))
+    assert seen and all(count == 1 for counts in seen for count in counts)
+    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert after == before
+
+
+def test_thread_count_controls_the_plan():
+    backend = fastlstm.LSTM(2, 2, backend="numba")._current_backend()
+    cores = fastlstm.threads.available_cores()
+    try:
+        fastlstm.set_num_threads(1)
+        assert fastlstm.get_num_threads() == 1
+        assert not backend._plan(64, 256).parallel
+        if cores >= 2:
+            fastlstm.set_num_threads(2)
+            plan = backend._plan(64, 256)
+            assert plan.parallel and plan.num_blocks == 2
+            assert not backend._plan(1, 16).parallel  # too small to be worth a fork per step
+    finally:
+        fastlstm.set_num_threads(None)
+    assert fastlstm.get_num_threads() == cores
+
+
+def test_block_bounds_cover_every_unit_once():
+    for hidden in (1, 7, 8, 9, 64, 100, 257):
+        for blocks in (1, 2, 3, 4):
+            bounds = kernels.block_bounds(hidden, blocks)
+            assert bounds[0] == 0 and bounds[-1] == hidden
+            assert np.all(np.diff(bounds) > 0)
+            perm = kernels.block_permutation(bounds, hidden)
+            assert sorted(perm) == list(range(4 * hidden))
