@@ -7,6 +7,8 @@ importing any framework itself: frameworks are recognised by duck typing.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -70,3 +72,20 @@ def check_real(array, name: str) -> None:
 def check_shape(array, expected: tuple, name: str) -> None:
     if tuple(array.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(array.shape)}")
+
+
+def like(reference, host_array):
+    """`host_array` on the device of `reference` (a CuPy array there, else unchanged)."""
+    if is_cupy_array(reference):
+        import cupy
+
+        return cupy.asarray(host_array)
+    return host_array
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` can be imported, without importing it (False if marked missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # sys.modules[name] is None, or a broken parent
+        return False

@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: ``pytest bench/ --benchmark-only`` (see bench/test_lstm.py)."""

@@ -1,0 +1,35 @@
+"""DESIGN.md's configurations as pytest-benchmark cases, one per (config, mode, backend).
+
+    pytest bench/ --benchmark-only                      # every available backend and torch
+    pytest bench/ --benchmark-only -k "train-m and numba"
+    pytest bench/ --benchmark-only --benchmark-save=NAME / --benchmark-compare
+
+Cases are grouped by configuration and mode, so the table puts the backends side by
+side. The runners are the ones ``fastlstm bench`` uses (fastlstm/bench.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fastlstm import bench
+
+RUNNERS = bench.available_runners()
+CASES = [
+    pytest.param(config, mode, runner, id=f"{config.name}-{mode}-{runner}")
+    for config in bench.CONFIGS.values()
+    for mode in bench.MODES
+    for runner in RUNNERS
+]
+
+
+@pytest.mark.parametrize("config, mode, runner", CASES)
+def test_lstm(benchmark, config, mode, runner):
+    run = bench.make_runner(runner, config, mode)
+    run()  # warm-up: compiles kernels on first use, allocates
+    time.sleep(0.3)  # let thread pools of the previous case go idle
+    benchmark.group = f"{config.name} {mode}"
+    benchmark.extra_info.update(flops=config.flops(mode), T=config.T, B=config.B, I=config.I, H=config.H)
+    benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)

@@ -1,0 +1,358 @@
+"""Benchmarks: every available backend and torch.nn.LSTM on the same configurations.
+
+Used by ``fastlstm bench`` (cli.py) and by the pytest-benchmark suite in bench/.
+Each measured run is one whole call: forward inference (eval mode, nothing kept for
+backward), or forward + backward in training mode; the median over rounds is
+reported. Each runner's rounds run back to back after a pause and a warm-up, rather
+than interleaved with the other runners: BLAS and OpenMP thread pools keep spinning
+for a while after their last call (OpenBLAS's for up to ~0.1 s), and a runner measured
+right after another one would pay for the other's idle threads.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import registry, threads
+from ._arrays import module_available
+
+MODES = ("forward", "forward+backward")
+_SETTLE_S = 0.3
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    T: int
+    B: int
+    I: int  # noqa: E741 - the design card's name
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+
+    def forward_flops(self) -> float:
+        """2 * T * B * (I + H) * 4H per layer and direction (the two GEMMs)."""
+        directions = 2 if self.bidirectional else 1
+        total = 0.0
+        for layer in range(self.layers):
+            inputs = self.I if layer == 0 else self.H * directions
+            total += directions * 2.0 * self.T * self.B * (inputs + self.H) * 4 * self.H
+        return total
+
+    def flops(self, mode: str) -> float:
+        # backward: dh = dA W_hh per step, then dx, dW_ih, dW_hh: twice the forward's GEMMs
+        return self.forward_flops() * (3 if mode == "forward+backward" else 1)
+
+
+# DESIGN.md's configurations (fp32).
+CONFIGS = {
+    "train-m": Config("train-m", 100, 64, 128, 256),
+    "train-l": Config("train-l", 50, 32, 512, 512),
+    "small": Config("small", 200, 16, 32, 64),
+    "stream-1": Config("stream-1", 100, 1, 64, 128),
+}
+# --quick: the same shapes, fewer steps.
+QUICK_CONFIGS = {
+    "train-m": Config("train-m/4", 25, 64, 128, 256),
+    "train-l": Config("train-l/4", 12, 32, 512, 512),
+    "small": Config("small/4", 50, 16, 32, 64),
+    "stream-1": Config("stream-1/4", 25, 1, 64, 128),
+}
+
+
+def torch_devices() -> list[str]:
+    """'torch' (CPU) when torch is installed, plus 'torch-cuda' when it sees a GPU."""
+    if not module_available("torch"):
+        return []
+    import torch
+
+    return ["torch"] + (["torch-cuda"] if torch.cuda.is_available() else [])
+
+
+def available_runners() -> list[str]:
+    names = [name for name, status in registry.available_backends().items() if status.available]
+    return names + torch_devices()
+
+
+def _inputs(config: Config, dtype: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((config.T, config.B, config.I)).astype(dtype)
+    out_features = config.H * (2 if config.bidirectional else 1)
+    dy = rng.standard_normal((config.T, config.B, out_features)).astype(dtype)
+    return x, dy
+
+
+def make_runner(name: str, config: Config, mode: str, dtype: str = "float32"):
+    """A no-argument callable that runs (and finishes) one measured iteration."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    x, dy = _inputs(config, dtype)
+    if name.startswith("torch"):
+        return _torch_runner(name, config, mode, dtype, x, dy)
+    from .layer import LSTM
+
+    lstm = LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                backend=name, dtype=dtype, seed=0)
+    backend = lstm._current_backend()
+    x_dev, dy_dev = backend.from_user(x, "x"), backend.from_user(dy, "dy")
+    sync = _cupy_sync() if name == "cupy" else (lambda: None)
+    if mode == "forward":
+        lstm.eval()
+
+        def run():
+            lstm(x_dev)
+            sync()
+    else:
+
+        def run():
+            lstm(x_dev)
+            lstm.backward(dy_dev)
+            sync()
+    return run
+
+
+def _cupy_sync():
+    import cupy
+
+    return lambda: cupy.cuda.Device().synchronize()
+
+
+def _torch_runner(name, config, mode, dtype, x, dy):
+    import torch
+
+    device = "cuda" if name == "torch-cuda" else "cpu"
+    module = torch.nn.LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
+    module = module.to(device=device, dtype=getattr(torch, dtype))
+    xt = torch.from_numpy(x).to(device)
+    dyt = torch.from_numpy(dy).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if mode == "forward":
+        module.eval()
+
+        def run():
+            with torch.no_grad():
+                module(xt)
+            sync()
+    else:
+        module.train()
+        xt.requires_grad_(True)
+
+        def run():
+            y, _ = module(xt)
+            y.backward(dyt)
+            sync()
+    return run
+
+
+def sgemm_ceiling(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of NumPy's own matmul on this machine, measured now (the GEMM ceiling)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
+@dataclass
+class Measurement:
+    config: str
+    mode: str
+    runner: str
+    times_s: list
+    flops: float
+    T: int
+    B: int
+    I: int  # noqa: E741
+    H: int
+    layers: int
+    bidirectional: bool
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.median_s / 1e9
+
+
+@dataclass
+class Report:
+    machine: dict
+    versions: dict
+    threads: int
+    dtype: str
+    repeats: int
+    ceiling_gflops: float
+    measurements: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for m, raw in zip(self.measurements, data["measurements"]):
+            raw.update(median_s=m.median_s, gflops=m.gflops)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Report":
+        fields = {k: v for k, v in data.items() if k != "measurements"}
+        report = cls(**fields)
+        for raw in data["measurements"]:
+            raw = {k: v for k, v in raw.items() if k not in ("median_s", "gflops")}
+            report.measurements.append(Measurement(**raw))
+        return report
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cores": threads.available_cores()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    status = registry.available_backends()["cupy"]
+    info["gpu"] = status.reason if status.available else None
+    return info
+
+
+def library_versions() -> dict:
+    versions = {"python": sys.version.split()[0], "numpy": np.__version__}
+    for module in ("numba", "scipy", "torch", "cupy", "threadpoolctl"):
+        if module_available(module):
+            try:
+                versions[module] = __import__(module).__version__
+            except Exception as exc:  # noqa: BLE001 - a broken install is still worth reporting
+                versions[module] = f"broken ({type(exc).__name__})"
+    from . import __version__
+
+    versions["fastlstm"] = __version__
+    return versions
+
+
+def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, warmup=1, progress=None) -> Report:
+    """Measure every (config, mode, runner); runners take turns within each round."""
+    report = Report(machine_info(), library_versions(), threads.get_num_threads(), dtype, repeats,
+                    sgemm_ceiling(dtype))
+    total = len(configs) * len(modes)
+    done = 0
+    for config in configs:
+        for mode in modes:
+            done += 1
+            if progress:
+                progress(f"[{done}/{total}] {config.name} {mode}: {', '.join(runners)}")
+            times = {}
+            for name in runners:
+                call = make_runner(name, config, mode, dtype)
+                time.sleep(_SETTLE_S)  # let the previous runner's spinning threads go idle
+                for _ in range(warmup):
+                    call()  # first call: compiles kernels, allocates, warms caches
+                times[name] = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - start)
+                del call
+            for name in runners:
+                report.measurements.append(Measurement(
+                    config.name, mode, name, times[name], config.flops(mode),
+                    config.T, config.B, config.I, config.H, config.layers, config.bidirectional,
+                ))
+    return report
+
+
+def _speedup(report: Report, m: Measurement, rival: str) -> str:
+    for other in report.measurements:
+        if (other.config, other.mode, other.runner) == (m.config, m.mode, rival):
+            return f"{other.median_s / m.median_s:.2f}x"
+    return "-"
+
+
+def format_table(report: Report) -> str:
+    header = ("config", "mode", "backend", "ms", "GFLOP/s", "of ceiling", "vs numpy", "vs torch")
+    rows = [header]
+    for m in report.measurements:
+        rows.append((
+            m.config, m.mode, m.runner, f"{m.median_s * 1e3:.2f}", f"{m.gflops:.1f}",
+            f"{m.gflops / report.ceiling_gflops:.0%}", _speedup(report, m, "numpy"), _speedup(report, m, "torch"),
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (
+        f"fastlstm bench: {report.dtype}, {report.threads} threads, median of {report.repeats}; "
+        f"NumPy matmul ceiling measured now: {report.ceiling_gflops:.1f} GFLOP/s"
+    )
+    return title + "\n" + "\n".join(lines)
+
+
+def compare(old: Report, new: Report) -> str:
+    """Old / new time per (config, mode, backend) present in both: above 1 means faster now."""
+    old_times = {(m.config, m.mode, m.runner): m.median_s for m in old.measurements}
+    rows = [("config", "mode", "backend", "old ms", "new ms", "speed-up")]
+    for m in new.measurements:
+        key = (m.config, m.mode, m.runner)
+        if key in old_times:
+            rows.append((*key, f"{old_times[key] * 1e3:.2f}", f"{m.median_s * 1e3:.2f}",
+                         f"{old_times[key] / m.median_s:.2f}x"))
+    if len(rows) == 1:
+        return "no measurement appears in both files"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def save_json(report: Report, path) -> None:
+    from .checkpoint import write_atomic
+
+    text = json.dumps(report.to_json(), indent=1)
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def load_json(path) -> Report:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return Report.from_json(json.load(handle))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a fastlstm bench JSON file: {exc}") from exc
+
+
+def plot(report: Report, path) -> None:
+    """PNG bar chart: time per backend for each config and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((m.config, m.mode) for m in report.measurements))
+    runners = list(dict.fromkeys(m.runner for m in report.measurements))
+    times = {(m.config, m.mode, m.runner): m.median_s * 1e3 for m in report.measurements}
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4.5))
+    width = 0.8 / max(1, len(runners))
+    for k, runner in enumerate(runners):
+        xs = [g + k * width for g in range(len(groups))]
+        ax.bar(xs, [times.get((c, m, runner), 0) for c, m in groups], width, label=runner)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"{c}\n{m}" for c, m in groups], fontsize=8)
+    ax.set_ylabel("ms (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"fastlstm bench ({report.dtype}, {report.threads} threads)")
+    ax.legend()
+    fig.tight_layout()
+    from .checkpoint import write_atomic
+
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)

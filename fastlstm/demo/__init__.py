@@ -1,0 +1,1 @@
+"""The training demo behind ``fastlstm train``: a character-level language model."""

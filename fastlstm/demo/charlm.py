@@ -1,0 +1,161 @@
+"""A character-level language model built on fastlstm: embedding -> LSTM -> softmax.
+
+Everything here is plain NumPy on the host except the LSTM, which runs on whatever
+backend the layer uses. Every piece has its backward, and the whole model is
+gradient-checked in the tests (tests/test_demo.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from .._arrays import like, module_available, to_numpy
+from ..layer import LSTM
+
+
+def _single_threaded_blas():
+    """The head's small GEMMs on one BLAS thread: a multi-threaded BLAS call leaves its
+    worker threads spinning for a while, and they would slow down the compiled LSTM
+    kernels that run next on the same cores."""
+    if not module_available("threadpoolctl"):
+        return contextlib.nullcontext()
+    import threadpoolctl
+
+    return threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+class CharLM:
+    """Parameters: ``embedding`` (V, E), the LSTM's, ``out_weight`` (V, H), ``out_bias`` (V)."""
+
+    def __init__(self, vocab_size, embed_size=32, hidden_size=256, num_layers=1, dropout=0.0,
+                 backend=None, dtype="float32", seed=0):
+        rng = np.random.default_rng(seed)
+        self.vocab_size, self.embed_size, self.hidden_size = vocab_size, embed_size, hidden_size
+        self.dtype = np.dtype(dtype)
+        self.lstm = LSTM(embed_size, hidden_size, num_layers=num_layers, dropout=dropout,
+                         backend=backend, dtype=dtype, seed=int(rng.integers(2**31)))
+        bound = 1.0 / np.sqrt(hidden_size)
+        self.head = {
+            "embedding": rng.standard_normal((vocab_size, embed_size)).astype(dtype),
+            "out_weight": rng.uniform(-bound, bound, (vocab_size, hidden_size)).astype(dtype),
+            "out_bias": np.zeros(vocab_size, dtype),
+        }
+        self.head_grads = {k: np.zeros_like(v) for k, v in self.head.items()}
+        self._cache = None
+
+    # -- parameters ---------------------------------------------------------------------
+    def parameters(self) -> dict:
+        """name -> live array (the LSTM's as torch names them, plus the head's)."""
+        return {**self.lstm.params, **self.head}
+
+    def gradients(self) -> dict:
+        return {**self.lstm.grads, **self.head_grads}
+
+    def zero_grad(self) -> None:
+        self.lstm.zero_grad()
+        for g in self.head_grads.values():
+            g.fill(0)
+
+    def state_arrays(self) -> dict:
+        """Every parameter as a NumPy copy (for checkpoints)."""
+        return {**self.lstm.state_dict(), **{k: v.copy() for k, v in self.head.items()}}
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        lstm_names = self.lstm.parameter_shapes()
+        self.lstm.load_state_dict({k: arrays[k] for k in lstm_names})
+        for name, value in self.head.items():
+            if arrays[name].shape != value.shape:
+                raise ValueError(f"{name}: expected shape {value.shape}, got {arrays[name].shape}")
+            value[...] = arrays[name]
+
+    # -- forward / backward -------------------------------------------------------------------
+    def loss(self, inputs, targets, state=None):
+        """Mean cross entropy (nats per character) of predicting targets (T, B) from inputs (T, B)."""
+        x = self.head["embedding"][inputs]  # (T, B, E)
+        y, new_state = self.lstm(x, state)
+        y = to_numpy(y, "y")
+        with _single_threaded_blas():
+            logits = y @ self.head["out_weight"].T + self.head["out_bias"]  # (T, B, V)
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        picked = np.take_along_axis(probs, targets[..., None], axis=-1)[..., 0]
+        loss = float(-np.mean(np.log(np.maximum(picked, np.finfo(self.dtype).tiny))))
+        self._cache = (inputs, targets, y, probs)
+        return loss, new_state
+
+    def backward(self) -> None:
+        """Accumulate the gradients of the last ``loss`` into ``gradients()``."""
+        inputs, targets, y, probs = self._cache
+        self._cache = None
+        d_logits = probs.copy()  # d(mean CE)/d logits = (softmax - onehot) / count
+        flat_logits = d_logits.reshape(-1, self.vocab_size)
+        flat_logits[np.arange(targets.size), targets.ravel()] -= 1
+        flat_logits /= targets.size
+        with _single_threaded_blas():
+            self.head_grads["out_weight"] += flat_logits.T @ y.reshape(-1, self.hidden_size)
+            self.head_grads["out_bias"] += flat_logits.sum(axis=0)
+            dy = d_logits @ self.head["out_weight"]
+        dx, _ = self.lstm.backward(dy)
+        np.add.at(self.head_grads["embedding"], inputs, to_numpy(dx, "dx"))
+
+    # -- generation -----------------------------------------------------------------------
+    def sample(self, start_ids, length, rng, temperature=0.8):
+        """Characters (ids) drawn one at a time after feeding `start_ids`."""
+        was_training = self.lstm.training
+        self.lstm.eval()
+        try:
+            x = self.head["embedding"][np.asarray(start_ids)[:, None]]
+            y, state = self.lstm(x)
+            out = []
+            last = np.asarray(y)[-1, 0]
+            for _ in range(length):
+                logits = (last @ self.head["out_weight"].T + self.head["out_bias"]).astype(np.float64) / temperature
+                p = np.exp(logits - logits.max())
+                nxt = int(rng.choice(self.vocab_size, p=p / p.sum()))
+                out.append(nxt)
+                y, state = self.lstm(self.head["embedding"][[[nxt]]], state)
+                last = np.asarray(y)[-1, 0]
+            return out
+        finally:
+            self.lstm.train(was_training)
+
+
+class Adam:
+    """Adam (Kingma & Ba) over a dict of live arrays, with global gradient-norm clipping."""
+
+    def __init__(self, params: dict, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, clip_norm=1.0):
+        self.lr, self.betas, self.eps, self.clip_norm = lr, betas, eps, clip_norm
+        self.step_count = 0
+        self.m = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in params.items()}
+        self.v = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in params.items()}
+
+    def step(self, params: dict, grads: dict) -> float:
+        """Clip the global gradient norm to clip_norm, then update params in place. Returns the norm."""
+        host = {k: to_numpy(g, k).astype(np.float64) for k, g in grads.items()}
+        norm = float(np.sqrt(sum(float(np.sum(g * g)) for g in host.values())))
+        scale = min(1.0, self.clip_norm / (norm + 1e-12)) if self.clip_norm else 1.0
+        self.step_count += 1
+        b1, b2 = self.betas
+        correction1 = 1 - b1**self.step_count
+        correction2 = 1 - b2**self.step_count
+        for name, p in params.items():
+            g = host[name] * scale
+            self.m[name] = b1 * self.m[name] + (1 - b1) * g
+            self.v[name] = b2 * self.v[name] + (1 - b2) * g * g
+            update = self.lr * (self.m[name] / correction1) / (np.sqrt(self.v[name] / correction2) + self.eps)
+            p -= like(p, update.astype(p.dtype))
+        return norm
+
+    def state_arrays(self) -> dict:
+        arrays = {f"adam_m/{k}": v for k, v in self.m.items()}
+        arrays.update({f"adam_v/{k}": v for k, v in self.v.items()})
+        return arrays
+
+    def load_state_arrays(self, arrays: dict, step_count: int) -> None:
+        for k in self.m:
+            self.m[k] = np.array(arrays[f"adam_m/{k}"], dtype=np.float64)
+            self.v[k] = np.array(arrays[f"adam_v/{k}"], dtype=np.float64)
+        self.step_count = step_count

@@ -1,0 +1,156 @@
+"""The ``fastlstm`` command end to end, in subprocesses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastlstm
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def fastlstm_cmd(*args, env_extra=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FASTLSTM_BACKEND", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "fastlstm", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
+
+
+def test_info_reports_every_backend_and_exits_zero():
+    out = fastlstm_cmd("info")
+    assert out.returncode == 0, out.stderr
+    for word in ("versions:", "numpy", "numba", "cupy", "threads:", "gpu:", "default backend:"):
+        assert word in out.stdout
+    broken = fastlstm_cmd("info", env_extra={"FASTLSTM_BACKEND": "bogus"})
+    assert broken.returncode == 0 and "invalid" in broken.stdout
+
+
+def test_bench_quick_with_json(tmp_path):
+    path = tmp_path / "run.json"
+    out = fastlstm_cmd("bench", "--quick", "--configs", "small,stream-1", "--backends", "numpy", "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "[1/4] small/4 forward" in out.stderr  # progress
+    assert "GFLOP/s" in out.stdout and "of ceiling" in out.stdout and "vs numpy" in out.stdout
+    data = json.loads(path.read_text())
+    assert data["ceiling_gflops"] > 0 and data["machine"]["cores"] >= 1 and "numpy" in data["versions"]
+    assert {(m["config"], m["mode"], m["runner"]) for m in data["measurements"]} == {
+        (c, m, "numpy") for c in ("small/4", "stream-1/4") for m in ("forward", "forward+backward")
+    }
+    assert all(len(m["times_s"]) == 2 and m["median_s"] > 0 and m["gflops"] > 0 for m in data["measurements"])
+    compared = fastlstm_cmd("bench", "--compare", str(path), str(path))
+    assert compared.returncode == 0 and "1.00x" in compared.stdout
+
+
+def test_bench_custom_config_all_backends():
+    out = fastlstm_cmd("bench", "--T", "5", "--B", "3", "--I", "4", "--H", "8", "--layers", "2",
+                       "--bidirectional", "--repeats", "1", "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    assert "custom" in out.stdout and "numpy" in out.stdout
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib not installed")
+def test_bench_plot(tmp_path):
+    path = tmp_path / "bench.png"
+    out = fastlstm_cmd("bench", "--quick", "--configs", "stream-1", "--backends", "numpy", "--plot", str(path))
+    assert out.returncode == 0, out.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib_says_so(tmp_path):
+    # sitecustomize runs first in the child: matplotlib then looks uninstalled
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    out = fastlstm_cmd("bench", "--quick", "--plot", str(tmp_path / "x.png"),
+                       env_extra={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert out.returncode == 1
+    assert "--plot needs matplotlib" in out.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench", "--repeats", "0"], "--repeats: expected a positive integer, got 0"),
+    (["bench", "--configs", "huge"], "--configs: unknown huge"),
+    (["bench", "--backends", "tensorflow"], "--backends: unknown 'tensorflow'"),
+    (["bench", "--T", "5"], "needs all of --T --B --I --H"),
+    (["bench", "--modes", "sideways"], "--modes: unknown 'sideways'"),
+    (["bench", "--dtype", "int8"], "invalid choice"),
+    (["train", "--steps", "-1"], "--steps"),
+    (["launch"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_are_usage_errors(args, fragment):
+    out = fastlstm_cmd(*args)
+    assert out.returncode == 2
+    assert fragment in out.stderr and "usage:" in out.stderr
+
+
+@pytest.mark.skipif(fastlstm.available_backends()["cupy"].available, reason="cupy is usable here")
+def test_unavailable_backend_is_a_clear_message():
+    out = fastlstm_cmd("bench", "--backends", "cupy", "--quick")
+    assert out.returncode == 1
+    assert "backend 'cupy' is not available" in out.stderr and "pip install" in out.stderr
+    train = fastlstm_cmd("train", "--backend", "cupy", "--steps", "1")
+    assert train.returncode == 1 and "backend 'cupy' is not available" in train.stderr
+
+
+def test_compare_refuses_a_foreign_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    out = fastlstm_cmd("bench", "--compare", str(bad), str(bad))
+    assert out.returncode == 1 and "not a fastlstm bench JSON file" in out.stderr
+
+
+TRAIN_ARGS = ["--hidden", "32", "--embed", "8", "--seq-len", "16", "--batch", "4", "--eval-every", "3",
+              "--sample-length", "20", "--quiet", "--backend", "numpy"]
+
+
+def checkpoint_params(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files if k.startswith(("param/", "adam_"))}
+
+
+def test_train_resume_is_identical_to_an_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole.npz"
+    out = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "8", "--checkpoint", str(whole))
+    assert out.returncode == 0, out.stderr
+    assert "validation loss" in out.stdout and "sample:" in out.stdout
+    split = tmp_path / "split.npz"
+    first = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "5", "--checkpoint", str(split))
+    assert first.returncode == 0, first.stderr
+    second = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "8", "--checkpoint", str(split), "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resuming at step 5" in second.stderr
+    a, b = checkpoint_params(whole), checkpoint_params(split)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_train_refuses_a_truncated_checkpoint(tmp_path):
+    path = tmp_path / "ck.npz"
+    assert fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "2", "--checkpoint", str(path)).returncode == 0
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    out = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "4", "--checkpoint", str(path), "--resume")
+    assert out.returncode == 1
+    assert "not a readable fastlstm-charlm file" in out.stderr
+    missing = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "4", "--checkpoint", str(tmp_path / "none.npz"), "--resume")
+    assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib not installed")
+def test_train_plot(tmp_path):
+    png = tmp_path / "loss.png"
+    out = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "6", "--checkpoint", str(tmp_path / "c.npz"), "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG"
