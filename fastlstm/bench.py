@@ -58,6 +58,13 @@ CONFIGS = {
     "small": Config("small", 200, 16, 32, 64),
     "stream-1": Config("stream-1", 100, 1, 64, 128),
 }
+# Named configurations outside the default set (issue targets on the GPU).
+EXTRA_CONFIGS = {
+    "wide-512": Config("wide-512", 100, 64, 512, 512),
+    "stream-b1": Config("stream-b1", 100, 1, 256, 256),
+    "stream-b4": Config("stream-b4", 100, 4, 256, 256),
+    "stream-b8": Config("stream-b8", 100, 8, 256, 256),
+}
 # --quick: the same shapes, fewer steps.
 QUICK_CONFIGS = {
     "train-m": Config("train-m/4", 25, 64, 128, 256),

@@ -41,7 +41,8 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark every available backend (and torch) on the design configurations",
                        description="Benchmark fastlstm's backends against each other and torch.nn.LSTM.")
     p.add_argument("--backends", type=_comma_list, help="comma list of numpy,numba,cupy,torch,torch-cuda (default: all available)")
-    p.add_argument("--configs", type=_comma_list, help=f"comma list of {','.join(bench.CONFIGS)} (default: all)")
+    p.add_argument("--configs", type=_comma_list,
+                   help=f"comma list of {','.join(bench.CONFIGS)} (default) or {','.join(bench.EXTRA_CONFIGS)}")
     p.add_argument("--T", type=_positive, help="custom configuration: time steps")
     p.add_argument("--B", type=_positive, help="custom configuration: batch")
     p.add_argument("--I", type=_positive, help="custom configuration: input size")
@@ -67,8 +68,8 @@ def _bench_configs(args, parser) -> list:
         if args.configs:
             parser.error("use either --configs or --T/--B/--I/--H, not both")
         return [bench.Config("custom", args.T, args.B, args.I, args.H, args.layers, args.bidirectional)]
-    table = bench.QUICK_CONFIGS if args.quick else bench.CONFIGS
-    names = args.configs or list(table)
+    table = bench.QUICK_CONFIGS if args.quick else {**bench.CONFIGS, **bench.EXTRA_CONFIGS}
+    names = args.configs or list(bench.QUICK_CONFIGS if args.quick else bench.CONFIGS)
     unknown = [n for n in names if n not in table]
     if unknown:
         parser.error(f"--configs: unknown {', '.join(unknown)}; expected some of {', '.join(table)}")

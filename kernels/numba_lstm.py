@@ -237,7 +237,7 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 
 # -- forward ----------------------------------------------------------------------------
 @njit(inline="always")
-def _forward_block_step(k, t, bounds, gates, w_hh_p, w_hh_pt, bias_p, h, h_next, c, rec,
+def _forward_block_step(k, t, bounds, gates, w_hh_pt, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, small_batch):
     batch, hidden = h.shape
     num_steps = y.shape[0]
@@ -245,10 +245,13 @@ def _forward_block_step(k, t, bounds, gates, w_hh_p, w_hh_pt, bias_p, h, h_next,
     nu = bounds[k + 1] - u0
     g_k = _block_view(gates, k, num_steps * batch, 4 * nu)
     r = _block_view(rec, k, batch, 4 * nu)
+    # W_hh's block rows stored transposed, (H, 4*nu): a plain (not transposed) GEMM
+    # operand, which BLAS packs faster (measured: up to 2x for small problems).
+    w_t = _block_view(w_hh_pt, k, hidden, 4 * nu)
     if small_batch:
-        _matmul_small(h, _block_view(w_hh_pt, k, hidden, 4 * nu), r)
+        _matmul_small(h, w_t, r)
     else:
-        np.dot(h, w_hh_p[4 * u0 : 4 * u0 + 4 * nu].T, r)
+        np.dot(h, w_t, r)
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
     for b in range(batch):
         row = t * batch + b
@@ -273,11 +276,12 @@ def _input_projection_block(k, bounds, x2, w_ih_p, gates):
     np.dot(x2, w_ih_p[4 * u0 : 4 * u0 + 4 * nu].T, g_k)
 
 
-def _forward(x2, w_ih_p, w_hh_p, w_hh_pt, bias_p, h0, c0, lengths, reverse, bounds, training,
+def _forward(x2, w_ih_p, w_hh_pt, bias_p, h0, c0, lengths, reverse, bounds, training,
              small_batch, gates, rec, y, h_states, c_states):
     """Whole-sequence forward, one block of hidden units per thread. Returns (h_n, c_n).
 
-    x2: (T*B, I) input; gates: (num_blocks, T*B*4*max_nu) scratch that holds the
+    x2: (T*B, I) input; w_hh_pt: per block, its rows of the permuted W_hh transposed,
+    flat (num_blocks, H*4*max_nu); gates: (num_blocks, T*B*4*max_nu) scratch that holds the
     activated gates afterwards when training; rec: (num_blocks, B*4*max_nu) scratch;
     h_states / c_states: (T, B, H) carried states, written only when training.
     """
@@ -291,7 +295,7 @@ def _forward(x2, w_ih_p, w_hh_p, w_hh_pt, bias_p, h0, c0, lengths, reverse, boun
     for s in range(num_steps):
         t = num_steps - 1 - s if reverse else s
         for k in prange(num_blocks):
-            _forward_block_step(k, t, bounds, gates, w_hh_p, w_hh_pt, bias_p, h, h_next, c, rec,
+            _forward_block_step(k, t, bounds, gates, w_hh_pt, bias_p, h, h_next, c, rec,
                                 lengths, y, h_states, c_states, training, small_batch)
         h, h_next = h_next, h
     return h, c

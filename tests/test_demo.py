@@ -10,14 +10,22 @@ from fastlstm.demo.train import CORPUS, Corpus
 from lstm_testing import ALL_CPU_BACKENDS
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
-def test_char_model_gradients_match_finite_differences(backend):
-    model = CharLM(7, embed_size=3, hidden_size=4, num_layers=2, backend=backend, dtype="float64", seed=0)
+def test_char_model_gradients_match_finite_differences(backend, dropout):
+    model = CharLM(7, embed_size=3, hidden_size=4, num_layers=2, dropout=dropout, backend=backend,
+                   dtype="float64", seed=0)
     rng = np.random.default_rng(1)
     inputs = rng.integers(0, 7, size=(5, 3))
     targets = rng.integers(0, 7, size=(5, 3))
+    masks = (model.rng.bit_generator.state, model.lstm._dropout_rng.bit_generator.state)
+
+    def loss():  # the same dropout masks at every evaluation
+        model.rng.bit_generator.state, model.lstm._dropout_rng.bit_generator.state = masks
+        return model.loss(inputs, targets)[0]
+
     model.zero_grad()
-    model.loss(inputs, targets)
+    loss()
     model.backward()
     analytic = {k: np.array(v) for k, v in model.gradients().items()}
     eps = 1e-6
@@ -27,9 +35,9 @@ def test_char_model_gradients_match_finite_differences(backend):
         for i in range(flat.size):
             keep = flat[i]
             flat[i] = keep + eps
-            up, _ = model.loss(inputs, targets)
+            up = loss()
             flat[i] = keep - eps
-            down, _ = model.loss(inputs, targets)
+            down = loss()
             flat[i] = keep
             numeric[i] = (up - down) / (2 * eps)
         np.testing.assert_allclose(analytic[name].reshape(-1), numeric, rtol=1e-5, atol=1e-8, err_msg=name)

@@ -96,7 +96,7 @@ class NumbaBackend(ReferenceBackend):
             return serial_kernel(*args)
 
     def _transposed_blocks(self, plan: _Plan, w_p: np.ndarray) -> np.ndarray:
-        """Per block, its rows of w_p transposed to (H, 4*nu), for the small-batch GEMM."""
+        """Per block, its rows of w_p transposed to (H, 4*nu): the forward's recurrent GEMM operand."""
         hidden = w_p.shape[1]
         out = np.zeros((plan.num_blocks, hidden * 4 * plan.max_units), dtype=w_p.dtype)
         for k, (u0, u1) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
@@ -113,7 +113,7 @@ class NumbaBackend(ReferenceBackend):
         w_ih_p = np.ascontiguousarray(w_ih[plan.perm])
         w_hh_p = np.ascontiguousarray(w_hh[plan.perm])
         bias_p = np.ascontiguousarray(bias[plan.perm])
-        w_hh_pt = self._transposed_blocks(plan, w_hh_p) if plan.small_batch else np.empty((1, 1), dtype)
+        w_hh_pt = self._transposed_blocks(plan, w_hh_p)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         gates = np.empty((plan.num_blocks, num_steps * batch * 4 * plan.max_units), dtype)
         rec = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
@@ -123,7 +123,7 @@ class NumbaBackend(ReferenceBackend):
         x2 = x.reshape(num_steps * batch, input_size)
         h_n, c_n = self._run(
             plan, kernels.forward_parallel, kernels.forward_serial,
-            x2, w_ih_p, w_hh_p, w_hh_pt, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
+            x2, w_ih_p, w_hh_pt, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
             step_lengths, reverse, plan.bounds, training, plan.small_batch, gates, rec, y, h_states, c_states,
         )
         saved = None

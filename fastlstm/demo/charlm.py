@@ -27,14 +27,19 @@ def _single_threaded_blas():
 
 
 class CharLM:
-    """Parameters: ``embedding`` (V, E), the LSTM's, ``out_weight`` (V, H), ``out_bias`` (V)."""
+    """Parameters: ``embedding`` (V, E), the LSTM's, ``out_weight`` (V, H), ``out_bias`` (V).
+
+    ``dropout`` applies to the LSTM's output before the softmax layer (and between LSTM
+    layers), in training only; its masks come from ``self.rng``.
+    """
 
     def __init__(self, vocab_size, embed_size=32, hidden_size=256, num_layers=1, dropout=0.0,
                  backend=None, dtype="float32", seed=0):
         rng = np.random.default_rng(seed)
         self.vocab_size, self.embed_size, self.hidden_size = vocab_size, embed_size, hidden_size
         self.dtype = np.dtype(dtype)
-        self.lstm = LSTM(embed_size, hidden_size, num_layers=num_layers, dropout=dropout,
+        self.dropout = float(dropout)
+        self.lstm = LSTM(embed_size, hidden_size, num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0,
                          backend=backend, dtype=dtype, seed=int(rng.integers(2**31)))
         bound = 1.0 / np.sqrt(hidden_size)
         self.head = {
@@ -43,6 +48,7 @@ class CharLM:
             "out_bias": np.zeros(vocab_size, dtype),
         }
         self.head_grads = {k: np.zeros_like(v) for k, v in self.head.items()}
+        self.rng = np.random.default_rng(rng.integers(2**63))
         self._cache = None
 
     # -- parameters ---------------------------------------------------------------------
@@ -76,6 +82,11 @@ class CharLM:
         x = self.head["embedding"][inputs]  # (T, B, E)
         y, new_state = self.lstm(x, state)
         y = to_numpy(y, "y")
+        mask = None
+        if self.lstm.training and self.dropout > 0:
+            keep = 1.0 - self.dropout
+            mask = ((self.rng.random(y.shape) < keep) / keep).astype(self.dtype)
+            y = y * mask
         with _single_threaded_blas():
             logits = y @ self.head["out_weight"].T + self.head["out_bias"]  # (T, B, V)
         logits -= logits.max(axis=-1, keepdims=True)
@@ -83,12 +94,12 @@ class CharLM:
         probs /= probs.sum(axis=-1, keepdims=True)
         picked = np.take_along_axis(probs, targets[..., None], axis=-1)[..., 0]
         loss = float(-np.mean(np.log(np.maximum(picked, np.finfo(self.dtype).tiny))))
-        self._cache = (inputs, targets, y, probs)
+        self._cache = (inputs, targets, y, probs, mask)
         return loss, new_state
 
     def backward(self) -> None:
         """Accumulate the gradients of the last ``loss`` into ``gradients()``."""
-        inputs, targets, y, probs = self._cache
+        inputs, targets, y, probs, mask = self._cache
         self._cache = None
         d_logits = probs.copy()  # d(mean CE)/d logits = (softmax - onehot) / count
         flat_logits = d_logits.reshape(-1, self.vocab_size)
@@ -98,6 +109,8 @@ class CharLM:
             self.head_grads["out_weight"] += flat_logits.T @ y.reshape(-1, self.hidden_size)
             self.head_grads["out_bias"] += flat_logits.sum(axis=0)
             dy = d_logits @ self.head["out_weight"]
+        if mask is not None:
+            dy *= mask
         dx, _ = self.lstm.backward(dy)
         np.add.at(self.head_grads["embedding"], inputs, to_numpy(dx, "dx"))
 

@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], help="default: the choice in effect (auto)")
     p.add_argument("--minutes", type=_positive_float, default=2.0, help="wall-clock budget for this run (default 2)")
     p.add_argument("--steps", type=_positive_int, help="stop once this many steps (in total, across resumes) are done")
-    p.add_argument("--hidden", type=_positive_int, default=256)
+    p.add_argument("--hidden", type=_positive_int, default=128)
     p.add_argument("--embed", type=_positive_int, default=32)
     p.add_argument("--layers", type=_positive_int, default=1)
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout on the LSTM output (and between layers)")
     p.add_argument("--seq-len", type=_positive_int, default=64)
     p.add_argument("--batch", type=_positive_int, default=32)
     p.add_argument("--lr", type=_positive_float, default=3e-3)
@@ -105,13 +106,17 @@ def evaluate(model: CharLM, windows) -> float:
 
 
 def _config(args, vocab) -> dict:
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
     return {"vocab": "".join(vocab), "embed": args.embed, "hidden": args.hidden, "layers": args.layers,
+            "dropout": args.dropout,
             "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "clip": args.clip, "seed": args.seed}
 
 
 def save_checkpoint(path, config, model, optimizer, rng, step, elapsed, history) -> None:
     header = {"config": config, "step": step, "elapsed_s": elapsed, "history": history,
-              "rng": rng.bit_generator.state, "dropout_rng": model.lstm._dropout_rng.bit_generator.state}
+              "rng": rng.bit_generator.state, "dropout_rng": model.lstm._dropout_rng.bit_generator.state,
+              "head_rng": model.rng.bit_generator.state}
     arrays = {f"param/{k}": v for k, v in model.state_arrays().items()}
     arrays.update(optimizer.state_arrays())
     save_arrays(path, CHECKPOINT_KIND, header, arrays)
@@ -124,6 +129,7 @@ def load_checkpoint(path, model, optimizer, rng):
         optimizer.load_state_arrays(arrays, int(header["step"]))
         rng.bit_generator.state = header["rng"]
         model.lstm._dropout_rng.bit_generator.state = header["dropout_rng"]
+        model.rng.bit_generator.state = header["head_rng"]
         return int(header["step"]), float(header["elapsed_s"]), list(header["history"])
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: checkpoint does not fit this model: {exc}") from exc
@@ -168,7 +174,7 @@ def run(args, parser) -> int:
             raise ValueError(f"{args.checkpoint}: trained on another text (its characters differ)")
         config = saved  # the architecture and hyper-parameters come from the checkpoint
     model = CharLM(len(corpus.vocab), config["embed"], config["hidden"], config["layers"],
-                   backend=args.backend, seed=config["seed"])
+                   dropout=config["dropout"], backend=args.backend, seed=config["seed"])
     optimizer = Adam(model.parameters(), lr=config["lr"], clip_norm=config["clip"])
     rng = np.random.default_rng(config["seed"])
     step, elapsed, history = 0, 0.0, []
@@ -207,7 +213,9 @@ def run(args, parser) -> int:
         history.append([step, loss, val_loss])
     save_checkpoint(args.checkpoint, config, model, optimizer, rng, step, elapsed + run_time, history)
     progress.done()
-    print(f"step {step}: validation loss {val_loss:.3f} nats/char (unigram baseline {baseline:.3f}), "
+    best = min(history, key=lambda h: h[2])
+    print(f"step {step}: validation loss {val_loss:.3f} nats/char (best {best[2]:.3f} at step {best[0]}; "
+          f"unigram baseline {baseline:.3f}), "
           f"{tokens / max(run_time, 1e-9):,.0f} tokens/s, {run_time:.1f}s this run, "
           f"{elapsed + run_time:.1f}s in total; checkpoint {args.checkpoint}")
     if args.sample_length > 0:

@@ -1,0 +1,125 @@
+"""GPU parity: the cupy backend against the NumPy reference and against torch.nn.LSTM on CUDA.
+
+Marked ``gpu``; every test skips with the reason when no usable CUDA device is seen by
+CuPy (CI has none). Run on a GPU by bench/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fastlstm
+from lstm_testing import assert_close, random_problem
+
+STATUS = fastlstm.available_backends()["cupy"]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.available, reason=f"no usable GPU: {STATUS.reason}")]
+
+# The GPU reorders sums (cuBLAS, fused kernels): float32 against the float64-exact
+# reference is compared at 1e-5 relative to the largest magnitude, float64 at 1e-10.
+TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+def run(lstm, x, state, lengths, dy, dstate):
+    y, (h, c) = lstm(x, state, lengths)
+    dx, (dh0, dc0) = lstm.backward(dy, dstate)
+    out = {"y": y, "h_n": h, "c_n": c, "dx": dx, "dh0": dh0, "dc0": dc0}
+    out.update({k: lstm._storage.to_host(v) for k, v in lstm.grads.items()})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+CASES = list(itertools.product((1, 2), (False, True), (False, True), (False, True)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layers, bidirectional, batch_first, with_lengths", CASES)
+def test_cupy_matches_numpy_reference(layers, bidirectional, batch_first, with_lengths, dtype):
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dropout=0.25 if layers > 1 else 0.0,
+                  dtype=dtype, seed=7)
+    gpu = fastlstm.LSTM(6, 40, backend="cupy", **kwargs)
+    cpu = fastlstm.LSTM(6, 40, backend="numpy", **kwargs)
+    cpu.load_state_dict(gpu.state_dict())
+    lengths = np.array([9, 3, 7, 1, 9]) if with_lengths else None
+    x, state, lengths, dy, dstate = random_problem(cpu, 9, 5, seed=3, lengths=lengths)
+    expected, actual = run(cpu, x, state, lengths, dy, dstate), run(gpu, x, state, lengths, dy, dstate)
+    for name in expected:
+        assert_close(actual[name], expected[name], TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bidirectional, with_lengths", [(False, False), (True, True)])
+def test_cupy_matches_torch_cuda(bidirectional, with_lengths, dtype):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    torch.backends.cudnn.allow_tf32 = False  # compare IEEE float32 with IEEE float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tt = getattr(torch, dtype)
+    module = torch.nn.LSTM(8, 32, num_layers=2, bidirectional=bidirectional).to("cuda", tt)
+    lstm = fastlstm.LSTM(8, 32, num_layers=2, bidirectional=bidirectional, backend="cupy", dtype=dtype)
+    lstm.load_state_dict(module.state_dict())  # CUDA tensors, through DLPack
+    lengths = np.array([12, 5, 9, 12]) if with_lengths else None
+    x, state, lengths, dy, dstate = random_problem(lstm, 12, 4, seed=1, lengths=lengths)
+    xt = torch.tensor(x, dtype=tt, device="cuda", requires_grad=True)
+    st = tuple(torch.tensor(s, dtype=tt, device="cuda", requires_grad=True) for s in state)
+    if with_lengths:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(lengths), enforce_sorted=False)
+        out, (hn, cn) = module(packed, st)
+        yt, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=12)
+    else:
+        yt, (hn, cn) = module(xt, st)
+    loss = (yt * torch.tensor(dy, dtype=tt, device="cuda")).sum()
+    loss = loss + (hn * torch.tensor(dstate[0], dtype=tt, device="cuda")).sum()
+    loss = loss + (cn * torch.tensor(dstate[1], dtype=tt, device="cuda")).sum()
+    loss.backward()
+    expected = {"y": yt, "h_n": hn, "c_n": cn, "dx": xt.grad, "dh0": st[0].grad, "dc0": st[1].grad}
+    expected.update({n: p.grad for n, p in module.named_parameters()})
+    expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
+    actual = run(lstm, x, state, lengths, dy, dstate)
+    for name in expected:
+        assert_close(actual[name], expected[name], TOL[dtype], name)
+
+
+def test_device_arrays_stay_on_the_device():
+    import cupy
+
+    lstm = fastlstm.LSTM(4, 16, backend="cupy")
+    x = cupy.random.standard_normal((7, 3, 4), dtype=cupy.float32)
+    y, (h, c) = lstm(x)
+    assert isinstance(y, cupy.ndarray) and isinstance(h, cupy.ndarray)
+    dx, _ = lstm.backward(cupy.ones_like(y))
+    assert isinstance(dx, cupy.ndarray)
+    assert all(isinstance(v, np.ndarray) for v in lstm.state_dict().values())
+    y_host, _ = lstm(cupy.asnumpy(x))
+    assert isinstance(y_host, np.ndarray)
+    np.testing.assert_allclose(y_host, cupy.asnumpy(y), rtol=1e-6)
+
+
+def test_torch_cuda_tensors_without_host_copy():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    import cupy
+
+    lstm = fastlstm.LSTM(4, 16, backend="cupy")
+    xt = torch.randn(7, 3, 4, device="cuda")
+    backend = lstm._current_backend()
+    shared = backend.from_user(xt, "x")
+    assert shared.data.ptr == xt.data_ptr()  # the same device memory
+    y, _ = lstm(xt)
+    assert isinstance(y, cupy.ndarray)
+
+
+def test_bias_gradient_is_deterministic_on_gpu():
+    results = []
+    for _ in range(2):
+        lstm = fastlstm.LSTM(16, 64, backend="cupy", seed=0)
+        x, _, _, dy, _ = random_problem(lstm, 20, 32, seed=0)
+        lstm(x)
+        lstm.backward(dy)
+        results.append({k: lstm._storage.to_host(v) for k, v in lstm.grads.items()})
+    for k in results[0]:
+        if k.startswith("bias"):
+            assert np.array_equal(results[0][k], results[1][k]), k
