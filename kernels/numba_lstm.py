@@ -8,7 +8,9 @@ for tiny batches where a BLAS call costs more than the arithmetic) and then the
 fused pointwise cell update, inside one parallel region; the only state shared
 between blocks is h, double-buffered. So there is one fork/join per step, no
 BLAS thread pool competing with Numba's threads, and each thread's weights stay
-in its core's cache from step to step.
+in its core's cache from step to step. Problems too small to split run one block
+on the calling thread (the ``*_serial`` kernels); their caller does the input
+projection and the weight gradients as NumPy GEMMs on BLAS's own threads.
 
 Permuted layout: block k covers units [u0, u1) (nu of them); its gate columns are
 [i(u0:u1), f(u0:u1), g(u0:u1), o(u0:u1)], stored contiguously per block as
@@ -147,6 +149,22 @@ def block_permutation(bounds: np.ndarray, hidden: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.int64)
 
 
+@njit(**_OPTS)
+def transposed_blocks(w_p, bounds, out):
+    """out[k] = block k's rows of w_p, transposed to (H, 4*nu), flat; in 16x16 tiles so that
+    both sides are read and written a cache line at a time."""
+    hidden = w_p.shape[1]
+    for k in range(bounds.shape[0] - 1):
+        r0 = 4 * bounds[k]
+        rows = 4 * bounds[k + 1] - r0
+        dst = _block_view(out, k, hidden, rows)
+        for i0 in range(0, rows, 16):
+            for j0 in range(0, hidden, 16):
+                for i in range(i0, min(i0 + 16, rows)):
+                    for j in range(j0, min(j0 + 16, hidden)):
+                        dst[j, i] = w_p[r0 + i, j]
+
+
 @njit(inline="always")
 def _block_view(flat, k, rows, cols):
     """Block k's contiguous (rows, cols) region of a flat per-block buffer."""
@@ -277,7 +295,7 @@ def _input_projection_block(k, bounds, x2, w_ih_p, gates):
 
 
 def _forward(x2, w_ih_p, w_hh_pt, bias_p, h0, c0, lengths, reverse, bounds, training,
-             small_batch, gates, rec, y, h_states, c_states):
+             small_batch, project, gates, rec, y, h_states, c_states):
     """Whole-sequence forward, one block of hidden units per thread. Returns (h_n, c_n).
 
     x2: (T*B, I) input; w_hh_pt: per block, its rows of the permuted W_hh transposed,
@@ -287,8 +305,9 @@ def _forward(x2, w_ih_p, w_hh_pt, bias_p, h0, c0, lengths, reverse, bounds, trai
     """
     num_blocks = bounds.shape[0] - 1
     num_steps = y.shape[0]
-    for k in prange(num_blocks):
-        _input_projection_block(k, bounds, x2, w_ih_p, gates)
+    if project:  # else the caller has put x W_ih^T into gates already
+        for k in prange(num_blocks):
+            _input_projection_block(k, bounds, x2, w_ih_p, gates)
     h = h0.copy()
     h_next = np.empty_like(h0)
     c = c0.copy()
@@ -437,7 +456,8 @@ def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, dx2, scratch):
             out += tmp
 
 
-def _gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, dw_ih_p, dw_hh_p, dbias_p, dx2):
+@njit(parallel=True, **_OPTS)
+def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, dw_ih_p, dw_hh_p, dbias_p, dx2):
     """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
     num_blocks = bounds.shape[0] - 1
     for k in prange(num_blocks):
@@ -445,6 +465,3 @@ def _gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, dw_ih_p, dw_h
     scratch = np.empty((num_blocks, (dx2.shape[0] // num_blocks + 1) * dx2.shape[1]), dx2.dtype)
     for p in prange(num_blocks):
         _input_grad_rows(p, num_blocks, bounds, d_gates, w_ih_p, dx2, scratch)
-
-
-gradients_parallel, gradients_serial = _parallel_and_serial(_gradients)

@@ -133,6 +133,7 @@ def test_parallel_and_serial_paths_agree(monkeypatch):
     def outputs(min_work):
         monkeypatch.setattr(numba_backend, "_PARALLEL_MIN_STEP_WORK", min_work)
         lstm = fastlstm.LSTM(5, 64, backend="numba", dtype="float64", seed=1)
+        monkeypatch.setattr(lstm._current_backend(), "_plans", {})  # plans are cached per shape
         plan = lstm._current_backend()._plan(16, 64)
         return plan.parallel, run(lstm, x, None, None, np.ones((9, 16, 64)), None)
 

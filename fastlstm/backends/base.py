@@ -71,6 +71,18 @@ def active_steps(xp, lengths, num_steps: int):
     return (xp.arange(num_steps)[:, None] < lengths[None, :])[:, :, None]
 
 
+def input_and_weight_grads(xp, d_rows, x_rows, w_ih, h_states, h0, reverse):
+    """After the time loop: dx, dW_ih, dW_hh and dbias as GEMMs over all T*B rows.
+
+    d_rows: (T*B, 4H) gate gradients; x_rows: (T*B, I) layer input; h_states: (T, B, H)
+    carried states (h_{t-1} of each step is built from them and h0). The bias gradient
+    is a plain column sum: rows in order, the same result run to run.
+    """
+    num_steps, batch, hidden = h_states.shape
+    h_prev = previous_states(xp, h_states, h0, reverse).reshape(num_steps * batch, hidden)
+    return d_rows @ w_ih, d_rows.T @ x_rows, d_rows.T @ h_prev, d_rows.sum(axis=0)
+
+
 def sigmoid(xp, a):
     """Logistic function without overflow or warnings for any input (NaN stays NaN)."""
     with np.errstate(under="ignore"):  # exp(-|a|) of a large |a| is rightly 0
@@ -168,11 +180,8 @@ class ReferenceBackend:
                 da *= active[t]
                 dc = xp.where(active[t], dc_t * f, dc)
                 dh = da @ saved.w_hh + xp.where(active[t], 0, dh_t)
-        # Weight and input gradients: large GEMMs over all T*B rows after the loop.
-        rows = d_gates.reshape(num_steps * batch, 4 * hidden)
-        h_prev = previous_states(xp, saved.h_states, saved.h0, saved.reverse)
-        dx = (rows @ saved.w_ih).reshape(num_steps, batch, input_size)
-        dw_ih = rows.T @ saved.x.reshape(num_steps * batch, input_size)
-        dw_hh = rows.T @ h_prev.reshape(num_steps * batch, hidden)
-        dbias = rows.sum(axis=0)
-        return dx, dh, dc, dw_ih, dw_hh, dbias
+        dx, dw_ih, dw_hh, dbias = input_and_weight_grads(
+            xp, d_gates.reshape(num_steps * batch, 4 * hidden), saved.x.reshape(num_steps * batch, input_size),
+            saved.w_ih, saved.h_states, saved.h0, saved.reverse,
+        )
+        return dx.reshape(num_steps, batch, input_size), dh, dc, dw_ih, dw_hh, dbias

@@ -23,7 +23,7 @@ import threadpoolctl
 
 from .. import threads
 from ..kernels import numba_lstm as kernels
-from .base import ReferenceBackend
+from .base import ReferenceBackend, input_and_weight_grads
 
 # Below this many multiply-adds per step, fork/join costs more than a second thread saves.
 _PARALLEL_MIN_STEP_WORK = 384 * 1024
@@ -39,14 +39,14 @@ class _Plan:
     perm: np.ndarray  # weight row order matching the blocks
     parallel: bool
     small_batch: bool
+    num_blocks: int
+    max_units: int
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def max_units(self) -> int:
-        return int(np.max(np.diff(self.bounds)))
+    def permute(self, array):
+        """Rows (or entries) of a weight in the blocks' order; no copy for a single block."""
+        if self.num_blocks == 1:
+            return np.ascontiguousarray(array)
+        return np.ascontiguousarray(array[self.perm])
 
 
 @dataclass
@@ -70,6 +70,7 @@ class NumbaBackend(ReferenceBackend):
 
     def __init__(self):
         self._blas = threadpoolctl.ThreadpoolController()
+        self._plans = {}
 
     def describe(self) -> str:
         return (
@@ -80,12 +81,17 @@ class NumbaBackend(ReferenceBackend):
     # -- planning ---------------------------------------------------------------------
     def _plan(self, batch: int, hidden: int) -> _Plan:
         num_threads = threads.get_num_threads()
-        step_work = batch * hidden * 4 * hidden
-        parallel = num_threads > 1 and step_work >= _PARALLEL_MIN_STEP_WORK
-        num_blocks = min(num_threads, max(1, hidden // _MIN_UNITS_PER_BLOCK)) if parallel else 1
-        parallel = parallel and num_blocks > 1
-        bounds = kernels.block_bounds(hidden, num_blocks)
-        return _Plan(bounds, kernels.block_permutation(bounds, hidden), parallel, batch <= _SMALL_BATCH)
+        key = (batch, hidden, num_threads)
+        if key not in self._plans:  # small: one entry per layer shape and thread count
+            step_work = batch * hidden * 4 * hidden
+            parallel = num_threads > 1 and step_work >= _PARALLEL_MIN_STEP_WORK
+            num_blocks = min(num_threads, max(1, hidden // _MIN_UNITS_PER_BLOCK)) if parallel else 1
+            bounds = kernels.block_bounds(hidden, num_blocks)
+            self._plans[key] = _Plan(
+                bounds, kernels.block_permutation(bounds, hidden), parallel and num_blocks > 1,
+                batch <= _SMALL_BATCH, len(bounds) - 1, int(np.max(np.diff(bounds))),
+            )
+        return self._plans[key]
 
     def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
         """Run a kernel with Numba's thread count set and BLAS held to one thread."""
@@ -95,13 +101,15 @@ class NumbaBackend(ReferenceBackend):
                 return parallel_kernel(*args)
             return serial_kernel(*args)
 
+    def _numpy_blas(self):
+        """For the single-block plan's large GEMMs (projection, weight gradients): NumPy's
+        multi-threaded BLAS, held to fastlstm's thread count. No Numba thread runs then."""
+        return self._blas.limit(limits=threads.get_num_threads(), user_api="blas")
+
     def _transposed_blocks(self, plan: _Plan, w_p: np.ndarray) -> np.ndarray:
         """Per block, its rows of w_p transposed to (H, 4*nu): the forward's recurrent GEMM operand."""
-        hidden = w_p.shape[1]
-        out = np.zeros((plan.num_blocks, hidden * 4 * plan.max_units), dtype=w_p.dtype)
-        for k, (u0, u1) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
-            block = w_p[4 * u0 : 4 * u1].T
-            out[k, : block.size] = block.ravel()
+        out = np.empty((plan.num_blocks, w_p.shape[1] * 4 * plan.max_units), dtype=w_p.dtype)
+        kernels.transposed_blocks(w_p, plan.bounds, out)
         return out
 
     # -- primitives -------------------------------------------------------------------
@@ -110,9 +118,7 @@ class NumbaBackend(ReferenceBackend):
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._plan(batch, hidden)
-        w_ih_p = np.ascontiguousarray(w_ih[plan.perm])
-        w_hh_p = np.ascontiguousarray(w_hh[plan.perm])
-        bias_p = np.ascontiguousarray(bias[plan.perm])
+        w_ih_p, w_hh_p, bias_p = plan.permute(w_ih), plan.permute(w_hh), plan.permute(bias)
         w_hh_pt = self._transposed_blocks(plan, w_hh_p)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         gates = np.empty((plan.num_blocks, num_steps * batch * 4 * plan.max_units), dtype)
@@ -121,10 +127,15 @@ class NumbaBackend(ReferenceBackend):
         state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
         h_states, c_states = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
         x2 = x.reshape(num_steps * batch, input_size)
+        project = plan.parallel  # per block inside the kernel; else one GEMM on NumPy's BLAS threads
+        if not project:
+            with self._numpy_blas():
+                np.dot(x2, w_ih.T, out=gates.reshape(num_steps * batch, 4 * hidden))
         h_n, c_n = self._run(
             plan, kernels.forward_parallel, kernels.forward_serial,
             x2, w_ih_p, w_hh_pt, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
-            step_lengths, reverse, plan.bounds, training, plan.small_batch, gates, rec, y, h_states, c_states,
+            step_lengths, reverse, plan.bounds, training, plan.small_batch, project, gates, rec, y,
+            h_states, c_states,
         )
         saved = None
         if training:
@@ -143,15 +154,23 @@ class NumbaBackend(ReferenceBackend):
             np.ascontiguousarray(dh_n), np.ascontiguousarray(dc_n), saved.lengths, saved.reverse,
             plan.bounds, plan.max_units, plan.small_batch, d_gates,
         )
+        if not plan.parallel:  # one block, torch's row order: the reference's GEMMs on NumPy's threads
+            with self._numpy_blas():
+                dx2, dw_ih, dw_hh, dbias = input_and_weight_grads(
+                    np, d_gates.reshape(rows, 4 * hidden), saved.x2, saved.w_ih_p, saved.h_states, saved.h0,
+                    saved.reverse,
+                )
+            return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
         dw_ih_p = np.empty((4 * hidden, input_size), dtype)
         dw_hh_p = np.empty((4 * hidden, hidden), dtype)
         dbias_p = np.empty(4 * hidden, dtype)
         dx2 = np.empty((rows, input_size), dtype)
-        self._run(
-            plan, kernels.gradients_parallel, kernels.gradients_serial,
-            d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
-            plan.bounds, dw_ih_p, dw_hh_p, dbias_p, dx2,
-        )
+        with self._blas.limit(limits=1, user_api="blas"):
+            numba.set_num_threads(plan.num_blocks)
+            kernels.gradients(
+                d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
+                plan.bounds, dw_ih_p, dw_hh_p, dbias_p, dx2,
+            )
         # Back from the blocked row order to torch's [i; f; g; o].
         dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
         dw_ih[plan.perm], dw_hh[plan.perm], dbias[plan.perm] = dw_ih_p, dw_hh_p, dbias_p
