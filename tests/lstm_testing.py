@@ -72,3 +72,29 @@ def assert_unchanged(lstm, before: dict) -> None:
     assert after["record"] is before["record"], "the saved forward changed"
     assert after["rng"] == before["rng"], "the dropout generator advanced"
     assert after["training"] == before["training"]
+
+
+def forward_backward(lstm, x, state, lengths, dy, dstate) -> dict:
+    """Outputs, final states and every gradient of one forward + backward, as host arrays."""
+    y, (h_n, c_n) = lstm(x, state, lengths)
+    dx, (dh0, dc0) = lstm.backward(dy, dstate)
+    out = {"y": y, "h_n": h_n, "c_n": c_n, "dx": dx}
+    if state is not None:
+        out.update(dh0=dh0, dc0=dc0)
+    out.update(lstm.grads)
+    return {k: np.asarray(lstm._storage.to_host(v)) for k, v in out.items()}
+
+
+def central_differences(loss, array, eps=1e-6) -> np.ndarray:
+    """d loss() / d array by central differences, perturbing `array` in place entry by entry."""
+    grad = np.zeros_like(array)
+    flat, gflat = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        keep = flat[i]
+        flat[i] = keep + eps
+        up = loss()
+        flat[i] = keep - eps
+        down = loss()
+        flat[i] = keep
+        gflat[i] = (up - down) / (2 * eps)
+    return grad

@@ -7,7 +7,7 @@ import pytest
 
 from fastlstm.demo.charlm import Adam, CharLM
 from fastlstm.demo.train import CORPUS, Corpus
-from lstm_testing import ALL_CPU_BACKENDS
+from lstm_testing import ALL_CPU_BACKENDS, central_differences
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -28,19 +28,9 @@ def test_char_model_gradients_match_finite_differences(backend, dropout):
     loss()
     model.backward()
     analytic = {k: np.array(v) for k, v in model.gradients().items()}
-    eps = 1e-6
     for name, param in model.parameters().items():
-        flat = param.reshape(-1)
-        numeric = np.zeros_like(flat)
-        for i in range(flat.size):
-            keep = flat[i]
-            flat[i] = keep + eps
-            up = loss()
-            flat[i] = keep - eps
-            down = loss()
-            flat[i] = keep
-            numeric[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(analytic[name].reshape(-1), numeric, rtol=1e-5, atol=1e-8, err_msg=name)
+        numeric = central_differences(loss, param)
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-5, atol=1e-8, err_msg=name)
 
 
 def test_adam_clips_the_global_norm_and_learns():

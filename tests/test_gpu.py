@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import assert_close, random_problem
+from lstm_testing import assert_close, forward_backward, random_problem
 
 STATUS = fastlstm.available_backends()["cupy"]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.available, reason=f"no usable GPU: {STATUS.reason}")]
@@ -20,14 +20,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.available, reason=f
 # The GPU reorders sums (cuBLAS, fused kernels): float32 against the float64-exact
 # reference is compared at 1e-5 relative to the largest magnitude, float64 at 1e-10.
 TOL = {"float32": 1e-5, "float64": 1e-10}
-
-
-def run(lstm, x, state, lengths, dy, dstate):
-    y, (h, c) = lstm(x, state, lengths)
-    dx, (dh0, dc0) = lstm.backward(dy, dstate)
-    out = {"y": y, "h_n": h, "c_n": c, "dx": dx, "dh0": dh0, "dc0": dc0}
-    out.update({k: lstm._storage.to_host(v) for k, v in lstm.grads.items()})
-    return {k: np.asarray(v) for k, v in out.items()}
 
 
 CASES = list(itertools.product((1, 2), (False, True), (False, True), (False, True)))
@@ -43,7 +35,7 @@ def test_cupy_matches_numpy_reference(layers, bidirectional, batch_first, with_l
     cpu.load_state_dict(gpu.state_dict())
     lengths = np.array([9, 3, 7, 1, 9]) if with_lengths else None
     x, state, lengths, dy, dstate = random_problem(cpu, 9, 5, seed=3, lengths=lengths)
-    expected, actual = run(cpu, x, state, lengths, dy, dstate), run(gpu, x, state, lengths, dy, dstate)
+    expected, actual = forward_backward(cpu, x, state, lengths, dy, dstate), forward_backward(gpu, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], TOL[dtype], name)
 
@@ -77,7 +69,7 @@ def test_cupy_matches_torch_cuda(bidirectional, with_lengths, dtype):
     expected = {"y": yt, "h_n": hn, "c_n": cn, "dx": xt.grad, "dh0": st[0].grad, "dc0": st[1].grad}
     expected.update({n: p.grad for n, p in module.named_parameters()})
     expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
-    actual = run(lstm, x, state, lengths, dy, dstate)
+    actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], TOL[dtype], name)
 

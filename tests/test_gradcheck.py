@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import ALL_CPU_BACKENDS
+from lstm_testing import ALL_CPU_BACKENDS, central_differences
 
 EPS = 1e-6
 
@@ -41,20 +41,7 @@ def numerical_gradients(lstm, x, state, lengths, dy, dstate, reset_dropout=None)
 
     arrays = dict(lstm.params)
     arrays.update(x=x, h0=state[0], c0=state[1])
-    numeric = {}
-    for name, array in arrays.items():
-        grad = np.zeros_like(array)
-        flat, gflat = array.reshape(-1), grad.reshape(-1)
-        for i in range(flat.size):
-            keep = flat[i]
-            flat[i] = keep + EPS
-            up = loss()
-            flat[i] = keep - EPS
-            down = loss()
-            flat[i] = keep
-            gflat[i] = (up - down) / (2 * EPS)
-        numeric[name] = grad
-    return numeric
+    return {name: central_differences(loss, array, EPS) for name, array in arrays.items()}
 
 
 def check_gradients(analytic, numeric, atol=1e-7, rtol=1e-6):

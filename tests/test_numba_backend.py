@@ -16,7 +16,7 @@ import threadpoolctl  # noqa: E402
 
 from fastlstm.backends import numba_backend  # noqa: E402
 from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
-from lstm_testing import assert_close  # noqa: E402
+from lstm_testing import assert_close, forward_backward  # noqa: E402
 
 PARITY = {"float32": 1e-5, "float64": 1e-9}
 
@@ -60,16 +60,6 @@ def layer_pair(dtype, **config):
     return a, b
 
 
-def run(lstm, x, state, lengths, dy, dstate):
-    y, (h, c) = lstm(x, state, lengths)
-    dx, (dh0, dc0) = lstm.backward(dy, dstate)
-    out = {"y": y, "h_n": h, "c_n": c, "dx": dx}
-    if state is not None:
-        out.update(dh0=dh0, dc0=dc0)
-    out.update({k: np.array(v) for k, v in lstm.grads.items()})
-    return out
-
-
 @st.composite
 def problems(draw):
     config = dict(
@@ -102,8 +92,8 @@ def test_matches_numpy_on_every_feature(problem):
     state = tuple(0.5 * rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2)) if with_state else None
     dy = rng.standard_normal(shape + (config["hidden_size"] * (2 if config["bidirectional"] else 1),))
     dstate = tuple(rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2))
-    expected = run(numpy_layer, x, state, lengths, dy, dstate)
-    actual = run(numba_layer, x, state, lengths, dy, dstate)
+    expected = forward_backward(numpy_layer, x, state, lengths, dy, dstate)
+    actual = forward_backward(numba_layer, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], PARITY[dtype], name)
 
@@ -118,7 +108,7 @@ def test_bit_identical_across_runs(threads, monkeypatch):
         for _ in range(2):
             lstm = fastlstm.LSTM(24, 96, num_layers=2, bidirectional=True, backend="numba", seed=3)
             x = np.random.default_rng(0).standard_normal((12, 16, 24))
-            results.append(run(lstm, x, None, np.arange(16) % 12 + 1, np.ones((12, 16, 192)), None))
+            results.append(forward_backward(lstm, x, None, np.arange(16) % 12 + 1, np.ones((12, 16, 192)), None))
         for name in results[0]:
             assert np.array_equal(results[0][name], results[1][name]), name
     finally:
@@ -135,7 +125,7 @@ def test_parallel_and_serial_paths_agree(monkeypatch):
         lstm = fastlstm.LSTM(5, 64, backend="numba", dtype="float64", seed=1)
         monkeypatch.setattr(lstm._current_backend(), "_plans", {})  # plans are cached per shape
         plan = lstm._current_backend()._plan(16, 64)
-        return plan.parallel, run(lstm, x, None, None, np.ones((9, 16, 64)), None)
+        return plan.parallel, forward_backward(lstm, x, None, None, np.ones((9, 16, 64)), None)
 
     parallel, a = outputs(0)
     serial, b = outputs(10**15)

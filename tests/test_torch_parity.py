@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import ALL_CPU_BACKENDS, TOLERANCE, assert_close, random_problem
+from lstm_testing import ALL_CPU_BACKENDS, TOLERANCE, assert_close, forward_backward, random_problem
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0")
 
@@ -41,16 +41,6 @@ def torch_run(module, x, state, lengths, dy, dstate, batch_first, dtype):
         results.update(dh0=state_t[0].grad, dc0=state_t[1].grad)
     results.update({name: p.grad for name, p in module.named_parameters()})
     return {k: v.detach().numpy() for k, v in results.items()}
-
-
-def ours_run(lstm, x, state, lengths, dy, dstate):
-    y, (h_n, c_n) = lstm(x, state, lengths)
-    dx, (dh0, dc0) = lstm.backward(dy, dstate)
-    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": dx}
-    if state is not None:
-        results.update(dh0=dh0, dc0=dc0)
-    results.update({name: np.array(g) for name, g in lstm.grads.items()})
-    return results
 
 
 CONFIGS = [
@@ -91,7 +81,7 @@ def test_matches_torch(backend, cfg, dtype):
     lengths = np.array([5, 2, 4]) if cfg["lengths"] else None
     x, state, lengths, dy, dstate = random_problem(lstm, num_steps, batch, seed=1, with_state=cfg["with_state"], lengths=lengths)
     expected = torch_run(module, x, state, lengths, dy, dstate, cfg["batch_first"], dtype)
-    actual = ours_run(lstm, x, state, lengths, dy, dstate)
+    actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert_close(actual[name], expected[name], TOLERANCE[dtype], name)
@@ -107,7 +97,7 @@ def test_larger_float32_problem(backend):
     lengths = np.random.default_rng(2).integers(1, 31, size=16)
     x, state, lengths, dy, dstate = random_problem(lstm, 30, 16, seed=3, lengths=lengths)
     expected = torch_run(module, x, state, lengths, dy, dstate, False, "float32")
-    actual = ours_run(lstm, x, state, lengths, dy, dstate)
+    actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], TOLERANCE["float32"], name)
 
