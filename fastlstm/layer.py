@@ -182,14 +182,12 @@ class LSTM:
         self._move_to(backend)
         rng_state = self._dropout_rng.bit_generator.state
         try:
-            y, h_n, c_n, record = self._run_layers(backend, inputs, layout, h0, c0, step_lengths)
+            y, h_n, c_n, saved, masks = self._run_layers(backend, inputs, layout, h0, c0, step_lengths)
         except BaseException:
             self._dropout_rng.bit_generator.state = rng_state
             raise
         # The latest forward is the one backward differentiates; eval keeps nothing.
-        if record is not None:
-            record.input_like = x
-        self._record = record
+        self._record = _ForwardRecord(backend, layout, saved, masks, x) if self.training else None
         xp = backend.xp
         outputs = (layout.to_user(xp, y), layout.state_to_user(h_n), layout.state_to_user(c_n))
         y, h_n, c_n = (backend.to_user(a, x) for a in outputs)
@@ -240,8 +238,7 @@ class LSTM:
             layer_input = outputs[0] if len(outputs) == 1 else xp.concatenate(outputs, axis=2)
             saved.append(layer_saved)
             masks.append(mask)
-        record = _ForwardRecord(backend, layout, saved, masks, None) if training else None
-        return layer_input, h_n, c_n, record
+        return layer_input, h_n, c_n, saved, masks
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, dy, dstate=None):

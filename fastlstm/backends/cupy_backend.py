@@ -150,21 +150,26 @@ def launch_shape(elements: int) -> tuple[int, int]:
 
 
 class CupyKernels:
-    """The CUDA kernels compiled by CuPy (NVRTC, cached on disk by CuPy), one launcher each."""
+    """The CUDA kernels compiled by CuPy (NVRTC, cached on disk by CuPy), one launcher each.
+
+    Nothing is compiled until a kernel is first launched.
+    """
 
     def __init__(self, cupy):
-        self._cupy = cupy
         folder = kernel_dir()
         options = ("--std=c++14", f"-I{folder}")
         forward_names = [f"lstm_forward_step<{t}, {flag}>" for t in ("float", "double") for flag in ("true", "false")]
         backward_names = [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in ("float", "double")]
-        self._modules = []
-        self._functions = {}
+        self._module_of = {}
         for source, names in (("lstm_forward.cu", forward_names), ("lstm_backward.cu", backward_names)):
             module = cupy.RawModule(code=(folder / source).read_text(), options=options, name_expressions=names)
-            self._modules.append(module)
-            for name in names:
-                self._functions[name] = module.get_function(name)
+            self._module_of.update({name: module for name in names})
+        self._functions = {}
+
+    def _function(self, name):
+        if name not in self._functions:
+            self._functions[name] = self._module_of[name].get_function(name)
+        return self._functions[name]
 
     @staticmethod
     def _ctype(array) -> str:
@@ -174,7 +179,7 @@ class CupyKernels:
         batch, hidden = h_out.shape
         name = f"lstm_forward_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
         grid, block = launch_shape(batch * hidden)
-        self._functions[name](
+        self._function(name)(
             (grid,), (block,),
             (np.int32(batch), np.int32(hidden), np.int32(t), gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths),
         )
@@ -182,7 +187,7 @@ class CupyKernels:
     def backward_step(self, t, gates_t, c_t, c_before, dy_t, dh_in, dh_out, dc, d_gates_t, lengths):
         batch, hidden = dc.shape
         grid, block = launch_shape(batch * hidden)
-        self._functions[f"lstm_backward_step<{self._ctype(dc)}>"](
+        self._function(f"lstm_backward_step<{self._ctype(dc)}>")(
             (grid,), (block,),
             (np.int32(batch), np.int32(hidden), np.int32(t), gates_t, c_t, c_before, dy_t, dh_in, dh_out, dc,
              d_gates_t, lengths),
@@ -191,7 +196,7 @@ class CupyKernels:
     def column_sum(self, a2, rows_per_chunk, partial):
         rows, cols = a2.shape
         grid_x, block = launch_shape(cols)
-        self._functions[f"column_sum<{self._ctype(a2)}>"](
+        self._function(f"column_sum<{self._ctype(a2)}>")(
             (grid_x, partial.shape[0]), (block,),
             (np.int64(rows), np.int32(cols), np.int64(rows_per_chunk), a2, partial),
         )
