@@ -124,7 +124,7 @@ def test_parallel_and_serial_paths_agree(monkeypatch):
         monkeypatch.setattr(numba_backend, "_PARALLEL_MIN_STEP_WORK", min_work)
         lstm = fastlstm.LSTM(5, 64, backend="numba", dtype="float64", seed=1)
         monkeypatch.setattr(lstm._current_backend(), "_plans", {})  # plans are cached per shape
-        plan = lstm._current_backend()._plan(16, 64)
+        plan = lstm._current_backend()._plan(16, 64, np.float64)
         return plan.parallel, forward_backward(lstm, x, None, None, np.ones((9, 16, 64)), None)
 
     parallel, a = outputs(0)
@@ -159,12 +159,12 @@ def test_thread_count_controls_the_plan():
     try:
         fastlstm.set_num_threads(1)
         assert fastlstm.get_num_threads() == 1
-        assert not backend._plan(64, 256).parallel
+        assert not backend._plan(64, 256, np.float32).parallel
         if cores >= 2:
             fastlstm.set_num_threads(2)
-            plan = backend._plan(64, 256)
+            plan = backend._plan(64, 256, np.float32)
             assert plan.parallel and plan.num_blocks == 2
-            assert not backend._plan(1, 16).parallel  # too small to be worth a fork per step
+            assert not backend._plan(1, 16, np.float32).parallel  # too small to be worth a fork per step
     finally:
         fastlstm.set_num_threads(None)
     assert fastlstm.get_num_threads() == cores
@@ -178,3 +178,33 @@ def test_block_bounds_cover_every_unit_once():
             assert np.all(np.diff(bounds) > 0)
             perm = kernels.block_permutation(bounds, hidden)
             assert sorted(perm) == list(range(4 * hidden))
+
+
+@pytest.mark.parametrize("mode", [kernels.GEMM_BLAS, kernels.GEMM_SMALL, kernels.GEMM_PACKED])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 16, 17])
+def test_per_step_gemm_modes_and_operand_layouts(mode, rows):
+    """Every GEMM mode against NumPy, with operands laid out by pack_operands both ways."""
+    from numba import njit
+
+    @njit
+    def gemm(a, operand, inner, cols, out, mode):
+        kernels._gemm(a, operand, inner, cols, out, mode)
+
+    rng = np.random.default_rng(rows)
+    hidden, width = 64, 96  # two blocks of 32 units: 128 gate rows each
+    bounds = np.array([0, 32, 64])
+    w_p = rng.standard_normal((4 * hidden, width)).astype(np.float32)
+    forward_ops = np.empty((2, width * 128), np.float32)
+    kernels.pack_operands(w_p, bounds, mode, False, forward_ops)
+    backward_ops = np.empty((2, width * 128), np.float32)
+    kernels.pack_operands(w_p, bounds, mode, True, backward_ops)
+    for k in range(2):
+        block = w_p[128 * k : 128 * (k + 1)]
+        a = rng.standard_normal((rows, width)).astype(np.float32)
+        out = np.empty((rows, 128), np.float32)
+        gemm(a, forward_ops[k], width, 128, out, mode)  # a @ block.T
+        np.testing.assert_allclose(out, a @ block.T, rtol=1e-5, atol=1e-4)
+        d = rng.standard_normal((rows, 128)).astype(np.float32)
+        out = np.empty((rows, width), np.float32)
+        gemm(d, backward_ops[k], 128, width, out, mode)  # d @ block
+        np.testing.assert_allclose(out, d @ block, rtol=1e-5, atol=1e-4)

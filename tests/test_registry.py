@@ -137,7 +137,7 @@ def test_import_imports_no_framework_and_compiles_nothing():
         if statuses["numba"].available:
             from fastlstm.kernels import numba_lstm as k
             compiled = sum(len(f.signatures) for f in (k.forward_parallel, k.forward_serial,
-                           k.backward_loop_parallel, k.backward_loop_serial, k.gradients, k.transposed_blocks))
+                           k.backward_loop_parallel, k.backward_loop_serial, k.gradients, k.pack_operands))
         print(json.dumps({"heavy": heavy, "compiled": compiled}))
         """
     )

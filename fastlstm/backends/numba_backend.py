@@ -27,7 +27,8 @@ from .base import ReferenceBackend, input_and_weight_grads
 
 # Below this many multiply-adds per step, fork/join costs more than a second thread saves.
 _PARALLEL_MIN_STEP_WORK = 384 * 1024
-# Batches up to this size use the hand-written GEMM (kernels._matmul_small); BLAS wins above.
+# Batches up to this size use the hand-written GEMM (kernels._matmul_small) when the packed
+# float32 kernel does not apply; BLAS wins above (measured on AVX-512).
 _SMALL_BATCH = 1
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
@@ -38,7 +39,7 @@ class _Plan:
     bounds: np.ndarray  # block boundaries over hidden units
     perm: np.ndarray  # weight row order matching the blocks
     parallel: bool
-    small_batch: bool
+    mode: int  # kernels.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED
     num_blocks: int
     max_units: int
 
@@ -79,17 +80,23 @@ class NumbaBackend(ReferenceBackend):
         )
 
     # -- planning ---------------------------------------------------------------------
-    def _plan(self, batch: int, hidden: int) -> _Plan:
+    def _plan(self, batch: int, hidden: int, dtype) -> _Plan:
         num_threads = threads.get_num_threads()
-        key = (batch, hidden, num_threads)
-        if key not in self._plans:  # small: one entry per layer shape and thread count
+        key = (batch, hidden, np.dtype(dtype), num_threads)
+        if key not in self._plans:  # small: one entry per layer shape, dtype and thread count
             step_work = batch * hidden * 4 * hidden
             parallel = num_threads > 1 and step_work >= _PARALLEL_MIN_STEP_WORK
             num_blocks = min(num_threads, max(1, hidden // _MIN_UNITS_PER_BLOCK)) if parallel else 1
             bounds = kernels.block_bounds(hidden, num_blocks)
+            sizes = np.diff(bounds)
+            aligned = hidden % kernels.PANEL == 0 and np.all(4 * sizes % kernels.PANEL == 0)
+            if np.dtype(dtype) == np.float32 and aligned:
+                mode = kernels.GEMM_PACKED
+            else:
+                mode = kernels.GEMM_SMALL if batch <= _SMALL_BATCH else kernels.GEMM_BLAS
             self._plans[key] = _Plan(
                 bounds, kernels.block_permutation(bounds, hidden), parallel and num_blocks > 1,
-                batch <= _SMALL_BATCH, len(bounds) - 1, int(np.max(np.diff(bounds))),
+                mode, len(bounds) - 1, int(sizes.max()),
             )
         return self._plans[key]
 
@@ -106,10 +113,10 @@ class NumbaBackend(ReferenceBackend):
         multi-threaded BLAS, held to fastlstm's thread count. No Numba thread runs then."""
         return self._blas.limit(limits=threads.get_num_threads(), user_api="blas")
 
-    def _transposed_blocks(self, plan: _Plan, w_p: np.ndarray) -> np.ndarray:
-        """Per block, its rows of w_p transposed to (H, 4*nu): the forward's recurrent GEMM operand."""
+    def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool) -> np.ndarray:
+        """Each block's rows of w_p laid out as a per-step GEMM operand (kernels.pack_operands)."""
         out = np.empty((plan.num_blocks, w_p.shape[1] * 4 * plan.max_units), dtype=w_p.dtype)
-        kernels.transposed_blocks(w_p, plan.bounds, out)
+        kernels.pack_operands(w_p, plan.bounds, plan.mode, rows_are_inputs, out)
         return out
 
     # -- primitives -------------------------------------------------------------------
@@ -117,9 +124,9 @@ class NumbaBackend(ReferenceBackend):
         num_steps, batch, input_size = x.shape
         hidden = w_hh.shape[1]
         dtype = x.dtype
-        plan = self._plan(batch, hidden)
+        plan = self._plan(batch, hidden, dtype)
         w_ih_p, w_hh_p, bias_p = plan.permute(w_ih), plan.permute(w_hh), plan.permute(bias)
-        w_hh_pt = self._transposed_blocks(plan, w_hh_p)
+        w_hh_ops = self._operands(plan, w_hh_p, rows_are_inputs=False)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         gates = np.empty((plan.num_blocks, num_steps * batch * 4 * plan.max_units), dtype)
         rec = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
@@ -128,13 +135,16 @@ class NumbaBackend(ReferenceBackend):
         h_states, c_states = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
         x2 = x.reshape(num_steps * batch, input_size)
         project = plan.parallel  # per block inside the kernel; else one GEMM on NumPy's BLAS threads
-        if not project:
+        if project:
+            w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False)
+        else:
+            w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates.reshape(num_steps * batch, 4 * hidden))
         h_n, c_n = self._run(
             plan, kernels.forward_parallel, kernels.forward_serial,
-            x2, w_ih_p, w_hh_pt, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
-            step_lengths, reverse, plan.bounds, training, plan.small_batch, project, gates, rec, y,
+            x2, w_ih_ops, w_hh_ops, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
+            step_lengths, reverse, plan.bounds, training, plan.mode, project, gates, rec, y,
             h_states, c_states,
         )
         saved = None
@@ -148,11 +158,12 @@ class NumbaBackend(ReferenceBackend):
         rows, input_size = saved.x2.shape
         dtype = saved.x2.dtype
         d_gates = np.empty_like(saved.gates)
+        w_hh_ops = self._operands(plan, saved.w_hh_p, rows_are_inputs=True)
         dh0, dc0 = self._run(
             plan, kernels.backward_loop_parallel, kernels.backward_loop_serial,
-            saved.gates, saved.c_states, np.ascontiguousarray(saved.c0), saved.w_hh_p, dy,
+            saved.gates, saved.c_states, np.ascontiguousarray(saved.c0), w_hh_ops, dy,
             np.ascontiguousarray(dh_n), np.ascontiguousarray(dc_n), saved.lengths, saved.reverse,
-            plan.bounds, plan.max_units, plan.small_batch, d_gates,
+            plan.bounds, plan.max_units, plan.mode, d_gates,
         )
         if not plan.parallel:  # one block, torch's row order: the reference's GEMMs on NumPy's threads
             with self._numpy_blas():
