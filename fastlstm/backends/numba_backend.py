@@ -13,6 +13,7 @@ how many Numba threads run.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numba
@@ -30,6 +31,8 @@ _PARALLEL_MIN_STEP_WORK = 384 * 1024
 # Batches up to this size use the hand-written GEMM (kernels._matmul_small) when the packed
 # float32 kernel does not apply; BLAS wins above (measured on AVX-512).
 _SMALL_BATCH = 1
+# Single-block plan: input projections smaller than this (multiply-adds) stay in the kernel.
+_NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 
@@ -101,8 +104,10 @@ class NumbaBackend(ReferenceBackend):
         return self._plans[key]
 
     def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
-        """Run a kernel with Numba's thread count set and BLAS held to one thread."""
-        with self._blas.limit(limits=1, user_api="blas"):
+        """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
+        does every GEMM, the kernel calls BLAS from its threads: BLAS then runs on one."""
+        limit = contextlib.nullcontext() if plan.mode == kernels.GEMM_PACKED else self._blas.limit(limits=1, user_api="blas")
+        with limit:
             if plan.parallel:
                 numba.set_num_threads(plan.num_blocks)
                 return parallel_kernel(*args)
@@ -134,7 +139,9 @@ class NumbaBackend(ReferenceBackend):
         state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
         h_states, c_states = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
         x2 = x.reshape(num_steps * batch, input_size)
-        project = plan.parallel  # per block inside the kernel; else one GEMM on NumPy's BLAS threads
+        # The input projection: per block inside the kernel, or, for a large one on the
+        # single-block plan, one GEMM on NumPy's BLAS threads.
+        project = plan.parallel or x2.size * 4 * hidden < _NUMPY_PROJECTION_MIN_WORK
         if project:
             w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False)
         else:
