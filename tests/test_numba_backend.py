@@ -146,7 +146,8 @@ def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatc
     monkeypatch.setattr(kernels, "forward_parallel", spy)
     monkeypatch.setattr(kernels, "forward_serial", spy)
     before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    lstm = fastlstm.LSTM(8, 64, backend="numba")
+    lstm = fastlstm.LSTM(8, 64, backend="numba", dtype="float64")  # float64: per-step GEMMs through BLAS
+    assert lstm._current_backend()._plan(32, 64, np.float64).mode == kernels.GEMM_BLAS
     lstm(np.ones((3, 32, 8)))
     assert seen and all(count == 1 for counts in seen for count in counts)
     after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
