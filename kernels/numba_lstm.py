@@ -3,9 +3,9 @@
 Work is split by hidden units into blocks, one block per thread. A block owns the
 four gates of its units: its rows of the (permuted) weights, its columns of the
 gate buffers, its units of the cell state. Per time step each block runs one GEMM
-for all four gates of its units (single-threaded BLAS, or a hand-written kernel
-for tiny batches where a BLAS call costs more than the arithmetic) and then the
-fused pointwise cell update, inside one parallel region; the only state shared
+for all four gates of its units (float32: a register-tiled micro-kernel over weights
+packed once per sequence; otherwise single-threaded BLAS, or a hand-written kernel
+for batch 1) and then the fused pointwise cell update, inside one parallel region; the only state shared
 between blocks is h, double-buffered. So there is one fork/join per step, no
 BLAS thread pool competing with Numba's threads, and each thread's weights stay
 in its core's cache from step to step. Problems too small to split run one block

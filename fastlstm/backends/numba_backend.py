@@ -5,10 +5,12 @@ and threadpoolctl; the registry does that only when this backend is asked for.
 Nothing is compiled at import: kernels compile (or load from Numba's cache) on
 first use.
 
-Threads: the kernels run one block of hidden units per Numba thread and call
-BLAS single-threaded from inside each thread, so BLAS is limited to one thread
-for the duration of each call (threadpoolctl). ``fastlstm.set_num_threads`` sets
-how many Numba threads run.
+Threads: ``fastlstm.set_num_threads`` sets how many run. The kernels run one block
+of hidden units per Numba thread; where they call BLAS from those threads (float64,
+unaligned sizes, the weight gradients), BLAS is held to one thread for the call
+(threadpoolctl), so the two pools never oversubscribe the cores. Problems too small
+to split run on one thread, and their large GEMMs (input projection, weight
+gradients) go to NumPy's BLAS with the same thread count.
 """
 
 from __future__ import annotations
