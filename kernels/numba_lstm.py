@@ -412,7 +412,7 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 
 
 # -- forward ----------------------------------------------------------------------------
-@njit(inline="always")
+@njit(**_OPTS)
 def _forward_block_step(k, t, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, mode):
     batch, hidden = h.shape
@@ -438,7 +438,7 @@ def _forward_block_step(k, t, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec
             c_states[t, b, u0 : u0 + nu] = c[b, u0 : u0 + nu]
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
     nu = bounds[k + 1] - bounds[k]
     g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
@@ -456,15 +456,16 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
     """
     num_blocks = bounds.shape[0] - 1
     num_steps = y.shape[0]
-    if project:  # else the caller has put x W_ih^T into gates already
-        for k in prange(num_blocks):
-            _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
     h = h0.copy()
     h_next = np.empty_like(h0)
     c = c0.copy()
     for s in range(num_steps):
         t = num_steps - 1 - s if reverse else s
         for k in prange(num_blocks):
+            # A block's steps read only its own gate columns: it can project its input for
+            # all steps at the first step, in the same parallel region.
+            if s == 0 and project:  # else the caller has put x W_ih^T into gates already
+                _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
             _forward_block_step(k, t, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                                 lengths, y, h_states, c_states, training, mode)
         h, h_next = h_next, h
@@ -475,7 +476,7 @@ forward_parallel, forward_serial = _parallel_and_serial(_forward)
 
 
 # -- backward ---------------------------------------------------------------------------
-@njit(inline="always")
+@njit(**_OPTS)
 def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
                          partial, partial_next, dc, d_gates, scratch, mode):
     batch, hidden = dc.shape
@@ -549,7 +550,7 @@ backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_lo
 
 
 # -- weight gradients -------------------------------------------------------------------
-@njit(inline="always")
+@njit(**_OPTS)
 def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p):
     """Block k's rows of dW_ih, dW_hh and dbias: GEMMs over all T*B rows, column sums."""
     num_steps, batch, hidden = h_states.shape
@@ -581,7 +582,7 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, 
         acc += d_k[r]
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, dx2, scratch):
     """Rows of dx (T*B, I) for part p: sum over blocks of d_gates[block] @ W_ih_p[block rows]."""
     rows = dx2.shape[0]
@@ -607,8 +608,7 @@ def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, dx2, scratch):
 def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, dw_ih_p, dw_hh_p, dbias_p, dx2):
     """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
     num_blocks = bounds.shape[0] - 1
-    for k in prange(num_blocks):
-        _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p)
     scratch = np.empty((num_blocks, (dx2.shape[0] // num_blocks + 1) * dx2.shape[1]), dx2.dtype)
-    for p in prange(num_blocks):
-        _input_grad_rows(p, num_blocks, bounds, d_gates, w_ih_p, dx2, scratch)
+    for k in prange(num_blocks):  # thread k: block k's weight rows, then part k of dx's rows
+        _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p)
+        _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, dx2, scratch)
