@@ -252,7 +252,7 @@ def library_versions() -> dict:
 
 
 def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, warmup=1, progress=None) -> Report:
-    """Measure every (config, mode, runner); runners take turns within each round."""
+    """Measure every (config, mode, runner): each runner's rounds back to back (module docstring)."""
     report = Report(machine_info(), library_versions(), threads.get_num_threads(), dtype, repeats,
                     sgemm_ceiling(dtype))
     total = len(configs) * len(modes)
@@ -273,7 +273,6 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
                     start = time.perf_counter()
                     call()
                     times[name].append(time.perf_counter() - start)
-                del call
             for name in runners:
                 report.measurements.append(Measurement(
                     config.name, mode, name, times[name], config.flops(mode),
