@@ -8,6 +8,7 @@ gradient-checked in the tests (tests/test_demo.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 
@@ -15,15 +16,25 @@ from .._arrays import like, module_available, to_numpy
 from ..layer import LSTM
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One threadpoolctl controller for the process: building one scans every loaded
+    library (~1 ms), too slow to repeat twice per training step."""
+    if not module_available("threadpoolctl"):
+        return None
+    import threadpoolctl
+
+    return threadpoolctl.ThreadpoolController()
+
+
 def _single_threaded_blas():
     """The head's small GEMMs on one BLAS thread: a multi-threaded BLAS call leaves its
     worker threads spinning for a while, and they would slow down the compiled LSTM
     kernels that run next on the same cores."""
-    if not module_available("threadpoolctl"):
+    controller = _blas_controller()
+    if controller is None:
         return contextlib.nullcontext()
-    import threadpoolctl
-
-    return threadpoolctl.threadpool_limits(1, user_api="blas")
+    return controller.limit(limits=1, user_api="blas")
 
 
 class CharLM:
