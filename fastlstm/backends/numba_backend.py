@@ -43,10 +43,14 @@ _MIN_UNITS_PER_BLOCK = 16
 class _Plan:
     bounds: np.ndarray  # block boundaries over hidden units
     perm: np.ndarray  # weight row order matching the blocks
-    parallel: bool
     mode: int  # kernels.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED
     num_blocks: int
     max_units: int
+
+    @property
+    def parallel(self) -> bool:
+        """One block per thread; a single block runs on the calling thread."""
+        return self.num_blocks > 1
 
     def permute(self, array):
         """Rows (or entries) of a weight in the blocks' order; no copy for a single block."""
@@ -100,8 +104,7 @@ class NumbaBackend(ReferenceBackend):
             else:
                 mode = kernels.GEMM_SMALL if batch <= _SMALL_BATCH else kernels.GEMM_BLAS
             self._plans[key] = _Plan(
-                bounds, kernels.block_permutation(bounds, hidden), parallel and num_blocks > 1,
-                mode, len(bounds) - 1, int(sizes.max()),
+                bounds, kernels.block_permutation(bounds, hidden), mode, len(bounds) - 1, int(sizes.max()),
             )
         return self._plans[key]
 
