@@ -29,7 +29,7 @@ CASES = [
 def test_lstm(benchmark, config, mode, runner):
     run = bench.make_runner(runner, config, mode)
     run()  # warm-up: compiles kernels on first use, allocates
-    time.sleep(0.3)  # let thread pools of the previous case go idle
+    time.sleep(bench.SETTLE_S)  # let thread pools of the previous case go idle
     benchmark.group = f"{config.name} {mode}"
     benchmark.extra_info.update(flops=config.flops(mode), T=config.T, B=config.B, I=config.I, H=config.H)
     benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)

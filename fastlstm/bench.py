@@ -24,7 +24,7 @@ from . import registry, threads
 from ._arrays import module_available
 
 MODES = ("forward", "forward+backward")
-_SETTLE_S = 0.3
+SETTLE_S = 0.3  # pause before each runner: idle thread pools stop spinning (module docstring)
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
             times = {}
             for name in runners:
                 call = make_runner(name, config, mode, dtype)
-                time.sleep(_SETTLE_S)  # let the previous runner's spinning threads go idle
+                time.sleep(SETTLE_S)  # let the previous runner's spinning threads go idle
                 for _ in range(warmup):
                     call()  # first call: compiles kernels, allocates, warms caches
                 times[name] = []
