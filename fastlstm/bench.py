@@ -74,13 +74,20 @@ QUICK_CONFIGS = {
 }
 
 
+# torch.nn.LSTM on a GPU (cuDNN) in IEEE float32, the fair rival, and with TensorFloat-32
+# allowed, which is torch's default for cuDNN (10-bit mantissa products, ~3e-4 relative).
+TORCH_CUDA_RUNNERS = ("torch-cuda", "torch-cuda-tf32")
+TORCH_RUNNERS = ("torch",) + TORCH_CUDA_RUNNERS
+GPU_RUNNERS = ("cupy",) + TORCH_CUDA_RUNNERS
+
+
 def torch_devices() -> list[str]:
-    """'torch' (CPU) when torch is installed, plus 'torch-cuda' when it sees a GPU."""
+    """'torch' (CPU) when torch is installed, plus the torch-cuda runners when it sees a GPU."""
     if not module_available("torch"):
         return []
     import torch
 
-    return ["torch"] + (["torch-cuda"] if torch.cuda.is_available() else [])
+    return ["torch"] + (list(TORCH_CUDA_RUNNERS) if torch.cuda.is_available() else [])
 
 
 def available_runners() -> list[str]:
@@ -134,7 +141,8 @@ def _cupy_sync():
 def _torch_runner(name, config, mode, dtype, x, dy):
     import torch
 
-    device = "cuda" if name == "torch-cuda" else "cpu"
+    device = "cuda" if name in TORCH_CUDA_RUNNERS else "cpu"
+    allow_tf32 = name == "torch-cuda-tf32"
     module = torch.nn.LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
     module = module.to(device=device, dtype=getattr(torch, dtype))
     xt = torch.from_numpy(x).to(device)
@@ -143,18 +151,26 @@ def _torch_runner(name, config, mode, dtype, x, dy):
     if mode == "forward":
         module.eval()
 
-        def run():
+        def step():
             with torch.no_grad():
                 module(xt)
-            sync()
     else:
         module.train()
         xt.requires_grad_(True)
 
-        def run():
+        def step():
             y, _ = module(xt)
             y.backward(dyt)
+
+    def run():
+        # cuDNN reads the flag at each call: set it for this runner's calls only
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        try:
+            step()
             sync()
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
     return run
 
 
@@ -170,6 +186,24 @@ def sgemm_ceiling(dtype: str = "float32", size: int = 1024, repeats: int = 5) ->
         start = time.perf_counter()
         np.matmul(a, b, out=out)
         times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
+def gpu_gemm_ceiling(dtype: str = "float32", size: int = 8192, repeats: int = 5) -> float:
+    """GFLOP/s of cuBLAS's GEMM through CuPy (IEEE, no TF32 unless CUPY_TF32 is set), timed with events."""
+    import cupy
+
+    a = cupy.random.standard_normal((size, size)).astype(dtype)
+    b = cupy.random.standard_normal((size, size)).astype(dtype)
+    out = cupy.matmul(a, b)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        cupy.matmul(a, b, out=out)
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
     return 2.0 * size**3 / statistics.median(times) / 1e9
 
 
@@ -205,6 +239,10 @@ class Report:
     repeats: int
     ceiling_gflops: float
     measurements: list = field(default_factory=list)
+    gpu_ceiling_gflops: float | None = None  # cuBLAS GEMM, when a GPU runner was measured
+
+    def ceiling_for(self, runner: str) -> float | None:
+        return self.gpu_ceiling_gflops if runner in GPU_RUNNERS else self.ceiling_gflops
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -255,6 +293,8 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
     """Measure every (config, mode, runner): each runner's rounds back to back (module docstring)."""
     report = Report(machine_info(), library_versions(), threads.get_num_threads(), dtype, repeats,
                     sgemm_ceiling(dtype))
+    if any(name in GPU_RUNNERS for name in runners):
+        report.gpu_ceiling_gflops = gpu_gemm_ceiling(dtype)
     total = len(configs) * len(modes)
     done = 0
     for config in configs:
@@ -289,12 +329,15 @@ def _speedup(report: Report, m: Measurement, rival: str) -> str:
 
 
 def format_table(report: Report) -> str:
-    header = ("config", "mode", "backend", "ms", "GFLOP/s", "of ceiling", "vs numpy", "vs torch")
+    measured = {m.runner for m in report.measurements}
+    rivals = ["numpy", "torch"] + [name for name in TORCH_CUDA_RUNNERS if name in measured]
+    header = ("config", "mode", "backend", "ms", "GFLOP/s", "of ceiling", *(f"vs {r}" for r in rivals))
     rows = [header]
     for m in report.measurements:
+        ceiling = report.ceiling_for(m.runner)
         rows.append((
             m.config, m.mode, m.runner, f"{m.median_s * 1e3:.2f}", f"{m.gflops:.1f}",
-            f"{m.gflops / report.ceiling_gflops:.0%}", _speedup(report, m, "numpy"), _speedup(report, m, "torch"),
+            f"{m.gflops / ceiling:.0%}" if ceiling else "-", *(_speedup(report, m, r) for r in rivals),
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -302,6 +345,9 @@ def format_table(report: Report) -> str:
     title = (
         f"fastlstm bench: {report.dtype}, {report.threads} threads, median of {report.repeats}; "
         f"NumPy matmul ceiling measured now: {report.ceiling_gflops:.1f} GFLOP/s"
+        + (f"; cuBLAS GEMM ceiling (CuPy, {report.dtype}): {report.gpu_ceiling_gflops:.0f} GFLOP/s"
+           if report.gpu_ceiling_gflops else "")
+        + "; 'of ceiling' is against the CPU's for CPU rows and the GPU's for GPU rows"
     )
     return title + "\n" + "\n".join(lines)
 

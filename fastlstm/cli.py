@@ -40,7 +40,9 @@ def _positive(text: str) -> int:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark every available backend (and torch) on the design configurations",
                        description="Benchmark fastlstm's backends against each other and torch.nn.LSTM.")
-    p.add_argument("--backends", type=_comma_list, help="comma list of numpy,numba,cupy,torch,torch-cuda (default: all available)")
+    p.add_argument("--backends", type=_comma_list,
+                   help="comma list of numpy,numba,cupy,torch,torch-cuda,torch-cuda-tf32 (default: all available); "
+                        "torch-cuda is cuDNN in IEEE float32, torch-cuda-tf32 cuDNN with TF32 (torch's default)")
     p.add_argument("--configs", type=_comma_list,
                    help=f"comma list of {','.join(bench.CONFIGS)} (default) or {','.join(bench.EXTRA_CONFIGS)}")
     p.add_argument("--T", type=_positive, help="custom configuration: time steps")
@@ -77,7 +79,7 @@ def _bench_configs(args, parser) -> list:
 
 
 def _bench_runners(requested) -> list[str]:
-    known = list(registry.BACKEND_NAMES) + ["torch", "torch-cuda"]
+    known = list(registry.BACKEND_NAMES) + list(bench.TORCH_RUNNERS)
     available = bench.available_runners()
     if not requested:
         return available

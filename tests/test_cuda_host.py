@@ -43,7 +43,6 @@ def fake_cupy(library, monkeypatch):
     """A usable 'cupy' backend built from the fake module; registry restored afterwards."""
     fake = make_fake_cupy(library)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setitem(sys.modules, "cupy.cublas", fake.cublas)
     saved = dict(registry._probed)
     registry._probed.pop("cupy", None)
     yield fake
@@ -172,3 +171,32 @@ def test_no_usable_device_means_unavailable(monkeypatch, library):
     finally:
         registry._probed.clear()
         registry._probed.update(saved)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transa, transb", [("N", "N"), ("N", "T"), ("T", "N"), ("T", "T")])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_cublas_gemm_on_row_major_arrays(library, transa, transb, beta, dtype):
+    """CublasGemm's row-major -> column-major mapping, on an emulation of cuBLAS's C API."""
+    fake = make_fake_cupy(library)
+    gemm = cupy_backend.CublasGemm(fake.cuda)
+    rng = np.random.default_rng(0)
+    m, n, k = 5, 7, 3
+    a = rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype).view(fake.ndarray)
+    wide = rng.standard_normal((9, 11)).astype(dtype).view(fake.ndarray)  # b: rows further apart than its width
+    b = wide[: (k if transb == "N" else n), : (n if transb == "N" else k)]
+    out = rng.standard_normal((m, n)).astype(dtype).view(fake.ndarray)
+    if beta == 0.0:
+        out[0, 0] = np.nan  # beta 0: the old contents must not leak in
+    expected = (a.T if transa == "T" else a) @ (b.T if transb == "T" else b) + (beta * out if beta else 0)
+    gemm(transa, transb, a, b, out, beta)
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    assert fake.cuda.cublas.calls == [(np.dtype(dtype).name, {"N": 0, "T": 1}[transb], {"N": 0, "T": 1}[transa], n, m, k)]
+
+
+def test_cublas_gemm_refuses_strided_rows(library):
+    fake = make_fake_cupy(library)
+    a = np.zeros((4, 6), np.float32).view(fake.ndarray)[:, ::2]
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        cupy_backend.CublasGemm(fake.cuda)("N", "N", a, np.zeros((3, 2), np.float32).view(fake.ndarray),
+                                           np.zeros((4, 2), np.float32).view(fake.ndarray), 0.0)

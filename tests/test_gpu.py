@@ -115,3 +115,36 @@ def test_bias_gradient_is_deterministic_on_gpu():
     for k in results[0]:
         if k.startswith("bias"):
             assert np.array_equal(results[0][k], results[1][k]), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transa, transb", [("N", "N"), ("N", "T"), ("T", "N"), ("T", "T")])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_direct_cublas_gemm_matches_cupy_matmul(transa, transb, beta, dtype):
+    import cupy
+
+    from fastlstm.backends.cupy_backend import CublasGemm
+
+    rng = np.random.default_rng(0)
+    m, n, k = 37, 70, 19
+    a = cupy.asarray(rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype))
+    wide = cupy.asarray(rng.standard_normal((90, 90)).astype(dtype))
+    b = wide[: (k if transb == "N" else n), : (n if transb == "N" else k)]  # rows further apart than its width
+    out = cupy.asarray(rng.standard_normal((m, n)).astype(dtype))
+    if beta == 0.0:
+        out[0, 0] = cupy.nan  # beta 0: the old contents must not leak in
+    expected = cupy.matmul(a.T if transa == "T" else a, b.T if transb == "T" else b) + (beta * out if beta else 0)
+    CublasGemm(cupy.cuda)(transa, transb, a, b, out, beta)
+    assert_close(cupy.asnumpy(out), cupy.asnumpy(expected), TOL[dtype], "out")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cupy_matches_numpy_reference_at_a_realistic_size(dtype):
+    """Large enough that cuBLAS picks its multi-block (split) kernels."""
+    gpu = fastlstm.LSTM(128, 256, backend="cupy", dtype=dtype, seed=2)
+    cpu = fastlstm.LSTM(128, 256, backend="numpy", dtype=dtype)
+    cpu.load_state_dict(gpu.state_dict())
+    x, state, lengths, dy, dstate = random_problem(cpu, 20, 64, seed=4)
+    expected, actual = forward_backward(cpu, x, state, lengths, dy, dstate), forward_backward(gpu, x, state, lengths, dy, dstate)
+    for name in expected:
+        assert_close(actual[name], expected[name], TOL[dtype], name)

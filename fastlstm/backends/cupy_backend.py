@@ -202,17 +202,60 @@ class CupyKernels:
         )
 
 
+class CublasGemm:
+    """The GEMM seam on cuBLAS's C API, for row-major (C-order) 2-D device arrays.
+
+    cuBLAS is column-major, and a row-major matrix read column-major is its transpose,
+    so out = op(a) op(b) is computed as out^T = op(b)^T op(a)^T: the same op letters,
+    the operands swapped, each leading dimension the array's row stride. This is what
+    cupy.cublas.gemm does too, but that spends tens of microseconds of Python per call
+    on checks and pointer-mode switching, and the time loop makes one call per step.
+    """
+
+    _OPS = {"N": 0, "T": 1}  # CUBLAS_OP_N, CUBLAS_OP_T
+
+    def __init__(self, cuda):
+        self._cuda = cuda  # cupy.cuda: its cublas bindings, handle and current stream
+        self._cublas = cuda.cublas
+        # alpha and beta are read from host memory: keep the scalars alive, pointers ready.
+        self._scalars = {}
+        for dtype in (np.float32, np.float64):
+            values = {v: np.array(v, dtype=dtype) for v in (0.0, 1.0)}
+            self._scalars[np.dtype(dtype)] = {v: (a, a.ctypes.data) for v, a in values.items()}
+
+    def __call__(self, transa, transb, a, b, out, beta):
+        m, n = out.shape
+        k = a.shape[1] if transa == "N" else a.shape[0]
+        dtype = np.dtype(out.dtype)
+        if not (a.dtype == b.dtype == dtype) or dtype not in self._scalars:
+            raise TypeError(f"gemm: expected float32 or float64 operands of one dtype, got {a.dtype}, {b.dtype}, {out.dtype}")
+        scalars = self._scalars[dtype]
+        cublas = self._cublas
+        gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
+        handle = self._cuda.get_cublas_handle()
+        cublas.setStream(handle, self._cuda.get_current_stream().ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        gemm(handle, self._OPS[transb], self._OPS[transa], n, m, k, scalars[1.0][1],
+             b.data.ptr, _row_stride(b), a.data.ptr, _row_stride(a), scalars[float(beta)][1],
+             out.data.ptr, _row_stride(out))
+
+
+def _row_stride(array) -> int:
+    """Leading dimension for cuBLAS: elements between rows; rows must be contiguous."""
+    rows, cols = array.shape
+    itemsize = array.itemsize
+    if cols > 1 and array.strides[1] != itemsize:
+        raise ValueError(f"gemm: rows must be contiguous, got strides {array.strides} for shape {array.shape}")
+    return max(array.strides[0] // itemsize if rows > 1 else cols, cols, 1)
+
+
 class CupyBackend(CudaSequenceBackend):
     """CudaSequenceBackend on CuPy arrays, cuBLAS GEMMs and the compiled CUDA kernels."""
 
     def __init__(self, cupy):
-        import cupy.cublas  # noqa: F401 - only once a device is known to work (DESIGN.md)
-
         self._cupy = cupy
-        super().__init__(cupy, self._cublas_gemm, CupyKernels(cupy))
-
-    def _cublas_gemm(self, transa, transb, a, b, out, beta):
-        self._cupy.cublas.gemm(transa, transb, a, b, out=out, alpha=1.0, beta=beta)
+        # cupy.cuda.cublas loads libcublas: only once a device is known to work (DESIGN.md)
+        super().__init__(cupy, CublasGemm(cupy.cuda), CupyKernels(cupy))
 
     def describe(self) -> str:
         device = self._cupy.cuda.Device()

@@ -1,6 +1,7 @@
 """A stand-in for the ``cupy`` package, for testing the CuPy backend's host-side logic on a
-machine without a GPU: "device" arrays are a NumPy subclass, cuBLAS is NumPy, and
-RawModule functions launch the host build of kernels/*.cu (host_kernels.py).
+machine without a GPU: "device" arrays are a NumPy subclass, cuBLAS's C API is emulated
+with NumPy on raw pointers (column-major, as the real one), and RawModule functions
+launch the host build of kernels/*.cu (host_kernels.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import types
 
 import numpy as np
 
-from .host_kernels import numpy_gemm
-
 
 class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
     """A 'device' array: NumPy memory, but a different type, as a CuPy array would be."""
+
+    @property
+    def data(self):  # cupy.ndarray.data is a MemoryPointer: .ptr is the address
+        return types.SimpleNamespace(ptr=self.ctypes.data)
 
 
 ndarray.__module__ = "cupy"
@@ -82,12 +85,60 @@ def make_fake_cupy(library_path) -> types.ModuleType:
             return self._functions[name]
 
     cupy.RawModule = RawModule
-    cublas = types.ModuleType("cupy.cublas")
-    cublas.gemm = lambda transa, transb, a, b, out, alpha, beta: numpy_gemm(transa, transb, a, b, out, beta)
-    cupy.cublas = cublas
     cuda = types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0),
         runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU"}),
+        cublas=FakeCublas(),
+        get_cublas_handle=lambda: FakeCublas.HANDLE,
+        get_current_stream=lambda: types.SimpleNamespace(ptr=FakeCublas.STREAM),
     )
     cupy.cuda = cuda
     return cupy
+
+
+def _column_major(address, rows, cols, ld, dtype):
+    """A NumPy view of a column-major (rows x cols) matrix with leading dimension ld at address."""
+    assert ld >= max(1, rows), f"cuBLAS would refuse ld={ld} for {rows} rows (CUBLAS_STATUS_INVALID_VALUE)"
+    itemsize = np.dtype(dtype).itemsize
+    count = ld * (cols - 1) + rows
+    flat = np.frombuffer((ctypes.c_char * (count * itemsize)).from_address(address), dtype=dtype)
+    return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(itemsize, ld * itemsize))
+
+
+class FakeCublas:
+    """cuBLAS's C gemm on host pointers, column-major like the real one, recording its calls."""
+
+    CUBLAS_POINTER_MODE_HOST = 0
+    HANDLE, STREAM = 7, 11
+
+    def __init__(self):
+        self.calls = []
+        self.stream = self.pointer_mode = None
+
+    def setStream(self, handle, stream):  # noqa: N802 - the binding's name
+        assert handle == self.HANDLE
+        self.stream = stream
+
+    def setPointerMode(self, handle, mode):  # noqa: N802
+        assert handle == self.HANDLE
+        self.pointer_mode = mode
+
+    def sgemm(self, *args):
+        self._gemm(np.float32, *args)
+
+    def dgemm(self, *args):
+        self._gemm(np.float64, *args)
+
+    def _gemm(self, dtype, handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        assert handle == self.HANDLE and self.stream == self.STREAM
+        assert self.pointer_mode == self.CUBLAS_POINTER_MODE_HOST
+        self.calls.append((np.dtype(dtype).name, transa, transb, m, n, k))
+        scalar = np.ctypeslib.as_ctypes_type(dtype)
+        alpha, beta = scalar.from_address(alpha).value, scalar.from_address(beta).value
+        op_a = _column_major(a, *((m, k) if transa == 0 else (k, m)), lda, dtype)
+        op_b = _column_major(b, *((k, n) if transb == 0 else (n, k)), ldb, dtype)
+        op_a = op_a if transa == 0 else op_a.T
+        op_b = op_b if transb == 0 else op_b.T
+        out = _column_major(c, m, n, ldc, dtype)
+        product = alpha * (op_a @ op_b)
+        out[...] = product if beta == 0 else product + beta * out  # beta 0: C is not read
