@@ -1,14 +1,15 @@
 """Where the cupy backend's time goes on a GPU; run by bench/gpu_check.sh after the parity tests.
 
 For each configuration and mode, in one process and on one card:
+  path      the time loop the backend chose: persistent kernels or per step
   total     one whole call, synchronized (what `fastlstm bench` reports)
   host      the time until the call returns, before synchronizing: when it is close to
             `total`, the GPU waits on Python (launch-bound), not the other way round
-  graph     the same call captured once as a CUDA graph and replayed (no Python, no launch
-            gaps): the GPU time of this backend's kernels and GEMMs
-  cupy-gemm `total` with cupy.cublas.gemm instead of the backend's direct cuBLAS calls
+  per-step  `total` with the persistent kernels switched off (a GEMM and a kernel per step)
   cudnn     torch.nn.LSTM on cuDNN, IEEE float32, same shapes (the bench's torch-cuda)
 plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-device copy.
+(A CUDA-graph replay was tried on 2026-11-27: CuPy refuses cuBLAS calls during stream
+capture, "calling cuBLAS API during stream capture is currently unsupported".)
 
 Usage: python bench/gpu_probe.py OUT_DIR   (writes gpu_probe.json there; prints a table)
 """
@@ -26,7 +27,7 @@ import cupy
 from fastlstm import bench
 from fastlstm.layer import LSTM
 
-CONFIGS = ("wide-512", "train-m", "train-l", "stream-b1", "stream-b8")
+CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8")
 REPEATS = 20
 
 
@@ -50,33 +51,6 @@ def host_s(call, repeats=REPEATS) -> float:
         times.append(time.perf_counter() - start)
         cupy.cuda.Device().synchronize()
     return statistics.median(times)
-
-
-def graph_s(call, repeats=REPEATS):
-    """Median replay time of `call` captured as one CUDA graph, or the reason it could not be."""
-    stream = cupy.cuda.Stream(non_blocking=True)
-    try:
-        with stream:
-            call()  # warm the memory pool of this stream: no cudaMalloc during capture
-            call()
-            stream.synchronize()
-            stream.begin_capture(mode=cupy.cuda.runtime.streamCaptureModeRelaxed)
-            try:
-                call()
-            finally:
-                graph = stream.end_capture()
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        graph.launch(stream)
-        times = []
-        for _ in range(repeats):
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-        return statistics.median(times)
-    except Exception as exc:  # noqa: BLE001 - a diagnostic: report why and go on
-        return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def copy_bandwidth_gbs(size_bytes=2**31) -> float:
@@ -113,16 +87,15 @@ def probe(config: bench.Config, mode: str) -> dict:
             lstm.backward(dy_dev)
     call()
     row = {"config": config.name, "mode": mode, "gflop": config.flops(mode) / 1e9}
+    row["path"] = "persistent" if backend._plan(config.B, config.H, "float32") else "per-step"
     row["total"] = median_s(call)
     row["host"] = host_s(call)
-    row["graph"] = graph_s(call)
-    direct = backend._gemm
-    backend._gemm = lambda ta, tb, a, b, out, beta: cupy.cublas.gemm(ta, tb, a, b, out=out, alpha=1.0, beta=beta)
+    backend.persistent = False
     try:
         call()
-        row["cupy-gemm"] = median_s(call)
+        row["per-step"] = median_s(call)
     finally:
-        backend._gemm = direct
+        backend.persistent = True
     torch_call = bench.make_runner("torch-cuda", config, mode)
     torch_call()
     row["cudnn"] = median_s(torch_call)
@@ -151,20 +124,15 @@ def main(out_dir: str) -> int:
     def ms(value):
         return f"{value * 1e3:.3f}" if isinstance(value, float) else "failed"
 
-    header = ("config", "mode", "total ms", "host ms", "graph ms", "cupy-gemm ms", "cudnn ms", "total/cudnn",
-              "graph/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
+    header = ("config", "mode", "path", "total ms", "host ms", "per-step ms", "cudnn ms", "total/cudnn",
+              "per-step/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
     lines = [header]
     for r in rows:
-        graph = r["graph"]
-        lines.append((r["config"], r["mode"], ms(r["total"]), ms(r["host"]), ms(graph), ms(r["cupy-gemm"]),
-                      ms(r["cudnn"]), f"{r['total'] / r['cudnn']:.2f}",
-                      f"{graph / r['cudnn']:.2f}" if isinstance(graph, float) else "-",
+        lines.append((r["config"], r["mode"], r["path"], ms(r["total"]), ms(r["host"]), ms(r["per-step"]),
+                      ms(r["cudnn"]), f"{r['total'] / r['cudnn']:.2f}", f"{r['per-step'] / r['cudnn']:.2f}",
                       f"{r['gflop'] / r['total'] / 1e3:.2f}", f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     print("\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines))
-    for r in rows:
-        if not isinstance(r["graph"], float):
-            print(f"graph capture failed for {r['config']} {r['mode']}: {r['graph']}")
     return 0
 
 

@@ -1,7 +1,12 @@
-// Shared by lstm_forward.cu and lstm_backward.cu: numerically stable activations and the
-// thread -> (sequence, unit) mapping. Plain CUDA C++ with no CUDA-only intrinsics, so
-// the tests can build the same sources on the host with a small emulation header.
+// Shared by the kernels in kernels/*.cu: numerically stable activations and the
+// thread -> (sequence, unit) mapping. Plain CUDA C++ using only what the tests' host
+// emulation header (tests/cuda_emulation/cuda_host.h) also defines, so the tests can
+// build the same sources on the host.
 #pragma once
+
+#ifndef FL_DYNAMIC_SHARED  // the host emulation defines its own
+#define FL_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 __device__ __forceinline__ float fl_exp(float x) { return expf(x); }
 __device__ __forceinline__ double fl_exp(double x) { return exp(x); }

@@ -23,16 +23,17 @@ ALL_CPU_BACKENDS = [
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 
-def relative_error(actual, expected) -> float:
+def relative_error(actual, expected, floor: float = 1e-30) -> float:
+    """Largest error over the largest magnitude of `expected`, or over `floor` if larger."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-30)
+    scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, floor)
     return float(np.max(np.abs(actual - expected))) / scale if expected.size else 0.0
 
 
-def assert_close(actual, expected, rtol: float, what: str = "") -> None:
-    err = relative_error(actual, expected)
+def assert_close(actual, expected, rtol: float, what: str = "", floor: float = 1e-30) -> None:
+    err = relative_error(actual, expected, floor)
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
 
 

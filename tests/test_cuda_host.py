@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fastlstm
@@ -34,7 +34,14 @@ def library(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def emulated(library):
-    """CudaSequenceBackend over NumPy, NumPy GEMMs and the host-built kernels."""
+    """CudaSequenceBackend over NumPy, NumPy GEMMs and the host-built kernels: the per-step loop."""
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library),
+                                            persistent=False)
+
+
+@pytest.fixture(scope="module")
+def emulated_persistent(library):
+    """The same with the persistent kernels, every CUDA thread a host thread."""
     return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library))
 
 
@@ -68,25 +75,78 @@ def sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengt
     seed=st.integers(0, 2**31),
 )
 def test_host_built_kernels_match_numpy(emulated, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed):
+    check_against_numpy(emulated, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    num_steps=st.integers(1, 5), batch=st.integers(1, 40), input_size=st.integers(1, 4), hidden=st.integers(1, 24),
+    dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_steps, batch, input_size, hidden, dtype,
+                                                   reverse, with_lengths, seed):
+    """Blocks owning 1-8 units, the last one partly past the end; few sequences (split-k)
+    and many (several per thread); several k-tiles per product."""
+    assume(emulated_plan(emulated_persistent, batch, hidden, dtype) is not None)  # else the per-step path runs
+    check_against_numpy(emulated_persistent, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
+
+
+def emulated_plan(backend, batch, hidden, dtype):
+    kernels = backend._kernels
+    return cupy_backend.persistent_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.persistent_blocks,
+                                        kernels.persistent_threads, kernels.persistent_shared_limit)
+
+
+@pytest.mark.parametrize("batch, hidden, dtype, shared_limit, path", [
+    (2, 3, "float32", 3072, "split-k"),  # 1 unit per block, 8 threads per row, 2 sequences: 4 k-slices each
+    (20, 3, "float64", 3072, "several sequences per thread"),
+    (2, 24, "float32", 920, "several k-tiles"),
+    (3, 7, "float32", 3072, "last block partly past the end"),
+])
+def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, path):
+    kernels = host_kernels.HostKernels(library, shared_limit=shared_limit)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels)
+    plan = emulated_plan(backend, batch, hidden, dtype)
+    per_row = plan.threads // (4 * plan.units)
+    shown = {
+        "split-k": batch < per_row,
+        "several sequences per thread": batch > per_row,
+        "several k-tiles": plan.tile_forward < hidden and plan.tile_backward < 4 * hidden,
+        "last block partly past the end": plan.blocks * plan.units > hidden,
+    }
+    assert shown[path], plan
+    for reverse in (False, True):
+        check_against_numpy(backend, 5, batch, 3, hidden, dtype, reverse, True, seed=batch + hidden)
+
+
+def check_against_numpy(backend, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed):
+    """Forward (training and eval) and backward of `backend` against the NumPy reference.
+
+    Errors are relative to the largest magnitude of each result, but at least to 0.01: the
+    inputs are O(0.1-1), and a tiny result (one sequence, one unit, c = f c0 + i g nearly
+    cancelling) would otherwise turn a last-bit rounding difference into a large ratio.
+    """
     rng = np.random.default_rng(seed)
     args = sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths)
     reference = NumpyBackend()
     y_ref, h_ref, c_ref, saved_ref = reference.forward_sequence(*args, reverse, True)
-    y, h, c, saved = emulated.forward_sequence(*args, reverse, True)
+    y, h, c, saved = backend.forward_sequence(*args, reverse, True)
     tol = TOLERANCE[dtype]
     for name, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
-        assert_close(a, b, tol, name)
-    y_eval, h_eval, c_eval, nothing = emulated.forward_sequence(*args, reverse, False)
+        assert_close(a, b, tol, name, floor=0.01)
+    y_eval, h_eval, c_eval, nothing = backend.forward_sequence(*args, reverse, False)
     assert nothing is None
-    assert_close(y_eval, y_ref, tol, "y (eval)")
-    assert_close(h_eval, h_ref, tol, "h_n (eval)")
+    assert_close(y_eval, y_ref, tol, "y (eval)", floor=0.01)
+    assert_close(h_eval, h_ref, tol, "h_n (eval)", floor=0.01)
+    assert_close(c_eval, c_ref, tol, "c_n (eval)", floor=0.01)
     dy = rng.standard_normal(y.shape).astype(dtype)
     dh_n = rng.standard_normal(h.shape).astype(dtype)
     dc_n = rng.standard_normal(c.shape).astype(dtype)
     expected = reference.backward_sequence(saved_ref, dy, dh_n, dc_n)
-    actual = emulated.backward_sequence(saved, dy, dh_n, dc_n)
+    actual = backend.backward_sequence(saved, dy, dh_n, dc_n)
     for name, a, b in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "dbias"), actual, expected):
-        assert_close(a, b, tol, name)
+        assert_close(a, b, tol, name, floor=0.01)
 
 
 def test_bias_gradient_is_deterministic_and_chunked(emulated):
@@ -123,6 +183,9 @@ def test_cupy_backend_end_to_end_on_the_fake_device(fake_cupy):
         ("lstm_forward_step<float, true>", "lstm_forward_step<float, false>",
          "lstm_forward_step<double, true>", "lstm_forward_step<double, false>"),
         ("lstm_backward_step<float>", "lstm_backward_step<double>", "column_sum<float>", "column_sum<double>"),
+        ("lstm_forward_persistent<float, true>", "lstm_forward_persistent<float, false>",
+         "lstm_forward_persistent<double, true>", "lstm_forward_persistent<double, false>",
+         "lstm_backward_persistent<float>", "lstm_backward_persistent<double>"),
     }
 
 

@@ -25,9 +25,19 @@ TOL = {"float32": 1e-5, "float64": 1e-10}
 CASES = list(itertools.product((1, 2), (False, True), (False, True), (False, True)))
 
 
+@pytest.fixture(params=["persistent", "per-step"])
+def time_loop(request):
+    """Run the test with the persistent kernels (where they apply: all shapes here) and
+    with the per-step loop."""
+    backend = fastlstm.registry.backend_object("cupy")
+    backend.persistent = request.param == "persistent"
+    yield request.param
+    backend.persistent = True
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("layers, bidirectional, batch_first, with_lengths", CASES)
-def test_cupy_matches_numpy_reference(layers, bidirectional, batch_first, with_lengths, dtype):
+def test_cupy_matches_numpy_reference(layers, bidirectional, batch_first, with_lengths, dtype, time_loop):
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dropout=0.25 if layers > 1 else 0.0,
                   dtype=dtype, seed=7)
     gpu = fastlstm.LSTM(6, 40, backend="cupy", **kwargs)
@@ -104,7 +114,7 @@ def test_torch_cuda_tensors_without_host_copy():
     assert isinstance(y, cupy.ndarray)
 
 
-def test_bias_gradient_is_deterministic_on_gpu():
+def test_bias_gradient_is_deterministic_on_gpu(time_loop):
     results = []
     for _ in range(2):
         lstm = fastlstm.LSTM(16, 64, backend="cupy", seed=0)
@@ -139,7 +149,7 @@ def test_direct_cublas_gemm_matches_cupy_matmul(transa, transb, beta, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cupy_matches_numpy_reference_at_a_realistic_size(dtype):
+def test_cupy_matches_numpy_reference_at_a_realistic_size(dtype, time_loop):
     """Large enough that cuBLAS picks its multi-block (split) kernels."""
     gpu = fastlstm.LSTM(128, 256, backend="cupy", dtype=dtype, seed=2)
     cpu = fastlstm.LSTM(128, 256, backend="numpy", dtype=dtype)

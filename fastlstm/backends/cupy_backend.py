@@ -1,10 +1,18 @@
 """The CuPy backend: CUDA kernels (``kernels/lstm_forward.cu``, ``lstm_backward.cu``) plus cuBLAS.
 
-Per layer and direction: the input projection of all steps is one GEMM; each step
-runs one recurrent GEMM that cuBLAS accumulates into that step's slice of the
-projection (beta = 1) and one fused pointwise kernel (one thread per sequence and
-hidden unit, all four gates); backward mirrors it; the weight gradients are GEMMs
-over all steps after the loop and the bias gradient is a deterministic column sum.
+Per layer and direction: the input projection of all steps is one GEMM; then the
+time loop runs either
+
+- persistent (``kernels/lstm_persistent.cu``), when the shapes fit one resident block
+  per multiprocessor: one launch runs every step, each block computing the recurrent
+  products and the cell update of its own hidden units, with a grid-wide barrier per
+  step -- no host work per step; or
+- per step: one recurrent GEMM that cuBLAS accumulates into that step's slice of the
+  projection (beta = 1) and one fused pointwise kernel (one thread per sequence and
+  hidden unit, all four gates), launched from Python.
+
+Backward mirrors it; the weight gradients are GEMMs over all steps after the loop and
+the bias gradient is a deterministic column sum.
 
 The sequence logic (``CudaSequenceBackend``) is written against three seams, an
 array module, a GEMM and a kernel launcher, so that the tests run it on the CPU
@@ -25,6 +33,46 @@ from .base import ReferenceBackend
 
 THREADS_PER_BLOCK = 256
 ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second pass
+MAX_ACC = 8  # FL_MAX_ACC in lstm_persistent.cu: sequences one thread accumulates at once
+SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
+MIN_TILE_K = 16
+
+
+@dataclass(frozen=True)
+class PersistentPlan:
+    """Launch shape of the persistent kernels for one (batch, hidden, dtype)."""
+
+    blocks: int
+    threads: int
+    units: int  # hidden units per block
+    tile_forward: int  # k-tile widths (even: the padded row stride stays odd)
+    tile_backward: int
+    shared_forward: int  # bytes of dynamic shared memory
+    shared_backward: int
+
+
+def _shared_bytes(batch, rows, units, threads, tile_k, itemsize) -> int:
+    """The layout at the top of lstm_persistent.cu."""
+    return 8 * rows + itemsize * (batch * rows + 2 * batch * units + threads + batch * (tile_k + 1))
+
+
+def persistent_plan(batch, hidden, itemsize, max_blocks, threads=THREADS_PER_BLOCK,
+                    shared_limit=SHARED_LIMIT) -> PersistentPlan | None:
+    """The persistent kernels' plan, or None where they do not apply (too many units per
+    block for the threads, too many sequences per thread, or shared memory too small)."""
+    units = -(-hidden // max_blocks)
+    blocks = -(-hidden // units)
+    tiles, shared = [], []
+    for rows, k_total in ((4 * units, hidden), (units, 4 * hidden)):
+        if rows > threads or batch > (threads // rows) * MAX_ACC:
+            return None
+        room = (shared_limit - _shared_bytes(batch, rows, units, threads, 0, itemsize)) // (itemsize * batch) - 1
+        tile_k = min(room, k_total + k_total % 2) // 2 * 2
+        if tile_k < min(MIN_TILE_K, k_total):
+            return None
+        tiles.append(tile_k)
+        shared.append(_shared_bytes(batch, rows, units, threads, tile_k, itemsize))
+    return PersistentPlan(blocks, threads, units, *tiles, *shared)
 
 
 def kernel_dir() -> Path:
@@ -52,15 +100,26 @@ class CudaSequenceBackend(ReferenceBackend):
     """The CUDA sequence primitives over an array module, a GEMM and a kernel set.
 
     gemm(transa, transb, a, b, out, beta): out = op(a) @ op(b) + beta * out.
-    kernels: forward_step, backward_step, column_sum (see CupyKernels).
+    kernels: forward_step, backward_step, column_sum, forward_persistent,
+    backward_persistent, and persistent_blocks / _threads / _shared_limit: the most blocks
+    resident at once, threads per block and shared memory per block (see CupyKernels).
+    persistent: use the persistent kernels where they apply (False: always per step).
     """
 
     name = "cupy"
 
-    def __init__(self, xp, gemm, kernels):
+    def __init__(self, xp, gemm, kernels, persistent: bool = True):
         self.xp = xp
         self._gemm = gemm
         self._kernels = kernels
+        self.persistent = persistent
+
+    def _plan(self, batch, hidden, dtype) -> PersistentPlan | None:
+        if not self.persistent:
+            return None
+        kernels = self._kernels
+        return persistent_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.persistent_blocks,
+                               kernels.persistent_threads, kernels.persistent_shared_limit)
 
     # -- primitives -------------------------------------------------------------------
     def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
@@ -72,37 +131,52 @@ class CudaSequenceBackend(ReferenceBackend):
         gates = xp.empty((num_steps, batch, 4 * hidden), dtype=x.dtype)
         self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 4 * hidden), 0.0)
         y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        h_states = c_states = None
         if training:
             h_states = xp.empty_like(y)
             c_states = xp.empty_like(y)
-        else:  # one buffer each, updated in place (each thread owns its element)
+        plan = self._plan(batch, hidden, x.dtype)
+        if plan is not None:
+            h_n, c_n = xp.empty_like(h0), xp.empty_like(c0)
+            if not training:  # h ping-pongs between two buffers (other blocks still read the older)
+                h_states = xp.empty((2, batch, hidden), dtype=x.dtype)
+            self._kernels.forward_persistent(plan, training, reverse, gates, bias, w_hh, h0, c0, h_states,
+                                             h_states if c_states is None else c_states, y, h_n, c_n,
+                                             step_lengths, xp.zeros(2, dtype=np.uint32))
+        else:
+            h_n, c_n = self._forward_steps(gates, w_hh, bias, h0, c0, step_lengths, reverse, training, y,
+                                           h_states, c_states)
+        saved = None
+        if training:
+            saved = _CudaSaved(x2, w_ih, w_hh, h0, c0, step_lengths, reverse, gates, h_states, c_states)
+        return y, h_n, c_n, saved
+
+    def _forward_steps(self, gates, w_hh, bias, h0, c0, step_lengths, reverse, training, y, h_states, c_states):
+        """The time loop from Python: a GEMM and a pointwise kernel per step."""
+        if not training:  # one buffer each, updated in place (each thread owns its element)
             h_buffer, c_buffer = h0.copy(), c0.copy()
         h_prev, c_prev = h0, c0
-        for t in _step_order(num_steps, reverse):
+        for t in _step_order(y.shape[0], reverse):
             h_out, c_out = (h_states[t], c_states[t]) if training else (h_buffer, c_buffer)
             self._gemm("N", "T", h_prev, w_hh, gates[t], 1.0)
             self._kernels.forward_step(t, training, gates[t], bias, h_prev, c_prev, h_out, c_out, y[t], step_lengths)
             h_prev, c_prev = h_out, c_out
-        saved = None
-        if training:
-            saved = _CudaSaved(x2, w_ih, w_hh, h0, c0, step_lengths, reverse, gates, h_states, c_states)
-        return y, h_prev.copy(), c_prev.copy(), saved
+        return h_prev.copy(), c_prev.copy()
 
     def backward_sequence(self, saved: _CudaSaved, dy, dh_n, dc_n):
         xp = self.xp
         num_steps, batch, hidden = saved.h_states.shape
         rows, input_size = saved.x2.shape
         d_gates = xp.empty_like(saved.gates)
-        dh_in, dh_out = dh_n.copy(), xp.empty_like(dh_n)
-        dc = dc_n.copy()
-        order = list(_step_order(num_steps, saved.reverse))
-        for position in reversed(range(num_steps)):
-            t = order[position]
-            c_before = saved.c0 if position == 0 else saved.c_states[order[position - 1]]
-            self._kernels.backward_step(t, saved.gates[t], saved.c_states[t], c_before, dy[t], dh_in, dh_out,
-                                        dc, d_gates[t], saved.lengths)
-            self._gemm("N", "N", d_gates[t], saved.w_hh, dh_out, 1.0)
-            dh_in, dh_out = dh_out, dh_in
+        plan = self._plan(batch, hidden, dy.dtype)
+        if plan is not None:
+            dh0, dc0 = xp.empty_like(dh_n), xp.empty_like(dc_n)
+            w_hh_t = xp.ascontiguousarray(saved.w_hh.T)  # each block reads its units' columns as rows
+            self._kernels.backward_persistent(plan, saved.reverse, saved.gates, saved.c_states, saved.c0, dy,
+                                              w_hh_t, dh_n, dc_n, d_gates, dh0, dc0, saved.lengths,
+                                              xp.zeros(2, dtype=np.uint32))
+        else:
+            dh0, dc0 = self._backward_steps(saved, dy, dh_n, dc_n, d_gates)
         d_rows = d_gates.reshape(rows, 4 * hidden)
         dx2 = xp.empty((rows, input_size), dtype=dy.dtype)
         self._gemm("N", "N", d_rows, saved.w_ih, dx2, 0.0)
@@ -110,7 +184,22 @@ class CudaSequenceBackend(ReferenceBackend):
         self._gemm("T", "N", d_rows, saved.x2, dw_ih, 0.0)
         dw_hh = self._recurrent_weight_grad(saved, d_gates)
         dbias = self._column_sums(d_rows)
-        return dx2.reshape(num_steps, batch, input_size), dh_in, dc, dw_ih, dw_hh, dbias
+        return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
+
+    def _backward_steps(self, saved: _CudaSaved, dy, dh_n, dc_n, d_gates):
+        """The backward time loop from Python: a pointwise kernel and a GEMM per step."""
+        xp = self.xp
+        dh_in, dh_out = dh_n.copy(), xp.empty_like(dh_n)
+        dc = dc_n.copy()
+        order = list(_step_order(dy.shape[0], saved.reverse))
+        for position in reversed(range(len(order))):
+            t = order[position]
+            c_before = saved.c0 if position == 0 else saved.c_states[order[position - 1]]
+            self._kernels.backward_step(t, saved.gates[t], saved.c_states[t], c_before, dy[t], dh_in, dh_out,
+                                        dc, d_gates[t], saved.lengths)
+            self._gemm("N", "N", d_gates[t], saved.w_hh, dh_out, 1.0)
+            dh_in, dh_out = dh_out, dh_in
+        return dh_in, dc
 
     # -- helpers ------------------------------------------------------------------------
     def _recurrent_weight_grad(self, saved: _CudaSaved, d_gates):
@@ -158,13 +247,23 @@ class CupyKernels:
     def __init__(self, cupy):
         folder = kernel_dir()
         options = ("--std=c++14", f"-I{folder}")
-        forward_names = [f"lstm_forward_step<{t}, {flag}>" for t in ("float", "double") for flag in ("true", "false")]
-        backward_names = [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in ("float", "double")]
+        types = ("float", "double")
+        forward_names = [f"lstm_forward_step<{t}, {flag}>" for t in types for flag in ("true", "false")]
+        backward_names = [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in types]
+        persistent_names = [f"lstm_forward_persistent<{t}, {flag}>" for t in types for flag in ("true", "false")]
+        persistent_names += [f"lstm_backward_persistent<{t}>" for t in types]
         self._module_of = {}
-        for source, names in (("lstm_forward.cu", forward_names), ("lstm_backward.cu", backward_names)):
+        sources = (("lstm_forward.cu", forward_names), ("lstm_backward.cu", backward_names),
+                   ("lstm_persistent.cu", persistent_names))
+        for source, names in sources:
             module = cupy.RawModule(code=(folder / source).read_text(), options=options, name_expressions=names)
             self._module_of.update({name: module for name in names})
         self._functions = {}
+        # One block per multiprocessor: all resident at once, so the grid barrier is safe.
+        properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        self.persistent_blocks = int(properties["multiProcessorCount"])
+        self.persistent_threads = THREADS_PER_BLOCK
+        self.persistent_shared_limit = SHARED_LIMIT
 
     def _function(self, name):
         if name not in self._functions:
@@ -199,6 +298,27 @@ class CupyKernels:
         self._function(f"column_sum<{self._ctype(a2)}>")(
             (grid_x, partial.shape[0]), (block,),
             (np.int64(rows), np.int32(cols), np.int64(rows_per_chunk), a2, partial),
+        )
+
+    def forward_persistent(self, plan, training, reverse, gates, bias, w_hh, h0, c0, h_states, c_states, y,
+                           h_n, c_n, lengths, barrier):
+        steps, batch, hidden = y.shape
+        name = f"lstm_forward_persistent<{self._ctype(y)}, {'true' if training else 'false'}>"
+        self._function(name)(
+            (plan.blocks,), (plan.threads,),
+            (*map(np.int32, (steps, batch, hidden, plan.units, reverse, plan.tile_forward)),
+             gates, bias, w_hh, h0, c0, h_states, c_states, y, h_n, c_n, lengths, barrier),
+            shared_mem=plan.shared_forward,
+        )
+
+    def backward_persistent(self, plan, reverse, gates, c_states, c0, dy, w_hh_t, dh_n, dc_n, d_gates, dh0, dc0,
+                            lengths, barrier):
+        steps, batch, hidden = dy.shape
+        self._function(f"lstm_backward_persistent<{self._ctype(dy)}>")(
+            (plan.blocks,), (plan.threads,),
+            (*map(np.int32, (steps, batch, hidden, plan.units, reverse, plan.tile_backward)),
+             gates, c_states, c0, dy, w_hh_t, dh_n, dc_n, d_gates, dh0, dc0, lengths, barrier),
+            shared_mem=plan.shared_backward,
         )
 
 

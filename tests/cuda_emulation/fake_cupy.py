@@ -46,14 +46,19 @@ class _Function:
         match = re.fullmatch(r"(\w+)<(float|double)(?:, (true|false))?>", name)
         assert match, name
         kernel, ctype, training = match.groups()
-        entry = {"lstm_forward_step": "forward_step", "lstm_backward_step": "backward_step"}.get(kernel, kernel)
+        entry = kernel.removeprefix("lstm_")
         self._fn = getattr(library, f"{entry}_{'f32' if ctype == 'float' else 'f64'}")
         self._training = training
+        self._persistent = entry.endswith("_persistent")  # host threads, shared memory
         self.launches = 0
 
-    def __call__(self, grid, block, args):
+    def __call__(self, grid, block, args, shared_mem=0):
         self.launches += 1
         shape = [ctypes.c_uint(g) for g in grid] + [ctypes.c_uint(block[0])]
+        if self._persistent:
+            shape.append(ctypes.c_ulonglong(shared_mem))
+        else:
+            assert shared_mem == 0
         if self._training is not None:
             shape.append(ctypes.c_int(self._training == "true"))
         self._fn(*shape, *map(_arg, args))
@@ -87,7 +92,7 @@ def make_fake_cupy(library_path) -> types.ModuleType:
     cupy.RawModule = RawModule
     cuda = types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0),
-        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU"}),
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 3}),
         cublas=FakeCublas(),
         get_cublas_handle=lambda: FakeCublas.HANDLE,
         get_current_stream=lambda: types.SimpleNamespace(ptr=FakeCublas.STREAM),

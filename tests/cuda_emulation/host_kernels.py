@@ -26,7 +26,7 @@ def compiler() -> str | None:
 
 def build(out_dir: Path) -> Path:
     library = out_dir / "fastlstm_kernels_host.so"
-    cmd = [compiler(), "-O1", "-shared", "-fPIC", "-std=c++17", f"-I{kernel_dir()}", f"-I{HERE}",
+    cmd = [compiler(), "-O1", "-shared", "-fPIC", "-std=c++20", "-pthread", f"-I{kernel_dir()}", f"-I{HERE}",
            str(HERE / "kernels_host.cpp"), "-o", str(library)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return library
@@ -44,8 +44,15 @@ def _ptr(array):
 
 
 class HostKernels:
-    def __init__(self, library: Path):
+    """CupyKernels' interface on the host build. The persistent kernels run on a small
+    'GPU': at most `blocks` blocks (so that blocks own several units) of `threads` threads,
+    with `shared_limit` bytes of shared memory (small: several k-tiles per product)."""
+
+    def __init__(self, library: Path, blocks: int = 3, threads: int = 32, shared_limit: int = 3072):
         self._lib = ctypes.CDLL(str(library))
+        self.persistent_blocks = blocks
+        self.persistent_threads = threads
+        self.persistent_shared_limit = shared_limit
 
     def _fn(self, name, array):
         return getattr(self._lib, f"{name}_{'f32' if array.dtype == np.float32 else 'f64'}")
@@ -72,4 +79,22 @@ class HostKernels:
         self._fn("column_sum", a2)(
             ctypes.c_uint(grid_x), ctypes.c_uint(partial.shape[0]), ctypes.c_uint(block), ctypes.c_longlong(rows),
             ctypes.c_int(cols), ctypes.c_longlong(rows_per_chunk), _ptr(a2), _ptr(partial),
+        )
+
+    def forward_persistent(self, plan, training, reverse, gates, bias, w_hh, h0, c0, h_states, c_states, y,
+                           h_n, c_n, lengths, barrier):
+        steps, batch, hidden = y.shape
+        self._fn("forward_persistent", y)(
+            ctypes.c_uint(plan.blocks), ctypes.c_uint(plan.threads), ctypes.c_ulonglong(plan.shared_forward),
+            *map(ctypes.c_int, (int(training), steps, batch, hidden, plan.units, int(reverse), plan.tile_forward)),
+            *map(_ptr, (gates, bias, w_hh, h0, c0, h_states, c_states, y, h_n, c_n, lengths, barrier)),
+        )
+
+    def backward_persistent(self, plan, reverse, gates, c_states, c0, dy, w_hh_t, dh_n, dc_n, d_gates, dh0, dc0,
+                            lengths, barrier):
+        steps, batch, hidden = dy.shape
+        self._fn("backward_persistent", dy)(
+            ctypes.c_uint(plan.blocks), ctypes.c_uint(plan.threads), ctypes.c_ulonglong(plan.shared_backward),
+            *map(ctypes.c_int, (steps, batch, hidden, plan.units, int(reverse), plan.tile_backward)),
+            *map(_ptr, (gates, c_states, c0, dy, w_hh_t, dh_n, dc_n, d_gates, dh0, dc0, lengths, barrier)),
         )

@@ -3,6 +3,7 @@
 #include "cuda_host.h"
 #include "lstm_forward.cu"
 #include "lstm_backward.cu"
+#include "lstm_persistent.cu"
 
 #define FL_ENTRY_POINTS(T, SUFFIX)                                                                 \
     extern "C" void forward_step_##SUFFIX(unsigned grid, unsigned block, int training, int batch,  \
@@ -31,6 +32,29 @@
                                         const T* a, T* partial) {                                  \
         fl_dim3 g = {grid_x, grid_y, 1}, b = {block, 1, 1};                                        \
         fl_launch(g, b, column_sum<T>, rows, cols, rows_per_chunk, a, partial);                    \
+    }                                                                                              \
+    extern "C" void forward_persistent_##SUFFIX(                                                   \
+        unsigned grid, unsigned block, unsigned long long shared_bytes, int training, int steps,   \
+        int batch, int hidden, int units, int reverse, int tile_k, T* gates, const T* bias,        \
+        const T* w_hh, const T* h0, const T* c0, T* h_states, T* c_states, T* y, T* h_n, T* c_n,   \
+        const long long* lengths, unsigned int* barrier) {                                         \
+        if (training)                                                                              \
+            fl_launch_threads(grid, block, shared_bytes, lstm_forward_persistent<T, true>, steps,  \
+                              batch, hidden, units, reverse, tile_k, gates, bias, w_hh, h0, c0,    \
+                              h_states, c_states, y, h_n, c_n, lengths, barrier);                  \
+        else                                                                                       \
+            fl_launch_threads(grid, block, shared_bytes, lstm_forward_persistent<T, false>, steps, \
+                              batch, hidden, units, reverse, tile_k, gates, bias, w_hh, h0, c0,    \
+                              h_states, c_states, y, h_n, c_n, lengths, barrier);                  \
+    }                                                                                              \
+    extern "C" void backward_persistent_##SUFFIX(                                                  \
+        unsigned grid, unsigned block, unsigned long long shared_bytes, int steps, int batch,      \
+        int hidden, int units, int reverse, int tile_k, const T* gates, const T* c_states,         \
+        const T* c0, const T* dy, const T* w_hh_t, const T* dh_n, const T* dc_n, T* d_gates,       \
+        T* dh0, T* dc0, const long long* lengths, unsigned int* barrier) {                         \
+        fl_launch_threads(grid, block, shared_bytes, lstm_backward_persistent<T>, steps, batch,    \
+                          hidden, units, reverse, tile_k, gates, c_states, c0, dy, w_hh_t, dh_n,   \
+                          dc_n, d_gates, dh0, dc0, lengths, barrier);                              \
     }
 
 FL_ENTRY_POINTS(float, f32)

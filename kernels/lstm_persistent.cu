@@ -1,0 +1,273 @@
+// Persistent kernels: the whole time loop of one LSTM layer and direction in one launch.
+//
+// The per-step path (lstm_forward.cu, lstm_backward.cu) launches a cuBLAS GEMM and a
+// pointwise kernel per step from Python, and on a GPU that host work (tens of
+// microseconds a step) costs more than the step itself. Here each block owns `units`
+// hidden units: it computes their four gates' recurrent products itself (its rows of
+// W_hh, read through L1), keeps their cell state in shared memory for the whole
+// sequence, and only h (forward) or the gate gradients (backward) go through global
+// memory to the other blocks, with one grid-wide barrier per step. The host launches at
+// most one block per multiprocessor, so every block is resident and the barrier cannot
+// deadlock. Sums run in a fixed order: results are bit-identical run to run.
+//
+// Shared memory (dynamic, laid out identically by the host's persistent_plan):
+//   long long row_base[rows]       offset of each owned row in W (-1: past the end)
+//   T result[batch * rows]         the block's matrix-vector products of this step
+//   T own[2][batch * units]        forward: c (and a spare); backward: dh carried, dc
+//   T partial[blockDim.x]          split-k partial sums
+//   T tile[batch * (tile_k + 1)]   a k-tile of the shared input (padded: no bank conflicts)
+#include "lstm_common.cuh"
+
+#define FL_MAX_ACC 8  // sequences one thread accumulates at once (registers)
+
+// Grid-wide barrier; state[0] counts arrivals, state[1] is the generation (both start 0).
+__device__ __forceinline__ void fl_grid_barrier(unsigned int* state) {
+    __threadfence();  // this thread's writes are visible device-wide before it arrives
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned int* generation = state + 1;
+        const unsigned int seen = *generation;
+        __threadfence();
+        if (atomicAdd(state, 1u) == gridDim.x - 1) {
+            atomicExch(state, 0u);
+            __threadfence();
+            atomicAdd(state + 1, 1u);
+        } else {
+            while (*generation == seen) __nanosleep(32);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// result[b * rows + j] = sum_k in[b * k_total + k] * w[row_base[j] + k] for every sequence b
+// and owned row j (0 where row_base[j] < 0). `in` was written by other blocks of this
+// launch: it is read through L2 (__ldcg), never from a stale L1 line. Each row gets
+// blockDim / rows threads; with fewer sequences than that, each dot product is split over
+// k into interleaved slices whose partial sums are then added in a fixed order.
+template <typename T>
+__device__ void fl_block_matvec(const int batch, const int rows, const int k_total, const int tile_k,
+                                const T* in, const T* __restrict__ w, const long long* row_base,
+                                T* tile, T* partial, T* result) {
+    const int per_row = blockDim.x / rows;
+    const int row = threadIdx.x / per_row;
+    const int lane = threadIdx.x % per_row;
+    const int slices = batch >= per_row ? 1 : per_row / batch;
+    const int first_b = slices == 1 ? lane : lane % batch;
+    const int slice = slices == 1 ? 0 : lane / batch;
+    const bool active = row < rows && slice < slices && row_base[row] >= 0;
+    const int stride = tile_k + 1;
+    T acc[FL_MAX_ACC];
+#pragma unroll
+    for (int a = 0; a < FL_MAX_ACC; ++a) acc[a] = T(0);
+    for (int k0 = 0; k0 < k_total; k0 += tile_k) {
+        const int width = k_total - k0 < tile_k ? k_total - k0 : tile_k;
+        for (int i = threadIdx.x; i < batch * width; i += blockDim.x) {
+            const int b = i / width, k = i % width;
+            tile[b * stride + k] = __ldcg(in + (long long)b * k_total + k0 + k);
+        }
+        __syncthreads();
+        if (active) {
+            const T* w_row = w + row_base[row] + k0;
+            for (int k = slice; k < width; k += slices) {
+                const T weight = __ldg(w_row + k);
+#pragma unroll
+                for (int a = 0; a < FL_MAX_ACC; ++a) {
+                    const int b = first_b + a * per_row;
+                    if ((a == 0 || slices == 1) && b < batch) acc[a] += tile[b * stride + k] * weight;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (slices == 1) {
+        if (row < rows) {
+#pragma unroll
+            for (int a = 0; a < FL_MAX_ACC; ++a) {
+                const int b = first_b + a * per_row;
+                if (b < batch) result[b * rows + row] = active ? acc[a] : T(0);
+            }
+        }
+    } else {
+        if (active) partial[(slice * batch + first_b) * rows + row] = acc[0];
+        __syncthreads();
+        for (int i = threadIdx.x; i < batch * rows; i += blockDim.x) {
+            const int b = i / rows, j = i % rows;
+            T sum = T(0);
+            if (row_base[j] >= 0)
+                for (int s = 0; s < slices; ++s) sum += partial[(s * batch + b) * rows + j];
+            result[i] = sum;
+        }
+    }
+    __syncthreads();
+}
+
+// The shared-memory layout above, carved out of the dynamic allocation.
+template <typename T>
+struct FlShared {
+    long long* row_base;
+    T *result, *own0, *own1, *partial, *tile;
+    __device__ FlShared(unsigned char* base, int batch, int rows, int units) {
+        row_base = reinterpret_cast<long long*>(base);
+        result = reinterpret_cast<T*>(row_base + rows);
+        own0 = result + batch * rows;
+        own1 = own0 + batch * units;
+        partial = own1 + batch * units;
+        tile = partial + blockDim.x;
+    }
+};
+
+template <typename T, bool Training>
+__global__ void lstm_forward_persistent(const int steps, const int batch, const int hidden, const int units,
+                                        const int reverse, const int tile_k,
+                                        T* gates,                        // (steps, B, 4H): x W_ih^T in; Training: activated gates out
+                                        const T* __restrict__ bias,      // (4H) b_ih + b_hh
+                                        const T* __restrict__ w_hh,      // (4H, H)
+                                        const T* h0, const T* c0,        // (B, H)
+                                        T* h_states,                     // Training: (steps, B, H); else (2, B, H) ping-pong
+                                        T* c_states,                     // Training: (steps, B, H); else unused
+                                        T* __restrict__ y,               // (steps, B, H)
+                                        T* __restrict__ h_n, T* __restrict__ c_n,  // (B, H)
+                                        const long long* __restrict__ lengths,     // (B)
+                                        unsigned int* barrier) {                   // 2 words, zero
+    FL_DYNAMIC_SHARED(shared_bytes);
+    const int rows = 4 * units, unit0 = blockIdx.x * units;
+    FlShared<T> sh(shared_bytes, batch, rows, units);
+    for (int j = threadIdx.x; j < rows; j += blockDim.x) {  // row j = gate j / units, unit j % units
+        const int unit = unit0 + j % units;
+        sh.row_base[j] = unit < hidden ? ((long long)(j / units) * hidden + unit) * hidden : -1;
+    }
+    for (int i = threadIdx.x; i < batch * units; i += blockDim.x) {
+        const int unit = unit0 + i % units;
+        sh.own0[i] = unit < hidden ? c0[(long long)(i / units) * hidden + unit] : T(0);
+    }
+    __syncthreads();
+    const long long plane = (long long)batch * hidden;
+    const T* h_prev = h0;
+    for (int s = 0; s < steps; ++s) {
+        const int t = reverse ? steps - 1 - s : s;
+        fl_block_matvec(batch, rows, hidden, tile_k, h_prev, w_hh, sh.row_base, sh.tile, sh.partial, sh.result);
+        T* h_out = h_states + (Training ? t : (s & 1)) * plane;
+        for (int i = threadIdx.x; i < batch * units; i += blockDim.x) {
+            const int b = i / units, u = i % units, unit = unit0 + u;
+            if (unit >= hidden) continue;
+            const long long n = (long long)b * hidden + unit;
+            const T c_prev = sh.own0[i];
+            T c, h;
+            if (t >= lengths[b]) {  // past this sequence's end: carry the state, output zero
+                c = c_prev;
+                h = __ldcg(h_prev + n);
+                y[t * plane + n] = T(0);
+            } else {
+                T* a = gates + (t * plane + (long long)b * hidden) * 4;
+                const T* r = sh.result + b * rows;
+                const T ig = fl_sigmoid(a[unit] + r[u] + bias[unit]);
+                const T fg = fl_sigmoid(a[hidden + unit] + r[units + u] + bias[hidden + unit]);
+                const T gg = fl_tanh(a[2 * hidden + unit] + r[2 * units + u] + bias[2 * hidden + unit]);
+                const T og = fl_sigmoid(a[3 * hidden + unit] + r[3 * units + u] + bias[3 * hidden + unit]);
+                c = fg * c_prev + ig * gg;
+                h = og * fl_tanh(c);
+                y[t * plane + n] = h;
+                if (Training) {
+                    a[unit] = ig;
+                    a[hidden + unit] = fg;
+                    a[2 * hidden + unit] = gg;
+                    a[3 * hidden + unit] = og;
+                }
+            }
+            sh.own0[i] = c;
+            h_out[n] = h;
+            if (Training) c_states[t * plane + n] = c;
+        }
+        fl_grid_barrier(barrier);
+        h_prev = h_out;
+    }
+    for (int i = threadIdx.x; i < batch * units; i += blockDim.x) {
+        const int unit = unit0 + i % units;
+        if (unit >= hidden) continue;
+        const long long n = (long long)(i / units) * hidden + unit;
+        h_n[n] = __ldcg(h_prev + n);
+        c_n[n] = sh.own0[i];
+    }
+}
+
+template <typename T>
+__global__ void lstm_backward_persistent(const int steps, const int batch, const int hidden, const int units,
+                                         const int reverse, const int tile_k,
+                                         const T* __restrict__ gates,     // (steps, B, 4H) activated i, f, g, o
+                                         const T* __restrict__ c_states,  // (steps, B, H) cell after each step
+                                         const T* __restrict__ c0,        // (B, H)
+                                         const T* __restrict__ dy,        // (steps, B, H)
+                                         const T* __restrict__ w_hh_t,    // (H, 4H): W_hh transposed
+                                         const T* __restrict__ dh_n, const T* __restrict__ dc_n,  // (B, H)
+                                         T* d_gates,                      // (steps, B, 4H) out
+                                         T* __restrict__ dh0, T* __restrict__ dc0,                // (B, H) out
+                                         const long long* __restrict__ lengths, unsigned int* barrier) {
+    FL_DYNAMIC_SHARED(shared_bytes);
+    const int unit0 = blockIdx.x * units, four_h = 4 * hidden;
+    FlShared<T> sh(shared_bytes, batch, units, units);
+    T *dh_carried = sh.own0, *dc = sh.own1;  // dh_carried: the part of dh that skipped W_hh
+    for (int j = threadIdx.x; j < units; j += blockDim.x)
+        sh.row_base[j] = unit0 + j < hidden ? (long long)(unit0 + j) * four_h : -1;
+    for (int i = threadIdx.x; i < batch * units; i += blockDim.x) {
+        const int unit = unit0 + i % units;
+        const long long n = (long long)(i / units) * hidden + unit;
+        dh_carried[i] = unit < hidden ? dh_n[n] : T(0);
+        dc[i] = unit < hidden ? dc_n[n] : T(0);
+        sh.result[i] = T(0);  // no later step: nothing comes through W_hh yet
+    }
+    __syncthreads();
+    const long long plane = (long long)batch * hidden;
+    const T* d_later = nullptr;  // gate gradients of the step processed just before (later in the sequence)
+    for (int s = steps - 1; s >= 0; --s) {
+        const int t = reverse ? steps - 1 - s : s;
+        if (d_later)
+            fl_block_matvec(batch, units, four_h, tile_k, d_later, w_hh_t, sh.row_base, sh.tile, sh.partial, sh.result);
+        const T* c_before = s == 0 ? c0 : c_states + (reverse ? t + 1 : t - 1) * plane;
+        T* d_step = d_gates + t * plane * 4;
+        for (int i = threadIdx.x; i < batch * units; i += blockDim.x) {
+            const int b = i / units, u = i % units, unit = unit0 + u;
+            if (unit >= hidden) continue;
+            const long long n = (long long)b * hidden + unit;
+            T* da = d_step + (long long)b * four_h;
+            const T dh_in = dh_carried[i] + sh.result[b * units + u];
+            if (t >= lengths[b]) {  // the state was carried: its gradient passes through
+                da[unit] = da[hidden + unit] = da[2 * hidden + unit] = da[3 * hidden + unit] = T(0);
+                dh_carried[i] = dh_in;
+                continue;
+            }
+            const T* a = gates + (t * plane + (long long)b * hidden) * 4;
+            const T ig = a[unit], fg = a[hidden + unit], gg = a[2 * hidden + unit], og = a[3 * hidden + unit];
+            const T tc = fl_tanh(c_states[t * plane + n]);
+            const T dh = dh_in + dy[t * plane + n];
+            const T dct = dc[i] + dh * og * (T(1) - tc * tc);
+            da[unit] = dct * gg * ig * (T(1) - ig);
+            da[hidden + unit] = dct * c_before[n] * fg * (T(1) - fg);
+            da[2 * hidden + unit] = dct * ig * (T(1) - gg * gg);
+            da[3 * hidden + unit] = dh * tc * og * (T(1) - og);
+            dc[i] = dct * fg;
+            dh_carried[i] = T(0);
+        }
+        fl_grid_barrier(barrier);
+        d_later = d_step;
+    }
+    fl_block_matvec(batch, units, four_h, tile_k, d_later, w_hh_t, sh.row_base, sh.tile, sh.partial, sh.result);
+    for (int i = threadIdx.x; i < batch * units; i += blockDim.x) {
+        const int b = i / units, unit = unit0 + i % units;
+        if (unit >= hidden) continue;
+        const long long n = (long long)b * hidden + unit;
+        dh0[n] = dh_carried[i] + sh.result[b * units + i % units];
+        dc0[n] = dc[i];
+    }
+}
+
+#define FL_INSTANTIATE_PERSISTENT(T)                                                                  \
+    template __global__ void lstm_forward_persistent<T, true>(int, int, int, int, int, int, T*,      \
+        const T*, const T*, const T*, const T*, T*, T*, T*, T*, T*, const long long*, unsigned int*); \
+    template __global__ void lstm_forward_persistent<T, false>(int, int, int, int, int, int, T*,     \
+        const T*, const T*, const T*, const T*, T*, T*, T*, T*, T*, const long long*, unsigned int*); \
+    template __global__ void lstm_backward_persistent<T>(int, int, int, int, int, int, const T*,     \
+        const T*, const T*, const T*, const T*, const T*, const T*, T*, T*, T*, const long long*,     \
+        unsigned int*);
+FL_INSTANTIATE_PERSISTENT(float)
+FL_INSTANTIATE_PERSISTENT(double)
