@@ -6,6 +6,7 @@ For each configuration and mode, in one process and on one card:
   host      the time until the call returns, before synchronizing: when it is close to
             `total`, the GPU waits on Python (launch-bound), not the other way round
   per-step  `total` with the persistent kernels switched off (a GEMM and a kernel per step)
+  persistent `total` with the persistent kernels wherever they apply, whatever the size
   cudnn     torch.nn.LSTM on cuDNN, IEEE float32, same shapes (the bench's torch-cuda)
 plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-device copy.
 (A CUDA-graph replay was tried on 2026-11-27: CuPy refuses cuBLAS calls during stream
@@ -27,7 +28,9 @@ import cupy
 from fastlstm import bench
 from fastlstm.layer import LSTM
 
-CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8")
+CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
+# Between stream-b8 (8 x 256) and train-m (64 x 256): where the two time loops cross.
+SWEEP = {"sweep-b16": bench.Config("sweep-b16", 100, 16, 256, 256), "sweep-b32": bench.Config("sweep-b32", 100, 32, 256, 256)}
 REPEATS = 20
 
 
@@ -90,12 +93,13 @@ def probe(config: bench.Config, mode: str) -> dict:
     row["path"] = "persistent" if backend._plan(config.B, config.H, "float32") else "per-step"
     row["total"] = median_s(call)
     row["host"] = host_s(call)
-    backend.persistent = False
     try:
-        call()
-        row["per-step"] = median_s(call)
+        for path, flag in (("per-step", False), ("persistent", True)):
+            backend.persistent = flag
+            call()
+            row[path] = median_s(call)
     finally:
-        backend.persistent = True
+        backend.persistent = None
     torch_call = bench.make_runner("torch-cuda", config, mode)
     torch_call()
     row["cudnn"] = median_s(torch_call)
@@ -113,7 +117,7 @@ def main(out_dir: str) -> int:
     }
     print(f"{name}: cuBLAS sgemm 8192^3 {ceilings['sgemm_gflops'] / 1e3:.1f} TFLOP/s (IEEE float32), "
           f"device copy {ceilings['copy_gbs']:.0f} GB/s (read + write)", flush=True)
-    configs = {**bench.CONFIGS, **bench.EXTRA_CONFIGS}
+    configs = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}
     rows = []
     for config_name in CONFIGS:
         for mode in bench.MODES:
@@ -124,13 +128,14 @@ def main(out_dir: str) -> int:
     def ms(value):
         return f"{value * 1e3:.3f}" if isinstance(value, float) else "failed"
 
-    header = ("config", "mode", "path", "total ms", "host ms", "per-step ms", "cudnn ms", "total/cudnn",
-              "per-step/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
+    header = ("config", "mode", "default path", "total ms", "host ms", "per-step ms", "persistent ms", "cudnn ms",
+              "per-step/cudnn", "persistent/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
     lines = [header]
     for r in rows:
         lines.append((r["config"], r["mode"], r["path"], ms(r["total"]), ms(r["host"]), ms(r["per-step"]),
-                      ms(r["cudnn"]), f"{r['total'] / r['cudnn']:.2f}", f"{r['per-step'] / r['cudnn']:.2f}",
-                      f"{r['gflop'] / r['total'] / 1e3:.2f}", f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
+                      ms(r["persistent"]), ms(r["cudnn"]), f"{r['per-step'] / r['cudnn']:.2f}",
+                      f"{r['persistent'] / r['cudnn']:.2f}", f"{r['gflop'] / r['total'] / 1e3:.2f}",
+                      f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     print("\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines))
     return 0

@@ -18,7 +18,8 @@
 //   T tile[batch * (tile_k + 1)]   a k-tile of the shared input (padded: no bank conflicts)
 #include "lstm_common.cuh"
 
-#define FL_MAX_ACC 8  // sequences one thread accumulates at once (registers)
+#define FL_MAX_ACC 8         // sequences one thread accumulates at once (registers)
+#define FL_LOADS_IN_FLIGHT 4  // 16-byte loads a thread issues before it waits for the first
 
 // Grid-wide barrier; state[0] counts arrivals, state[1] is the generation (both start 0).
 __device__ __forceinline__ void fl_grid_barrier(unsigned int* state) {
@@ -38,6 +39,70 @@ __device__ __forceinline__ void fl_grid_barrier(unsigned int* state) {
         __threadfence();
     }
     __syncthreads();
+}
+
+// 16 bytes of T, the widest load a thread issues, and how to spill one into shared memory.
+template <typename T>
+struct FlVector;
+template <>
+struct FlVector<float> {
+    typedef float4 type;
+};
+template <>
+struct FlVector<double> {
+    typedef double2 type;
+};
+__device__ __forceinline__ void fl_store(float* dst, const float4& v) {
+    dst[0] = v.x;
+    dst[1] = v.y;
+    dst[2] = v.z;
+    dst[3] = v.w;
+}
+__device__ __forceinline__ void fl_store(double* dst, const double2& v) {
+    dst[0] = v.x;
+    dst[1] = v.y;
+}
+__device__ __forceinline__ void fl_store(float* dst, const float& v) { *dst = v; }
+__device__ __forceinline__ void fl_store(double* dst, const double& v) { *dst = v; }
+
+// tile[b * stride + k] = in[b * k_total + k0 + k] for b < batch, k < width, in units of V
+// (T, or 16-byte vectors of T). The rows were written by other blocks, so they come from
+// L2 (__ldcg), whose latency would stall the block on every element if each thread had
+// one load in flight at a time: each issues FL_LOADS_IN_FLIGHT before storing any.
+template <typename T, typename V>
+__device__ __forceinline__ void fl_load_tile_as(const T* in, int batch, int k_total, int k0, int width, T* tile,
+                                                int stride) {
+    const int per_load = sizeof(V) / sizeof(T);
+    const int loads_per_row = width / per_load;
+    const int count = batch * loads_per_row;
+    for (int i0 = threadIdx.x; i0 < count; i0 += blockDim.x * FL_LOADS_IN_FLIGHT) {
+        V v[FL_LOADS_IN_FLIGHT];
+#pragma unroll
+        for (int q = 0; q < FL_LOADS_IN_FLIGHT; ++q) {
+            const int i = i0 + q * blockDim.x;
+            if (i < count) {
+                const T* row = in + (long long)(i / loads_per_row) * k_total + k0;
+                v[q] = __ldcg(reinterpret_cast<const V*>(row) + i % loads_per_row);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < FL_LOADS_IN_FLIGHT; ++q) {
+            const int i = i0 + q * blockDim.x;
+            if (i < count) fl_store(tile + (i / loads_per_row) * stride + (i % loads_per_row) * per_load, v[q]);
+        }
+    }
+}
+
+template <typename T>
+__device__ void fl_load_tile(const T* in, int batch, int k_total, int k0, int width, T* tile, int stride) {
+    typedef typename FlVector<T>::type V;
+    const int per_load = sizeof(V) / sizeof(T);
+    const bool aligned = k_total % per_load == 0 && k0 % per_load == 0 && width % per_load == 0 &&
+                         reinterpret_cast<unsigned long long>(in) % sizeof(V) == 0;
+    if (aligned)
+        fl_load_tile_as<T, V>(in, batch, k_total, k0, width, tile, stride);
+    else
+        fl_load_tile_as<T, T>(in, batch, k_total, k0, width, tile, stride);
 }
 
 // result[b * rows + j] = sum_k in[b * k_total + k] * w[row_base[j] + k] for every sequence b
@@ -62,13 +127,11 @@ __device__ void fl_block_matvec(const int batch, const int rows, const int k_tot
     for (int a = 0; a < FL_MAX_ACC; ++a) acc[a] = T(0);
     for (int k0 = 0; k0 < k_total; k0 += tile_k) {
         const int width = k_total - k0 < tile_k ? k_total - k0 : tile_k;
-        for (int i = threadIdx.x; i < batch * width; i += blockDim.x) {
-            const int b = i / width, k = i % width;
-            tile[b * stride + k] = __ldcg(in + (long long)b * k_total + k0 + k);
-        }
+        fl_load_tile(in, batch, k_total, k0, width, tile, stride);
         __syncthreads();
         if (active) {
             const T* w_row = w + row_base[row] + k0;
+#pragma unroll 4
             for (int k = slice; k < width; k += slices) {
                 const T weight = __ldg(w_row + k);
 #pragma unroll

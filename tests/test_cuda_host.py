@@ -42,7 +42,8 @@ def emulated(library):
 @pytest.fixture(scope="module")
 def emulated_persistent(library):
     """The same with the persistent kernels, every CUDA thread a host thread."""
-    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library))
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library),
+                                            persistent=True)
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def emulated_plan(backend, batch, hidden, dtype):
 ])
 def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, path):
     kernels = host_kernels.HostKernels(library, shared_limit=shared_limit)
-    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
     plan = emulated_plan(backend, batch, hidden, dtype)
     per_row = plan.threads // (4 * plan.units)
     shown = {
@@ -263,3 +264,18 @@ def test_cublas_gemm_refuses_strided_rows(library):
     with pytest.raises(ValueError, match="rows must be contiguous"):
         cupy_backend.CublasGemm(fake.cuda)("N", "N", a, np.zeros((3, 2), np.float32).view(fake.ndarray),
                                            np.zeros((4, 2), np.float32).view(fake.ndarray), 0.0)
+
+
+def test_default_time_loop_depends_on_the_state_size(library):
+    """Persistent kernels for small batch x hidden, the per-step loop past the threshold."""
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm,
+                                               host_kernels.HostKernels(library, blocks=132, threads=256,
+                                                                        shared_limit=cupy_backend.SHARED_LIMIT))
+    limit = cupy_backend.PERSISTENT_MAX_STATE
+    assert backend._plan(1, 256, np.float32) is not None
+    assert backend._plan(limit // 256, 256, np.float32) is not None
+    assert backend._plan(limit // 256 + 1, 256, np.float32) is None
+    backend.persistent = True
+    assert backend._plan(limit // 256 + 1, 256, np.float32) is not None
+    backend.persistent = False
+    assert backend._plan(1, 256, np.float32) is None

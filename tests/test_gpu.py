@@ -30,9 +30,9 @@ def time_loop(request):
     """Run the test with the persistent kernels (where they apply: all shapes here) and
     with the per-step loop."""
     backend = fastlstm.registry.backend_object("cupy")
-    backend.persistent = request.param == "persistent"
+    backend.persistent = request.param == "persistent"  # True: wherever they apply, whatever the size
     yield request.param
-    backend.persistent = True
+    backend.persistent = None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

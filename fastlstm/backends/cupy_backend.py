@@ -36,6 +36,11 @@ ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second p
 MAX_ACC = 8  # FL_MAX_ACC in lstm_persistent.cu: sequences one thread accumulates at once
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
 MIN_TILE_K = 16
+# The persistent kernels win where the per-step loop is bound by its host work (small
+# batch x hidden); past this many state elements per step the per-step loop's cuBLAS
+# GEMMs win (each block of a persistent kernel reads the whole state every step).
+# Measured on an H200 (bench/results/2026-11-27-gpu-h200.md).
+PERSISTENT_MAX_STATE = 8192
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class PersistentPlan:
     blocks: int
     threads: int
     units: int  # hidden units per block
-    tile_forward: int  # k-tile widths (even: the padded row stride stays odd)
+    tile_forward: int  # k-tile widths (multiples of 4: the padded row stride stays odd)
     tile_backward: int
     shared_forward: int  # bytes of dynamic shared memory
     shared_backward: int
@@ -67,7 +72,7 @@ def persistent_plan(batch, hidden, itemsize, max_blocks, threads=THREADS_PER_BLO
         if rows > threads or batch > (threads // rows) * MAX_ACC:
             return None
         room = (shared_limit - _shared_bytes(batch, rows, units, threads, 0, itemsize)) // (itemsize * batch) - 1
-        tile_k = min(room, k_total + k_total % 2) // 2 * 2
+        tile_k = min(room, -(-k_total // 4) * 4) // 4 * 4  # whole 16-byte loads of float32
         if tile_k < min(MIN_TILE_K, k_total):
             return None
         tiles.append(tile_k)
@@ -103,19 +108,20 @@ class CudaSequenceBackend(ReferenceBackend):
     kernels: forward_step, backward_step, column_sum, forward_persistent,
     backward_persistent, and persistent_blocks / _threads / _shared_limit: the most blocks
     resident at once, threads per block and shared memory per block (see CupyKernels).
-    persistent: use the persistent kernels where they apply (False: always per step).
+    persistent: None (default) uses the persistent kernels where they apply and batch x
+    hidden <= PERSISTENT_MAX_STATE; True wherever they apply; False never.
     """
 
     name = "cupy"
 
-    def __init__(self, xp, gemm, kernels, persistent: bool = True):
+    def __init__(self, xp, gemm, kernels, persistent: bool | None = None):
         self.xp = xp
         self._gemm = gemm
         self._kernels = kernels
         self.persistent = persistent
 
     def _plan(self, batch, hidden, dtype) -> PersistentPlan | None:
-        if not self.persistent:
+        if self.persistent is False or (self.persistent is None and batch * hidden > PERSISTENT_MAX_STATE):
             return None
         kernels = self._kernels
         return persistent_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.persistent_blocks,

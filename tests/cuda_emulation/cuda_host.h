@@ -10,6 +10,7 @@
 #include <barrier>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -35,11 +36,21 @@ inline unsigned atomicAdd(unsigned* address, unsigned value) {
 inline unsigned atomicExch(unsigned* address, unsigned value) {
     return __atomic_exchange_n(address, value, __ATOMIC_SEQ_CST);
 }
+struct float4 {
+    float x, y, z, w;
+};
+struct double2 {
+    double x, y;
+};
 template <typename T>
-inline T __ldcg(const T* address) {  // another block's write: read it as an atomic
-    T value;
-    __atomic_load(address, &value, __ATOMIC_SEQ_CST);
-    return value;
+inline T __ldcg(const T* address) {  // another block's write: read scalars as atomics
+    if constexpr (std::is_arithmetic_v<T>) {
+        T value;
+        __atomic_load(address, &value, __ATOMIC_SEQ_CST);
+        return value;
+    } else {  // vectors: ordered by the grid barrier's fences
+        return *address;
+    }
 }
 template <typename T>
 inline T __ldg(const T* address) {
