@@ -56,6 +56,39 @@ def host_s(call, repeats=REPEATS) -> float:
     return statistics.median(times)
 
 
+def host_costs_us(repeats=500) -> dict:
+    """Host time per call of what the per-step loop does each step (wide-512 shapes), in us."""
+    import cupy.cublas
+
+    from fastlstm.backends.cupy_backend import CublasGemm
+
+    backend = LSTM(512, 512, backend="cupy")._current_backend()
+    kernels, gemm = backend._kernels, CublasGemm(cupy.cuda)
+    steps, batch, hidden = 100, 64, 512
+    gates = cupy.zeros((steps, batch, 4 * hidden), dtype=cupy.float32)
+    states = cupy.zeros((steps, batch, hidden), dtype=cupy.float32)
+    w_hh = cupy.zeros((4 * hidden, hidden), dtype=cupy.float32)
+    bias = cupy.zeros(4 * hidden, dtype=cupy.float32)
+    lengths = cupy.full(batch, steps, dtype=cupy.int64)
+    h, g = states[0], gates[0]
+    calls = {
+        "view a[t]": lambda: gates[7],
+        "pointwise kernel launch": lambda: kernels.forward_step(0, True, g, bias, *states[:5], lengths),
+        "CublasGemm (direct cuBLAS)": lambda: gemm("N", "T", h, w_hh, g, 1.0),
+        "cupy.cublas.gemm": lambda: cupy.cublas.gemm("N", "T", h, w_hh, out=g, alpha=1.0, beta=1.0),
+    }
+    costs = {}
+    for name, call in calls.items():
+        call()
+        cupy.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        costs[name] = (time.perf_counter() - start) / repeats * 1e6
+        cupy.cuda.Device().synchronize()
+    return costs
+
+
 def copy_bandwidth_gbs(size_bytes=2**31) -> float:
     a = cupy.empty(size_bytes // 4, dtype=cupy.float32)
     a.fill(1.0)
@@ -117,13 +150,15 @@ def main(out_dir: str) -> int:
     }
     print(f"{name}: cuBLAS sgemm 8192^3 {ceilings['sgemm_gflops'] / 1e3:.1f} TFLOP/s (IEEE float32), "
           f"device copy {ceilings['copy_gbs']:.0f} GB/s (read + write)", flush=True)
+    costs = host_costs_us()
+    print("host time per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
     configs = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}
     rows = []
     for config_name in CONFIGS:
         for mode in bench.MODES:
             rows.append(probe(configs[config_name], mode))
             print(json.dumps(rows[-1]), flush=True)
-    Path(out_dir, "gpu_probe.json").write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=1))
+    Path(out_dir, "gpu_probe.json").write_text(json.dumps({"ceilings": ceilings, "host_costs_us": costs, "rows": rows}, indent=1))
 
     def ms(value):
         return f"{value * 1e3:.3f}" if isinstance(value, float) else "failed"

@@ -14,11 +14,11 @@
 //   long long row_base[rows]       offset of each owned row in W (-1: past the end)
 //   T result[batch * rows]         the block's matrix-vector products of this step
 //   T own[2][batch * units]        forward: c (and a spare); backward: dh carried, dc
-//   T partial[blockDim.x]          split-k partial sums
-//   T tile[batch * (tile_k + 1)]   a k-tile of the shared input (padded: no bank conflicts)
+//   T tile[batch * (tile_k + 1)]   a k-tile of the shared input (padded: no bank conflicts),
+//                                  and after the last k-tile the split-k partial sums of
+//                                  the register tiles (slices * tiles * 16, if split)
 #include "lstm_common.cuh"
 
-#define FL_MAX_ACC 8         // sequences one thread accumulates at once (registers)
 #define FL_LOADS_IN_FLIGHT 4  // 16-byte loads a thread issues before it waits for the first
 
 // Grid-wide barrier; state[0] counts arrivals, state[1] is the generation (both start 0).
@@ -105,61 +105,103 @@ __device__ void fl_load_tile(const T* in, int batch, int k_total, int k0, int wi
         fl_load_tile_as<T, T>(in, batch, k_total, k0, width, tile, stride);
 }
 
+// Register tiles of the block's matrix-vector product: a thread accumulates FL_TILE x
+// FL_TILE results (FL_TILE sequences x FL_TILE rows), loading FL_TILE inputs and FL_TILE
+// weights per k for FL_TILE^2 multiply-adds. Sequence i of tile (mb, mr) is
+// mb + i * tiles_b (strided, so that a warp's tiles read distinct shared-memory banks),
+// row r is mr + r * tiles_r.
+#define FL_TILE 4
+
+struct FlTiling {
+    int tiles_b, tiles_r, tiles, slices;
+    __device__ FlTiling(int batch, int rows) {
+        tiles_b = (batch + FL_TILE - 1) / FL_TILE;
+        tiles_r = (rows + FL_TILE - 1) / FL_TILE;
+        tiles = tiles_b * tiles_r;
+        slices = blockDim.x / tiles;  // the host keeps tiles <= blockDim.x
+    }
+    // split-k partial sums kept in shared memory (none when each tile has one thread)
+    __device__ int partial_length() const { return slices > 1 ? slices * tiles * FL_TILE * FL_TILE : 0; }
+};
+
 // result[b * rows + j] = sum_k in[b * k_total + k] * w[row_base[j] + k] for every sequence b
 // and owned row j (0 where row_base[j] < 0). `in` was written by other blocks of this
-// launch: it is read through L2 (__ldcg), never from a stale L1 line. Each row gets
-// blockDim / rows threads; with fewer sequences than that, each dot product is split over
-// k into interleaved slices whose partial sums are then added in a fixed order.
+// launch: it is read through L2 (__ldcg), never from a stale L1 line; w is read-only and
+// stays in L1 from step to step. Threads beyond one per register tile split k into
+// interleaved slices whose partial sums are then added in a fixed order (deterministic).
 template <typename T>
 __device__ void fl_block_matvec(const int batch, const int rows, const int k_total, const int tile_k,
                                 const T* in, const T* __restrict__ w, const long long* row_base,
                                 T* tile, T* partial, T* result) {
-    const int per_row = blockDim.x / rows;
-    const int row = threadIdx.x / per_row;
-    const int lane = threadIdx.x % per_row;
-    const int slices = batch >= per_row ? 1 : per_row / batch;
-    const int first_b = slices == 1 ? lane : lane % batch;
-    const int slice = slices == 1 ? 0 : lane / batch;
-    const bool active = row < rows && slice < slices && row_base[row] >= 0;
+    const FlTiling tiling(batch, rows);
+    const int m = threadIdx.x % tiling.tiles, slice = threadIdx.x / tiling.tiles;
+    const int mb = m / tiling.tiles_r, mr = m % tiling.tiles_r;
+    const bool active = slice < tiling.slices;
     const int stride = tile_k + 1;
-    T acc[FL_MAX_ACC];
+    // Out-of-range sequences and rows read valid memory (the last sequence, row 0 of w);
+    // their sums are never stored.
+    int tile_row[FL_TILE];
+    const T* w_row[FL_TILE];
 #pragma unroll
-    for (int a = 0; a < FL_MAX_ACC; ++a) acc[a] = T(0);
+    for (int i = 0; i < FL_TILE; ++i) {
+        const int b = mb + i * tiling.tiles_b;
+        tile_row[i] = (b < batch ? b : batch - 1) * stride;
+        const int j = mr + i * tiling.tiles_r;
+        w_row[i] = w + (j < rows && row_base[j] >= 0 ? row_base[j] : 0);
+    }
+    T acc[FL_TILE][FL_TILE];
+#pragma unroll
+    for (int i = 0; i < FL_TILE; ++i)
+#pragma unroll
+        for (int r = 0; r < FL_TILE; ++r) acc[i][r] = T(0);
     for (int k0 = 0; k0 < k_total; k0 += tile_k) {
         const int width = k_total - k0 < tile_k ? k_total - k0 : tile_k;
         fl_load_tile(in, batch, k_total, k0, width, tile, stride);
         __syncthreads();
         if (active) {
-            const T* w_row = w + row_base[row] + k0;
-#pragma unroll 4
-            for (int k = slice; k < width; k += slices) {
-                const T weight = __ldg(w_row + k);
+#pragma unroll 2
+            for (int k = slice; k < width; k += tiling.slices) {
+                T x[FL_TILE], weight[FL_TILE];
 #pragma unroll
-                for (int a = 0; a < FL_MAX_ACC; ++a) {
-                    const int b = first_b + a * per_row;
-                    if ((a == 0 || slices == 1) && b < batch) acc[a] += tile[b * stride + k] * weight;
-                }
+                for (int i = 0; i < FL_TILE; ++i) x[i] = tile[tile_row[i] + k];
+#pragma unroll
+                for (int r = 0; r < FL_TILE; ++r) weight[r] = __ldg(w_row[r] + k0 + k);
+#pragma unroll
+                for (int i = 0; i < FL_TILE; ++i)
+#pragma unroll
+                    for (int r = 0; r < FL_TILE; ++r) acc[i][r] += x[i] * weight[r];
             }
         }
         __syncthreads();
     }
-    if (slices == 1) {
-        if (row < rows) {
+    if (tiling.slices == 1) {
+        if (active) {
 #pragma unroll
-            for (int a = 0; a < FL_MAX_ACC; ++a) {
-                const int b = first_b + a * per_row;
-                if (b < batch) result[b * rows + row] = active ? acc[a] : T(0);
-            }
+            for (int i = 0; i < FL_TILE; ++i)
+#pragma unroll
+                for (int r = 0; r < FL_TILE; ++r) {
+                    const int b = mb + i * tiling.tiles_b, j = mr + r * tiling.tiles_r;
+                    if (b < batch && j < rows) result[b * rows + j] = row_base[j] >= 0 ? acc[i][r] : T(0);
+                }
         }
     } else {
-        if (active) partial[(slice * batch + first_b) * rows + row] = acc[0];
+        if (active) {
+            T* mine = partial + (slice * tiling.tiles + m) * FL_TILE * FL_TILE;
+#pragma unroll
+            for (int i = 0; i < FL_TILE; ++i)
+#pragma unroll
+                for (int r = 0; r < FL_TILE; ++r) mine[i * FL_TILE + r] = acc[i][r];
+        }
         __syncthreads();
-        for (int i = threadIdx.x; i < batch * rows; i += blockDim.x) {
-            const int b = i / rows, j = i % rows;
+        for (int o = threadIdx.x; o < batch * rows; o += blockDim.x) {
+            const int b = o / rows, j = o % rows;
+            const int tile_index = (b % tiling.tiles_b) * tiling.tiles_r + j % tiling.tiles_r;
+            const int element = (b / tiling.tiles_b) * FL_TILE + j / tiling.tiles_r;
             T sum = T(0);
             if (row_base[j] >= 0)
-                for (int s = 0; s < slices; ++s) sum += partial[(s * batch + b) * rows + j];
-            result[i] = sum;
+                for (int s = 0; s < tiling.slices; ++s)
+                    sum += partial[(s * tiling.tiles + tile_index) * FL_TILE * FL_TILE + element];
+            result[o] = sum;
         }
     }
     __syncthreads();
@@ -175,8 +217,7 @@ struct FlShared {
         result = reinterpret_cast<T*>(row_base + rows);
         own0 = result + batch * rows;
         own1 = own0 + batch * units;
-        partial = own1 + batch * units;
-        tile = partial + blockDim.x;
+        tile = partial = own1 + batch * units;  // the partial sums reuse the tile's memory
     }
 };
 

@@ -42,8 +42,8 @@ def emulated(library):
 @pytest.fixture(scope="module")
 def emulated_persistent(library):
     """The same with the persistent kernels, every CUDA thread a host thread."""
-    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library),
-                                            persistent=True)
+    kernels = host_kernels.HostKernels(library, shared_limit=8192)
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
 
 
 @pytest.fixture
@@ -100,19 +100,21 @@ def emulated_plan(backend, batch, hidden, dtype):
 
 
 @pytest.mark.parametrize("batch, hidden, dtype, shared_limit, path", [
-    (2, 3, "float32", 3072, "split-k"),  # 1 unit per block, 8 threads per row, 2 sequences: 4 k-slices each
-    (20, 3, "float64", 3072, "several sequences per thread"),
-    (2, 24, "float32", 920, "several k-tiles"),
+    (2, 3, "float32", 3072, "split-k"),  # 1 register tile per block, 32 threads: 32 k-slices
+    (33, 4, "float32", 3072, "one thread per register tile, some threads idle"),
+    (30, 3, "float32", 4096, "partial register tiles"),
+    (16, 24, "float32", 4600, "several k-tiles"),
     (3, 7, "float32", 3072, "last block partly past the end"),
 ])
 def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, path):
     kernels = host_kernels.HostKernels(library, shared_limit=shared_limit)
     backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
     plan = emulated_plan(backend, batch, hidden, dtype)
-    per_row = plan.threads // (4 * plan.units)
+    tiles = -(-batch // 4) * -(-4 * plan.units // 4)  # forward's register tiles
     shown = {
-        "split-k": batch < per_row,
-        "several sequences per thread": batch > per_row,
+        "split-k": plan.threads // tiles > 1,
+        "one thread per register tile, some threads idle": plan.threads // tiles == 1 and tiles < plan.threads,
+        "partial register tiles": batch % 4 != 0,
         "several k-tiles": plan.tile_forward < hidden and plan.tile_backward < 4 * hidden,
         "last block partly past the end": plan.blocks * plan.units > hidden,
     }

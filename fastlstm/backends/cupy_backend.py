@@ -33,7 +33,7 @@ from .base import ReferenceBackend
 
 THREADS_PER_BLOCK = 256
 ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second pass
-MAX_ACC = 8  # FL_MAX_ACC in lstm_persistent.cu: sequences one thread accumulates at once
+REGISTER_TILE = 4  # FL_TILE in lstm_persistent.cu: sequences x rows one thread accumulates
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
 MIN_TILE_K = 16
 # The persistent kernels win where the per-step loop is bound by its host work (small
@@ -56,24 +56,32 @@ class PersistentPlan:
     shared_backward: int
 
 
+def _register_tiles(batch, rows) -> int:
+    return -(-batch // REGISTER_TILE) * -(-rows // REGISTER_TILE)
+
+
 def _shared_bytes(batch, rows, units, threads, tile_k, itemsize) -> int:
-    """The layout at the top of lstm_persistent.cu."""
-    return 8 * rows + itemsize * (batch * rows + 2 * batch * units + threads + batch * (tile_k + 1))
+    """The layout at the top of lstm_persistent.cu (FlShared, FlTiling)."""
+    tiles = _register_tiles(batch, rows)
+    slices = threads // tiles
+    partial = slices * tiles * REGISTER_TILE**2 if slices > 1 else 0  # shares the tile's memory
+    return 8 * rows + itemsize * (batch * rows + 2 * batch * units + max(partial, batch * (tile_k + 1)))
 
 
 def persistent_plan(batch, hidden, itemsize, max_blocks, threads=THREADS_PER_BLOCK,
                     shared_limit=SHARED_LIMIT) -> PersistentPlan | None:
-    """The persistent kernels' plan, or None where they do not apply (too many units per
-    block for the threads, too many sequences per thread, or shared memory too small)."""
+    """The persistent kernels' plan, or None where they do not apply (more register tiles
+    than threads, or too little shared memory)."""
     units = -(-hidden // max_blocks)
     blocks = -(-hidden // units)
     tiles, shared = [], []
     for rows, k_total in ((4 * units, hidden), (units, 4 * hidden)):
-        if rows > threads or batch > (threads // rows) * MAX_ACC:
+        if _register_tiles(batch, rows) > threads:
             return None
-        room = (shared_limit - _shared_bytes(batch, rows, units, threads, 0, itemsize)) // (itemsize * batch) - 1
+        fixed = 8 * rows + itemsize * (batch * rows + 2 * batch * units)
+        room = (shared_limit - fixed) // (itemsize * batch) - 1
         tile_k = min(room, -(-k_total // 4) * 4) // 4 * 4  # whole 16-byte loads of float32
-        if tile_k < min(MIN_TILE_K, k_total):
+        if tile_k < min(MIN_TILE_K, k_total) or _shared_bytes(batch, rows, units, threads, tile_k, itemsize) > shared_limit:
             return None
         tiles.append(tile_k)
         shared.append(_shared_bytes(batch, rows, units, threads, tile_k, itemsize))
