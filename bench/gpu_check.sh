@@ -37,5 +37,14 @@ timeout 200 "$PY" -m fastlstm bench --backends cupy,torch-cuda,torch-cuda-tf32 \
 timeout 150 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# 4. where the persistent forward's time goes at the largest config (if ncu is there;
+#    --clock-control none: the card's clocks are left as they are)
+if command -v ncu >/dev/null; then
+  timeout 90 ncu --clock-control none --kernel-name regex:lstm_forward_persistent --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+    "$PY" bench/gpu_probe.py --once wide-512 > "$OUT/ncu_wide512.txt" 2>&1 || echo "ncu failed (not counted)"
+  tail -n 60 "$OUT/ncu_wide512.txt"
+fi
+
 echo "gpu_check: exit $status; results in $OUT"
 exit $status

@@ -13,6 +13,7 @@ plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-de
 capture, "calling cuBLAS API during stream capture is currently unsupported".)
 
 Usage: python bench/gpu_probe.py OUT_DIR   (writes gpu_probe.json there; prints a table)
+       python bench/gpu_probe.py --once CONFIG   (one persistent forward, for ncu)
 """
 
 from __future__ import annotations
@@ -176,5 +177,18 @@ def main(out_dir: str) -> int:
     return 0
 
 
+def once(config_name: str) -> int:
+    """One forward with the persistent kernels forced, for a profiler (ncu) to catch."""
+    config = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}[config_name]
+    x, _ = bench._inputs(config, "float32")
+    lstm = LSTM(config.I, config.H, backend="cupy", seed=0).eval()
+    lstm._current_backend().persistent = True
+    lstm(cupy.asarray(x))
+    cupy.cuda.Device().synchronize()
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--once":
+        sys.exit(once(sys.argv[2]))
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "."))

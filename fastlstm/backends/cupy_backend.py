@@ -36,11 +36,12 @@ ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second p
 REGISTER_TILE = 4  # FL_TILE in lstm_persistent.cu: sequences x rows one thread accumulates
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
 MIN_TILE_K = 16
-# The persistent kernels win where the per-step loop is bound by its host work (small
-# batch x hidden); past this many state elements per step the per-step loop's cuBLAS
-# GEMMs win (each block of a persistent kernel reads the whole state every step).
-# Measured on an H200 (bench/results/2026-11-27-gpu-h200.md).
-PERSISTENT_MAX_STATE = 8192
+# The persistent kernels win where the per-step loop is bound by its host work (~20 us
+# per kernel launch or cuBLAS call on the H200 measured): up to 64 x 256 and 32 x 512
+# sequences x units they beat the per-step loop 2-3x; at 64 x 512 the per-step loop's
+# cuBLAS GEMMs win (each block of a persistent kernel reads the whole state every step).
+# Measured on an H200: bench/results/2026-11-27-gpu-h200.md.
+PERSISTENT_MAX_STATE = 16384
 
 
 @dataclass(frozen=True)
