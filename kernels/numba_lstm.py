@@ -176,20 +176,22 @@ _TILE_ROWS = 8 if _AVX512 else 6  # 16 (12) accumulators + 2 operand vectors + 1
 
 
 def _tile_kernel(rows):
-    """An intrinsic computing C[rows, PANEL] (+)= A[rows, K] @ P[K, PANEL] for one panel P.
+    """An intrinsic computing C[rows, PANEL] (+)= A[rows, K] @ B[K, PANEL] for one panel.
 
-    Arguments are addresses and element strides: (a, lda, panel, c, ldc, K, accumulate).
+    Arguments are addresses and element strides: (a, a_row, a_col, b, ldb, c, ldc, K,
+    accumulate): A[m, k] at a + m * a_row + k * a_col (so A may be a transposed view),
+    B[k, 0:PANEL] at b + k * ldb (a packed panel: ldb = PANEL), C[m, 0:PANEL] at c + m * ldc.
     The accumulators stay in registers across the whole K loop (SSA phi values).
     """
     vec = ir.VectorType(ir.FloatType(), _LANES)
     i64 = ir.IntType(64)
 
     @intrinsic
-    def tile(typingctx, a, lda, panel, c, ldc, inner, accumulate):
-        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.boolean)
+    def tile(typingctx, a, a_row, a_col, b, ldb, c, ldc, inner, accumulate):
+        sig = types.void(*([types.intp] * 8), types.boolean)
 
         def codegen(context, builder, signature, args):
-            a_addr, lda_v, p_addr, c_addr, ldc_v, k_count, accum = args
+            a_addr, a_row_v, a_col_v, p_addr, ldb_v, c_addr, ldc_v, k_count, accum = args
             fptr = ir.FloatType().as_pointer()
             a_ptr, p_ptr, c_ptr = (builder.inttoptr(v, fptr) for v in (a_addr, p_addr, c_addr))
             fma = cgutils.get_or_insert_function(
@@ -208,7 +210,8 @@ def _tile_kernel(rows):
             for row in acc:
                 for phi in row:
                     phi.add_incoming(zero, entry)
-            p_row = builder.mul(kk, ir.Constant(i64, PANEL))
+            p_row = builder.mul(kk, ldb_v)
+            a_col_offset = builder.mul(kk, a_col_v)
             operands = []
             for v in range(2):
                 address = builder.gep(p_ptr, [builder.add(p_row, ir.Constant(i64, v * _LANES))])
@@ -217,7 +220,8 @@ def _tile_kernel(rows):
                 operands.append(load)
             updated = []
             for m in range(rows):
-                a_val = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(ir.Constant(i64, m), lda_v), kk)]))
+                a_offset = builder.add(builder.mul(ir.Constant(i64, m), a_row_v), a_col_offset)
+                a_val = builder.load(builder.gep(a_ptr, [a_offset]))
                 splat = builder.shuffle_vector(
                     builder.insert_element(ir.Constant(vec, ir.Undefined), a_val, ir.Constant(ir.IntType(32), 0)),
                     ir.Constant(vec, ir.Undefined), splat_mask)
@@ -257,6 +261,21 @@ _tile_1 = _tile_kernel(1)
 
 
 @njit(inline="always")
+def _tiles_of_panel(a_addr, a_row, a_col, rows, b_addr, ldb, c_addr, ldc, inner, accumulate):
+    """C[:, panel] (+)= A @ B[:, panel] for all `rows` rows of A, in register tiles."""
+    m = 0
+    while m + _TILE_ROWS <= rows:
+        _tile_big(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        m += _TILE_ROWS
+    while m + 4 <= rows:
+        _tile_4(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        m += 4
+    while m < rows:
+        _tile_1(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        m += 1
+
+
+@njit(inline="always")
 def _gemm_packed(a, panels, c, accumulate):
     """c (M, N) (+)= a (M, K) @ W for float32, W packed as panels (N / PANEL, K, PANEL).
 
@@ -267,18 +286,33 @@ def _gemm_packed(a, panels, c, accumulate):
     ldc = c.strides[0] // 4
     a_addr, c_addr, p_addr = a.ctypes.data, c.ctypes.data, panels.ctypes.data
     for p in range(panels.shape[0]):
-        panel = p_addr + p * inner * PANEL * 4
-        c_panel = c_addr + p * PANEL * 4
-        m = 0
-        while m + _TILE_ROWS <= rows:
-            _tile_big(a_addr + m * lda * 4, lda, panel, c_panel + m * ldc * 4, ldc, inner, accumulate)
-            m += _TILE_ROWS
-        while m + 4 <= rows:
-            _tile_4(a_addr + m * lda * 4, lda, panel, c_panel + m * ldc * 4, ldc, inner, accumulate)
-            m += 4
-        while m < rows:
-            _tile_1(a_addr + m * lda * 4, lda, panel, c_panel + m * ldc * 4, ldc, inner, accumulate)
-            m += 1
+        _tiles_of_panel(a_addr, lda, 1, rows, p_addr + p * inner * PANEL * 4, PANEL, c_addr + p * PANEL * 4, ldc,
+                        inner, accumulate)
+
+
+# The weight and input gradients multiply tall operands (K = T*B rows): K is cut into
+# chunks whose A and B parts stay in L2 (1 MiB a core here) while every tile reuses them.
+_K_CHUNK = 128
+
+
+@njit(inline="always")
+def _gemm_unpacked(a, a_transposed, b, c, accumulate):
+    """c (M, N) (+)= op(a) @ b for float32 with N a multiple of PANEL, b read in place.
+
+    op(a) = a (M, K), or a.T when a_transposed (a is (K, M)); a, b and c may be row
+    slices of larger arrays (unit stride along rows).
+    """
+    rows, cols = c.shape
+    inner = a.shape[0] if a_transposed else a.shape[1]
+    lda, ldb, ldc = a.strides[0] // 4, b.strides[0] // 4, c.strides[0] // 4
+    a_row, a_col = (1, lda) if a_transposed else (lda, 1)
+    for k0 in range(0, inner, _K_CHUNK):
+        kc = min(_K_CHUNK, inner - k0)
+        a_addr = a.ctypes.data + k0 * a_col * 4
+        b_addr = b.ctypes.data + k0 * ldb * 4
+        for p in range(cols // PANEL):
+            _tiles_of_panel(a_addr, a_row, a_col, rows, b_addr + p * PANEL * 4, ldb, c.ctypes.data + p * PANEL * 4,
+                            ldc, kc, accumulate or k0 > 0)
 
 
 @njit(inline="always")
@@ -550,8 +584,22 @@ backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_lo
 
 
 # -- weight gradients -------------------------------------------------------------------
+@njit(inline="always")
+def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
+    """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the
+    operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS."""
+    if packed and c.shape[1] % PANEL == 0:
+        _gemm_unpacked(a, a_transposed, b, c, accumulate)
+    elif accumulate:
+        c += np.dot(a.T, b) if a_transposed else np.dot(a, b)
+    elif a_transposed:
+        np.dot(a.T, b, c)
+    else:
+        np.dot(a, b, c)
+
+
 @njit(**_OPTS)
-def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p):
+def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p):
     """Block k's rows of dW_ih, dW_hh and dbias: GEMMs over all T*B rows, column sums."""
     num_steps, batch, hidden = h_states.shape
     rows = num_steps * batch
@@ -559,22 +607,18 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, 
     nu = bounds[k + 1] - u0
     r0, r1 = 4 * u0, 4 * u0 + 4 * nu
     d_k = _block_view(d_gates, k, rows, 4 * nu)
-    np.dot(d_k.T, x2, dw_ih_p[r0:r1])
-    # h_{t-1} of every step but the first is another step's h: two GEMMs, no copy.
+    _gemm_tall(d_k, True, x2, dw_ih_p[r0:r1], False, packed)
+    # h_{t-1} of every step but the first is another step's h: two GEMMs into one output.
     h2 = h_states.reshape((rows, hidden))
     out = dw_hh_p[r0:r1]
-    first = np.empty((4 * nu, hidden), h0.dtype)
-    if rows == batch:  # a single step: only h0
-        out[:] = 0
-    elif reverse:
-        np.dot(d_k[: rows - batch].T, h2[batch:], out)
+    if reverse:  # the first step is the last time step; it started from h0
+        _gemm_tall(d_k[rows - batch :], True, h0, out, False, packed)
+        if rows > batch:
+            _gemm_tall(d_k[: rows - batch], True, h2[batch:], out, True, packed)
     else:
-        np.dot(d_k[batch:].T, h2[: rows - batch], out)
-    if reverse:
-        np.dot(d_k[rows - batch :].T, h0, first)
-    else:
-        np.dot(d_k[:batch].T, h0, first)
-    out += first
+        _gemm_tall(d_k[:batch], True, h0, out, False, packed)
+        if rows > batch:
+            _gemm_tall(d_k[batch:], True, h2[: rows - batch], out, True, packed)
     # Deterministic column sums: rows in order, no atomics.
     acc = dbias_p[r0:r1]
     acc[:] = 0
@@ -583,32 +627,25 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, 
 
 
 @njit(**_OPTS)
-def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, dx2, scratch):
+def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
     """Rows of dx (T*B, I) for part p: sum over blocks of d_gates[block] @ W_ih_p[block rows]."""
     rows = dx2.shape[0]
     r0 = rows * p // num_parts
     r1 = rows * (p + 1) // num_parts
     if r1 <= r0:
         return
-    out = dx2[r0:r1]
-    tmp = scratch[p, : (r1 - r0) * dx2.shape[1]].reshape((r1 - r0, dx2.shape[1]))
     for k in range(bounds.shape[0] - 1):
         u0 = bounds[k]
         nu = bounds[k + 1] - u0
         d_k = _block_view(d_gates, k, rows, 4 * nu)
-        w_k = w_ih_p[4 * u0 : 4 * u0 + 4 * nu]
-        if k == 0:
-            np.dot(d_k[r0:r1], w_k, out)
-        else:
-            np.dot(d_k[r0:r1], w_k, tmp)
-            out += tmp
+        _gemm_tall(d_k[r0:r1], False, w_ih_p[4 * u0 : 4 * u0 + 4 * nu], dx2[r0:r1], k > 0, packed)
 
 
 @njit(parallel=True, **_OPTS)
-def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, dw_ih_p, dw_hh_p, dbias_p, dx2):
+def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
     """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
     num_blocks = bounds.shape[0] - 1
-    scratch = np.empty((num_blocks, (dx2.shape[0] // num_blocks + 1) * dx2.shape[1]), dx2.dtype)
+    packed = mode == GEMM_PACKED
     for k in prange(num_blocks):  # thread k: block k's weight rows, then part k of dx's rows
-        _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, dw_ih_p, dw_hh_p, dbias_p)
-        _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, dx2, scratch)
+        _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p)
+        _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, packed, dx2)

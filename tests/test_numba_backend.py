@@ -209,3 +209,49 @@ def test_per_step_gemm_modes_and_operand_layouts(mode, rows):
         out = np.empty((rows, width), np.float32)
         gemm(d, backward_ops[k], 128, width, out, mode)  # d @ block
         np.testing.assert_allclose(out, d @ block, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 17])
+@pytest.mark.parametrize("inner", [5, kernels._K_CHUNK, 2 * kernels._K_CHUNK + 37])  # one, exactly one, three chunks
+def test_unpacked_gemm_for_the_gradients(transposed, rows, inner):
+    """c (+)= op(a) @ b on operands read in place (row slices of wider arrays), against NumPy."""
+    from numba import njit
+
+    @njit
+    def gemm(a, a_transposed, b, c, accumulate):
+        kernels._gemm_unpacked(a, a_transposed, b, c, accumulate)
+
+    rng = np.random.default_rng(rows * inner)
+    cols = 2 * kernels.PANEL
+    wide_a = rng.standard_normal((inner + 3, rows + 9) if transposed else (rows + 3, inner + 9)).astype(np.float32)
+    a = wide_a[:inner, :rows] if transposed else wide_a[:rows, :inner]
+    b = rng.standard_normal((inner, cols + 16)).astype(np.float32)[:, :cols]
+    c_wide = rng.standard_normal((rows, cols + 8)).astype(np.float32)
+    c = c_wide[:, :cols]
+    beside = c_wide[:, cols:].copy()
+    expected = (a.T if transposed else a).astype(np.float64) @ b.astype(np.float64)
+    gemm(a, transposed, b, c, False)
+    np.testing.assert_allclose(c, expected, rtol=1e-4, atol=1e-4 * np.sqrt(inner))
+    gemm(a, transposed, b, c, True)
+    np.testing.assert_allclose(c, 2 * expected, rtol=1e-4, atol=2e-4 * np.sqrt(inner))
+    assert np.array_equal(c_wide[:, cols:], beside)  # the columns beside c are not written
+
+
+def test_weight_gradients_through_the_micro_kernel_match_numpy():
+    """The parallel float32 plan with input and hidden sizes in whole panels: dW_ih, dW_hh
+    and dx come from the micro-kernel, both directions, with lengths and an initial state."""
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores")
+    numba_layer, numpy_layer = layer_pair("float32", input_size=64, hidden_size=96, bidirectional=True)
+    plan = numba_layer._current_backend()._plan(16, 96, np.float32)
+    assert plan.parallel and plan.mode == kernels.GEMM_PACKED and 64 % kernels.PANEL == 0
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((30, 16, 64))
+    state = tuple(0.5 * rng.standard_normal((2, 16, 96)) for _ in range(2))
+    lengths = rng.integers(1, 31, size=16)
+    dy, dstate = rng.standard_normal((30, 16, 192)), tuple(rng.standard_normal((2, 16, 96)) for _ in range(2))
+    expected = forward_backward(numpy_layer, x, state, lengths, dy, dstate)
+    actual = forward_backward(numba_layer, x, state, lengths, dy, dstate)
+    for name in expected:
+        assert_close(actual[name], expected[name], PARITY["float32"], name)

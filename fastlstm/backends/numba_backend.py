@@ -192,7 +192,7 @@ class NumbaBackend(ReferenceBackend):
             numba.set_num_threads(plan.num_blocks)
             kernels.gradients(
                 d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
-                plan.bounds, dw_ih_p, dw_hh_p, dbias_p, dx2,
+                plan.bounds, plan.mode, dw_ih_p, dw_hh_p, dbias_p, dx2,
             )
         # Back from the blocked row order to torch's [i; f; g; o].
         dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
