@@ -584,7 +584,7 @@ backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_lo
 
 
 # -- weight gradients -------------------------------------------------------------------
-@njit(inline="always")
+@njit(**_OPTS)  # not inlined: its four call sites share one compiled body (compile time)
 def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
     """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the
     operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS."""
