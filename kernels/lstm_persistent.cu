@@ -20,6 +20,18 @@
 #include "lstm_common.cuh"
 
 #define FL_LOADS_IN_FLIGHT 4  // 16-byte loads a thread issues before it waits for the first
+#define FL_MAX_SLICES 64      // split-k slices per register tile at most (more would idle in the sum)
+
+// Threads per block the host launches at most (persistent_threads in cupy_backend.py):
+// 16 warps for float32, whose kernels fit 128 registers a thread; 8 for float64.
+template <typename T>
+struct FlThreads {
+    static const int max = 512;
+};
+template <>
+struct FlThreads<double> {
+    static const int max = 256;
+};
 
 // Grid-wide barrier; state[0] counts arrivals, state[1] is the generation (both start 0).
 __device__ __forceinline__ void fl_grid_barrier(unsigned int* state) {
@@ -119,6 +131,7 @@ struct FlTiling {
         tiles_r = (rows + FL_TILE - 1) / FL_TILE;
         tiles = tiles_b * tiles_r;
         slices = blockDim.x / tiles;  // the host keeps tiles <= blockDim.x
+        if (slices > FL_MAX_SLICES) slices = FL_MAX_SLICES;
     }
     // split-k partial sums kept in shared memory (none when each tile has one thread)
     __device__ int partial_length() const { return slices > 1 ? slices * tiles * FL_TILE * FL_TILE : 0; }
@@ -222,7 +235,7 @@ struct FlShared {
 };
 
 template <typename T, bool Training>
-__global__ void lstm_forward_persistent(const int steps, const int batch, const int hidden, const int units,
+__global__ void __launch_bounds__(FlThreads<T>::max) lstm_forward_persistent(const int steps, const int batch, const int hidden, const int units,
                                         const int reverse, const int tile_k,
                                         T* gates,                        // (steps, B, 4H): x W_ih^T in; Training: activated gates out
                                         const T* __restrict__ bias,      // (4H) b_ih + b_hh
@@ -296,7 +309,7 @@ __global__ void lstm_forward_persistent(const int steps, const int batch, const 
 }
 
 template <typename T>
-__global__ void lstm_backward_persistent(const int steps, const int batch, const int hidden, const int units,
+__global__ void __launch_bounds__(FlThreads<T>::max) lstm_backward_persistent(const int steps, const int batch, const int hidden, const int units,
                                          const int reverse, const int tile_k,
                                          const T* __restrict__ gates,     // (steps, B, 4H) activated i, f, g, o
                                          const T* __restrict__ c_states,  // (steps, B, H) cell after each step

@@ -95,25 +95,28 @@ def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_step
 
 def emulated_plan(backend, batch, hidden, dtype):
     kernels = backend._kernels
-    return cupy_backend.persistent_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.persistent_blocks,
-                                        kernels.persistent_threads, kernels.persistent_shared_limit)
+    itemsize = np.dtype(dtype).itemsize
+    return cupy_backend.persistent_plan(batch, hidden, itemsize, kernels.persistent_blocks,
+                                        kernels.persistent_threads[itemsize], kernels.persistent_shared_limit)
 
 
-@pytest.mark.parametrize("batch, hidden, dtype, shared_limit, path", [
-    (2, 3, "float32", 3072, "split-k"),  # 1 register tile per block, 32 threads: 32 k-slices
-    (33, 4, "float32", 3072, "one thread per register tile, some threads idle"),
-    (30, 3, "float32", 4096, "partial register tiles"),
-    (16, 24, "float32", 4600, "several k-tiles"),
-    (3, 7, "float32", 3072, "last block partly past the end"),
+@pytest.mark.parametrize("batch, hidden, dtype, shared_limit, threads, path", [
+    (2, 3, "float32", 3072, 32, "split-k"),  # 1 register tile per block, 32 threads: 32 k-slices
+    (1, 3, "float64", 16384, 128, "split-k capped"),  # 128 threads, 1 tile: 64 slices, 64 threads idle
+    (33, 4, "float32", 3072, 32, "one thread per register tile, some threads idle"),
+    (30, 3, "float32", 4096, 32, "partial register tiles"),
+    (16, 24, "float32", 4600, 32, "several k-tiles"),
+    (3, 7, "float32", 3072, 32, "last block partly past the end"),
 ])
-def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, path):
-    kernels = host_kernels.HostKernels(library, shared_limit=shared_limit)
+def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, threads, path):
+    kernels = host_kernels.HostKernels(library, threads=threads, shared_limit=shared_limit)
     backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
     plan = emulated_plan(backend, batch, hidden, dtype)
     tiles = -(-batch // 4) * -(-4 * plan.units // 4)  # forward's register tiles
     shown = {
         "split-k": plan.threads // tiles > 1,
         "one thread per register tile, some threads idle": plan.threads // tiles == 1 and tiles < plan.threads,
+        "split-k capped": plan.threads // tiles > cupy_backend.MAX_SLICES,
         "partial register tiles": batch % 4 != 0,
         "several k-tiles": plan.tile_forward < hidden and plan.tile_backward < 4 * hidden,
         "last block partly past the end": plan.blocks * plan.units > hidden,

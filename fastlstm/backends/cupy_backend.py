@@ -34,6 +34,10 @@ from .base import ReferenceBackend
 THREADS_PER_BLOCK = 256
 ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second pass
 REGISTER_TILE = 4  # FL_TILE in lstm_persistent.cu: sequences x rows one thread accumulates
+MAX_SLICES = 64  # FL_MAX_SLICES in lstm_persistent.cu
+# Threads per block of the persistent kernels by itemsize (FlThreads in lstm_persistent.cu):
+# 16 warps per multiprocessor hide more latency than 8; float64 needs more registers.
+PERSISTENT_THREADS = {4: 512, 8: 256}
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
 MIN_TILE_K = 16
 # The persistent kernels win where the per-step loop is bound by its host work (~20 us
@@ -64,15 +68,16 @@ def _register_tiles(batch, rows) -> int:
 def _shared_bytes(batch, rows, units, threads, tile_k, itemsize) -> int:
     """The layout at the top of lstm_persistent.cu (FlShared, FlTiling)."""
     tiles = _register_tiles(batch, rows)
-    slices = threads // tiles
+    slices = min(threads // tiles, MAX_SLICES)
     partial = slices * tiles * REGISTER_TILE**2 if slices > 1 else 0  # shares the tile's memory
     return 8 * rows + itemsize * (batch * rows + 2 * batch * units + max(partial, batch * (tile_k + 1)))
 
 
-def persistent_plan(batch, hidden, itemsize, max_blocks, threads=THREADS_PER_BLOCK,
+def persistent_plan(batch, hidden, itemsize, max_blocks, threads=None,
                     shared_limit=SHARED_LIMIT) -> PersistentPlan | None:
     """The persistent kernels' plan, or None where they do not apply (more register tiles
     than threads, or too little shared memory)."""
+    threads = PERSISTENT_THREADS[itemsize] if threads is None else threads
     units = -(-hidden // max_blocks)
     blocks = -(-hidden // units)
     tiles, shared = [], []
@@ -116,7 +121,8 @@ class CudaSequenceBackend(ReferenceBackend):
     gemm(transa, transb, a, b, out, beta): out = op(a) @ op(b) + beta * out.
     kernels: forward_step, backward_step, column_sum, forward_persistent,
     backward_persistent, and persistent_blocks / _threads / _shared_limit: the most blocks
-    resident at once, threads per block and shared memory per block (see CupyKernels).
+    resident at once, threads per block by itemsize and shared memory per block (see
+    CupyKernels).
     persistent: None (default) uses the persistent kernels where they apply and batch x
     hidden <= PERSISTENT_MAX_STATE; True wherever they apply; False never.
     """
@@ -132,9 +138,9 @@ class CudaSequenceBackend(ReferenceBackend):
     def _plan(self, batch, hidden, dtype) -> PersistentPlan | None:
         if self.persistent is False or (self.persistent is None and batch * hidden > PERSISTENT_MAX_STATE):
             return None
-        kernels = self._kernels
-        return persistent_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.persistent_blocks,
-                               kernels.persistent_threads, kernels.persistent_shared_limit)
+        kernels, itemsize = self._kernels, np.dtype(dtype).itemsize
+        return persistent_plan(batch, hidden, itemsize, kernels.persistent_blocks,
+                               kernels.persistent_threads[itemsize], kernels.persistent_shared_limit)
 
     # -- primitives -------------------------------------------------------------------
     def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
@@ -277,7 +283,7 @@ class CupyKernels:
         # One block per multiprocessor: all resident at once, so the grid barrier is safe.
         properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         self.persistent_blocks = int(properties["multiProcessorCount"])
-        self.persistent_threads = THREADS_PER_BLOCK
+        self.persistent_threads = PERSISTENT_THREADS
         self.persistent_shared_limit = SHARED_LIMIT
 
     def _function(self, name):

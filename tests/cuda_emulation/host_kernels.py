@@ -51,7 +51,7 @@ class HostKernels:
     def __init__(self, library: Path, blocks: int = 3, threads: int = 32, shared_limit: int = 3072):
         self._lib = ctypes.CDLL(str(library))
         self.persistent_blocks = blocks
-        self.persistent_threads = threads
+        self.persistent_threads = {4: threads, 8: threads}
         self.persistent_shared_limit = shared_limit
 
     def _fn(self, name, array):
