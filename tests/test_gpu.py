@@ -20,6 +20,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.available, reason=f
 # The GPU reorders sums (cuBLAS, fused kernels): float32 against the float64-exact
 # reference is compared at 1e-5 relative to the largest magnitude, float64 at 1e-10.
 TOL = {"float32": 1e-5, "float64": 1e-10}
+# cupy against cuDNN: two float32 implementations, each within 1e-5 of the exact result,
+# may differ by twice that (seen on an H200: 1.16e-5 for y once the persistent kernels
+# split their sums over 512 threads). float64 stays at 1e-10.
+TOL_VS_CUDNN = {"float32": 2e-5, "float64": 1e-10}
 
 
 CASES = list(itertools.product((1, 2), (False, True), (False, True), (False, True)))
@@ -81,7 +85,7 @@ def test_cupy_matches_torch_cuda(bidirectional, with_lengths, dtype):
     expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
     actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     for name in expected:
-        assert_close(actual[name], expected[name], TOL[dtype], name)
+        assert_close(actual[name], expected[name], TOL_VS_CUDNN[dtype], name)
 
 
 def test_device_arrays_stay_on_the_device():
