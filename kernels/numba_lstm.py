@@ -10,7 +10,9 @@ between blocks is h, double-buffered. So there is one fork/join per step, no
 BLAS thread pool competing with Numba's threads, and each thread's weights stay
 in its core's cache from step to step. Problems too small to split run one block
 on the calling thread (the ``*_serial`` kernels); their caller does the input
-projection and the weight gradients as NumPy GEMMs on BLAS's own threads.
+projection and the weight gradients as NumPy GEMMs on BLAS's own threads. On the
+parallel plan the weight and input gradients after the loop run per block too
+(``gradients``), through the same micro-kernel with the operands read in place.
 
 Permuted layout: block k covers units [u0, u1) (nu of them); its gate columns are
 [i(u0:u1), f(u0:u1), g(u0:u1), o(u0:u1)], stored contiguously per block as

@@ -7,7 +7,7 @@ first use.
 
 Threads: ``fastlstm.set_num_threads`` sets how many run. The kernels run one block
 of hidden units per Numba thread; where they call BLAS from those threads (float64,
-unaligned sizes, the weight gradients), BLAS is held to one thread for the call
+sizes that are not whole 32-column panels), BLAS is held to one thread for the call
 (threadpoolctl), so the two pools never oversubscribe the cores. Problems too small
 to split run on one thread, and their large GEMMs (input projection, weight
 gradients) go to NumPy's BLAS with the same thread count.
