@@ -31,29 +31,22 @@ from fastlstm.layer import LSTM
 
 CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
 # Between stream-b8 (8 x 256) and train-m (64 x 256): where the two time loops cross.
-SWEEP = {"sweep-b16": bench.Config("sweep-b16", 100, 16, 256, 256), "sweep-b32": bench.Config("sweep-b32", 100, 32, 256, 256)}
+SWEEP = {name: bench.Config(name, 100, batch, 256, 256) for name, batch in (("sweep-b16", 16), ("sweep-b32", 32))}
 REPEATS = 20
 
 
-def median_s(call, repeats=REPEATS) -> float:
+def median_s(call, repeats=REPEATS, until_done=True) -> float:
+    """Median time of `call`: until the GPU has finished it, or (until_done=False) until it
+    returns to Python with its work queued (the host's share)."""
     times = []
     for _ in range(repeats):
         cupy.cuda.Device().synchronize()
         start = time.perf_counter()
         call()
-        cupy.cuda.Device().synchronize()
+        if until_done:
+            cupy.cuda.Device().synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def host_s(call, repeats=REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        cupy.cuda.Device().synchronize()
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-        cupy.cuda.Device().synchronize()
+    cupy.cuda.Device().synchronize()
     return statistics.median(times)
 
 
@@ -126,7 +119,7 @@ def probe(config: bench.Config, mode: str) -> dict:
     row = {"config": config.name, "mode": mode, "gflop": config.flops(mode) / 1e9}
     row["path"] = "persistent" if backend._plan(config.B, config.H, "float32") else "per-step"
     row["total"] = median_s(call)
-    row["host"] = host_s(call)
+    row["host"] = median_s(call, until_done=False)
     try:
         for path, flag in (("per-step", False), ("persistent", True)):
             backend.persistent = flag
@@ -159,7 +152,8 @@ def main(out_dir: str) -> int:
         for mode in bench.MODES:
             rows.append(probe(configs[config_name], mode))
             print(json.dumps(rows[-1]), flush=True)
-    Path(out_dir, "gpu_probe.json").write_text(json.dumps({"ceilings": ceilings, "host_costs_us": costs, "rows": rows}, indent=1))
+    results = {"ceilings": ceilings, "host_costs_us": costs, "rows": rows}
+    Path(out_dir, "gpu_probe.json").write_text(json.dumps(results, indent=1))
 
     def ms(value):
         return f"{value * 1e3:.3f}" if isinstance(value, float) else "failed"

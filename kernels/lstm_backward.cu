@@ -32,15 +32,8 @@ __global__ void lstm_backward_step(const int batch, const int hidden, const int 
         return;
     }
     const T* a = gates + (long long)b * 4 * hidden;
-    const T ig = a[j], fg = a[hidden + j], gg = a[2 * hidden + j], og = a[3 * hidden + j];
-    const T tc = fl_tanh(c_t[n]);
-    const T dh = dh_in[n] + dy[n];
-    const T dct = dc[n] + dh * og * (T(1) - tc * tc);
-    da[j] = dct * gg * ig * (T(1) - ig);
-    da[hidden + j] = dct * c_before[n] * fg * (T(1) - fg);
-    da[2 * hidden + j] = dct * ig * (T(1) - gg * gg);
-    da[3 * hidden + j] = dh * tc * og * (T(1) - og);
-    dc[n] = dct * fg;
+    dc[n] = fl_cell_backward(a[j], a[hidden + j], a[2 * hidden + j], a[3 * hidden + j], c_t[n], c_before[n],
+                             dh_in[n] + dy[n], dc[n], da + j, hidden);
     dh_out[n] = T(0);
 }
 

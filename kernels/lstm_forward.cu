@@ -26,12 +26,9 @@ __global__ void lstm_forward_step(const int batch, const int hidden, const int t
         return;
     }
     T* a = gates + (long long)b * 4 * hidden;
-    const T ig = fl_sigmoid(a[j] + bias[j]);
-    const T fg = fl_sigmoid(a[hidden + j] + bias[hidden + j]);
-    const T gg = fl_tanh(a[2 * hidden + j] + bias[2 * hidden + j]);
-    const T og = fl_sigmoid(a[3 * hidden + j] + bias[3 * hidden + j]);
-    const T c = fg * c_prev[n] + ig * gg;
-    const T h = og * fl_tanh(c);
+    T ig, fg, gg, og, c, h;
+    fl_cell_forward(a[j] + bias[j], a[hidden + j] + bias[hidden + j], a[2 * hidden + j] + bias[2 * hidden + j],
+                    a[3 * hidden + j] + bias[3 * hidden + j], c_prev[n], &ig, &fg, &gg, &og, &c, &h);
     c_out[n] = c;
     h_out[n] = h;
     y[n] = h;

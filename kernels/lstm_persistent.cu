@@ -278,12 +278,11 @@ __global__ void __launch_bounds__(FlThreads<T>::max) lstm_forward_persistent(con
             } else {
                 T* a = gates + (t * plane + (long long)b * hidden) * 4;
                 const T* r = sh.result + b * rows;
-                const T ig = fl_sigmoid(a[unit] + r[u] + bias[unit]);
-                const T fg = fl_sigmoid(a[hidden + unit] + r[units + u] + bias[hidden + unit]);
-                const T gg = fl_tanh(a[2 * hidden + unit] + r[2 * units + u] + bias[2 * hidden + unit]);
-                const T og = fl_sigmoid(a[3 * hidden + unit] + r[3 * units + u] + bias[3 * hidden + unit]);
-                c = fg * c_prev + ig * gg;
-                h = og * fl_tanh(c);
+                T ig, fg, gg, og;
+                fl_cell_forward(a[unit] + r[u] + bias[unit], a[hidden + unit] + r[units + u] + bias[hidden + unit],
+                                a[2 * hidden + unit] + r[2 * units + u] + bias[2 * hidden + unit],
+                                a[3 * hidden + unit] + r[3 * units + u] + bias[3 * hidden + unit], c_prev, &ig, &fg,
+                                &gg, &og, &c, &h);
                 y[t * plane + n] = h;
                 if (Training) {
                     a[unit] = ig;
@@ -354,15 +353,9 @@ __global__ void __launch_bounds__(FlThreads<T>::max) lstm_backward_persistent(co
                 continue;
             }
             const T* a = gates + (t * plane + (long long)b * hidden) * 4;
-            const T ig = a[unit], fg = a[hidden + unit], gg = a[2 * hidden + unit], og = a[3 * hidden + unit];
-            const T tc = fl_tanh(c_states[t * plane + n]);
-            const T dh = dh_in + dy[t * plane + n];
-            const T dct = dc[i] + dh * og * (T(1) - tc * tc);
-            da[unit] = dct * gg * ig * (T(1) - ig);
-            da[hidden + unit] = dct * c_before[n] * fg * (T(1) - fg);
-            da[2 * hidden + unit] = dct * ig * (T(1) - gg * gg);
-            da[3 * hidden + unit] = dh * tc * og * (T(1) - og);
-            dc[i] = dct * fg;
+            dc[i] = fl_cell_backward(a[unit], a[hidden + unit], a[2 * hidden + unit], a[3 * hidden + unit],
+                                     c_states[t * plane + n], c_before[n], dh_in + dy[t * plane + n], dc[i],
+                                     da + unit, hidden);
             dh_carried[i] = T(0);
         }
         fl_grid_barrier(barrier);

@@ -87,10 +87,11 @@ def persistent_plan(batch, hidden, itemsize, max_blocks, threads=None,
         fixed = 8 * rows + itemsize * (batch * rows + 2 * batch * units)
         room = (shared_limit - fixed) // (itemsize * batch) - 1
         tile_k = min(room, -(-k_total // 4) * 4) // 4 * 4  # whole 16-byte loads of float32
-        if tile_k < min(MIN_TILE_K, k_total) or _shared_bytes(batch, rows, units, threads, tile_k, itemsize) > shared_limit:
+        shared_bytes = _shared_bytes(batch, rows, units, threads, tile_k, itemsize)
+        if tile_k < min(MIN_TILE_K, k_total) or shared_bytes > shared_limit:
             return None
         tiles.append(tile_k)
-        shared.append(_shared_bytes(batch, rows, units, threads, tile_k, itemsize))
+        shared.append(shared_bytes)
     return PersistentPlan(blocks, threads, units, *tiles, *shared)
 
 
@@ -369,7 +370,9 @@ class CublasGemm:
         k = a.shape[1] if transa == "N" else a.shape[0]
         dtype = np.dtype(out.dtype)
         if not (a.dtype == b.dtype == dtype) or dtype not in self._scalars:
-            raise TypeError(f"gemm: expected float32 or float64 operands of one dtype, got {a.dtype}, {b.dtype}, {out.dtype}")
+            raise TypeError(
+                f"gemm: expected float32 or float64 operands of one dtype, got {a.dtype}, {b.dtype}, {out.dtype}"
+            )
         scalars = self._scalars[dtype]
         cublas = self._cublas
         gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
