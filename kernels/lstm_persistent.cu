@@ -235,18 +235,19 @@ struct FlShared {
 };
 
 template <typename T, bool Training>
-__global__ void __launch_bounds__(FlThreads<T>::max) lstm_forward_persistent(const int steps, const int batch, const int hidden, const int units,
-                                        const int reverse, const int tile_k,
-                                        T* gates,                        // (steps, B, 4H): x W_ih^T in; Training: activated gates out
-                                        const T* __restrict__ bias,      // (4H) b_ih + b_hh
-                                        const T* __restrict__ w_hh,      // (4H, H)
-                                        const T* h0, const T* c0,        // (B, H)
-                                        T* h_states,                     // Training: (steps, B, H); else (2, B, H) ping-pong
-                                        T* c_states,                     // Training: (steps, B, H); else unused
-                                        T* __restrict__ y,               // (steps, B, H)
-                                        T* __restrict__ h_n, T* __restrict__ c_n,  // (B, H)
-                                        const long long* __restrict__ lengths,     // (B)
-                                        unsigned int* barrier) {                   // 2 words, zero
+__global__ void __launch_bounds__(FlThreads<T>::max)
+    lstm_forward_persistent(const int steps, const int batch, const int hidden, const int units, const int reverse,
+                            const int tile_k,
+                            T* gates,                    // (steps, B, 4H): x W_ih^T in; Training: activated gates out
+                            const T* __restrict__ bias,  // (4H) b_ih + b_hh
+                            const T* __restrict__ w_hh,  // (4H, H)
+                            const T* h0, const T* c0,    // (B, H)
+                            T* h_states,                 // Training: (steps, B, H); else (2, B, H) ping-pong
+                            T* c_states,                 // Training: (steps, B, H); else unused
+                            T* __restrict__ y,           // (steps, B, H)
+                            T* __restrict__ h_n, T* __restrict__ c_n,  // (B, H)
+                            const long long* __restrict__ lengths,     // (B)
+                            unsigned int* barrier) {                   // 2 words, zero
     FL_DYNAMIC_SHARED(shared_bytes);
     const int rows = 4 * units, unit0 = blockIdx.x * units;
     FlShared<T> sh(shared_bytes, batch, rows, units);
@@ -308,17 +309,18 @@ __global__ void __launch_bounds__(FlThreads<T>::max) lstm_forward_persistent(con
 }
 
 template <typename T>
-__global__ void __launch_bounds__(FlThreads<T>::max) lstm_backward_persistent(const int steps, const int batch, const int hidden, const int units,
-                                         const int reverse, const int tile_k,
-                                         const T* __restrict__ gates,     // (steps, B, 4H) activated i, f, g, o
-                                         const T* __restrict__ c_states,  // (steps, B, H) cell after each step
-                                         const T* __restrict__ c0,        // (B, H)
-                                         const T* __restrict__ dy,        // (steps, B, H)
-                                         const T* __restrict__ w_hh_t,    // (H, 4H): W_hh transposed
-                                         const T* __restrict__ dh_n, const T* __restrict__ dc_n,  // (B, H)
-                                         T* d_gates,                      // (steps, B, 4H) out
-                                         T* __restrict__ dh0, T* __restrict__ dc0,                // (B, H) out
-                                         const long long* __restrict__ lengths, unsigned int* barrier) {
+__global__ void __launch_bounds__(FlThreads<T>::max)
+    lstm_backward_persistent(const int steps, const int batch, const int hidden, const int units, const int reverse,
+                             const int tile_k,
+                             const T* __restrict__ gates,     // (steps, B, 4H) activated i, f, g, o
+                             const T* __restrict__ c_states,  // (steps, B, H) cell after each step
+                             const T* __restrict__ c0,        // (B, H)
+                             const T* __restrict__ dy,        // (steps, B, H)
+                             const T* __restrict__ w_hh_t,    // (H, 4H): W_hh transposed
+                             const T* __restrict__ dh_n, const T* __restrict__ dc_n,  // (B, H)
+                             T* d_gates,                      // (steps, B, 4H) out
+                             T* __restrict__ dh0, T* __restrict__ dc0,                // (B, H) out
+                             const long long* __restrict__ lengths, unsigned int* barrier) {
     FL_DYNAMIC_SHARED(shared_bytes);
     const int unit0 = blockIdx.x * units, four_h = 4 * hidden;
     FlShared<T> sh(shared_bytes, batch, units, units);

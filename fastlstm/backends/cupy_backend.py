@@ -40,10 +40,11 @@ MAX_SLICES = 64  # FL_MAX_SLICES in lstm_persistent.cu
 PERSISTENT_THREADS = {4: 512, 8: 256}
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
 MIN_TILE_K = 16
-# The persistent kernels win where the per-step loop is bound by its host work (~20 us
+# The persistent kernels win where the per-step loop is bound by its host work (20-33 us
 # per kernel launch or cuBLAS call on the H200 measured): up to 64 x 256 and 32 x 512
-# sequences x units they beat the per-step loop 2-3x; at 64 x 512 the per-step loop's
-# cuBLAS GEMMs win (each block of a persistent kernel reads the whole state every step).
+# sequences x units they beat the per-step loop 2-6x. At 64 x 512 the two were level
+# within the per-step loop's run-to-run noise (each block of a persistent kernel reads
+# the whole state every step), so the per-step loop keeps that size for now.
 # Measured on an H200: bench/results/2026-11-27-gpu-h200.md.
 PERSISTENT_MAX_STATE = 16384
 
