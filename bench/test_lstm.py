@@ -1,4 +1,5 @@
-"""DESIGN.md's configurations as pytest-benchmark cases, one per (config, mode, backend).
+"""DESIGN.md's configurations as pytest-benchmark cases, one per (config, mode, backend),
+plus the GPU issue's configurations on the GPU runners (cupy, torch-cuda, torch-cuda-tf32).
 
     pytest bench/ --benchmark-only                      # every available backend and torch
     pytest bench/ --benchmark-only -k "train-m and numba"
@@ -22,6 +23,12 @@ CASES = [
     for config in bench.CONFIGS.values()
     for mode in bench.MODES
     for runner in RUNNERS
+] + [  # the GPU issue's shapes (wide-512, stream-b1/b4/b8), on the GPU runners only
+    pytest.param(config, mode, runner, id=f"{config.name}-{mode}-{runner}")
+    for config in bench.EXTRA_CONFIGS.values()
+    for mode in bench.MODES
+    for runner in RUNNERS
+    if runner in bench.GPU_RUNNERS
 ]
 
 
