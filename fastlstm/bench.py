@@ -347,9 +347,8 @@ def format_table(report: Report) -> str:
     title = (
         f"fastlstm bench: {report.dtype}, {report.threads} threads, median of {report.repeats}; "
         f"NumPy matmul ceiling measured now: {report.ceiling_gflops:.1f} GFLOP/s"
-        + (f"; cuBLAS GEMM ceiling (CuPy, {report.dtype}): {report.gpu_ceiling_gflops:.0f} GFLOP/s"
-           if report.gpu_ceiling_gflops else "")
-        + "; 'of ceiling' is against the CPU's for CPU rows and the GPU's for GPU rows"
+        + (f"; cuBLAS GEMM ceiling (CuPy, {report.dtype}): {report.gpu_ceiling_gflops:.0f} GFLOP/s "
+           "('of ceiling': GPU rows against it, CPU rows against NumPy's)" if report.gpu_ceiling_gflops else "")
     )
     return title + "\n" + "\n".join(lines)
 

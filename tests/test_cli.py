@@ -154,3 +154,22 @@ def test_train_plot(tmp_path):
     out = fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "6", "--checkpoint", str(tmp_path / "c.npz"), "--plot", str(png))
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_table_puts_gpu_rows_against_the_gpu_ceiling_and_cudnn():
+    """No GPU needed: a report as a GPU run would make it (cupy beside both cuDNN runners)."""
+    from fastlstm import bench
+
+    report = bench.Report({}, {}, 1, "float32", 3, ceiling_gflops=100.0, gpu_ceiling_gflops=50_000.0)
+    for runner, seconds in (("cupy", 0.002), ("torch-cuda", 0.004), ("torch-cuda-tf32", 0.001), ("numpy", 1.0)):
+        report.measurements.append(bench.Measurement("wide-512", "forward", runner, [seconds] * 3, 1e9,
+                                                     100, 64, 512, 512, 1, False))
+    lines = bench.format_table(report).splitlines()
+    assert lines[1].endswith("vs torch-cuda  vs torch-cuda-tf32") and "cuBLAS GEMM ceiling" in lines[0]
+    cupy = next(line.split() for line in lines if line.startswith("wide-512") and " cupy " in line)
+    assert cupy[5] == "1%"  # 500 GFLOP/s of the GPU's 50,000, not of the CPU's 100
+    assert cupy[-2:] == ["2.00x", "0.50x"]  # cuDNN fp32 took twice as long, TF32 half
+    numpy_row = next(line.split() for line in lines if line.startswith("wide-512") and " numpy " in line)
+    assert numpy_row[5] == "1%"  # 1 GFLOP/s of the CPU's 100
+    again = bench.Report.from_json(report.to_json())
+    assert again.gpu_ceiling_gflops == 50_000.0 and len(again.measurements) == 4
