@@ -133,8 +133,6 @@ struct FlTiling {
         slices = blockDim.x / tiles;  // the host keeps tiles <= blockDim.x
         if (slices > FL_MAX_SLICES) slices = FL_MAX_SLICES;
     }
-    // split-k partial sums kept in shared memory (none when each tile has one thread)
-    __device__ int partial_length() const { return slices > 1 ? slices * tiles * FL_TILE * FL_TILE : 0; }
 };
 
 // result[b * rows + j] = sum_k in[b * k_total + k] * w[row_base[j] + k] for every sequence b
