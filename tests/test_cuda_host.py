@@ -35,14 +35,14 @@ def library(tmp_path_factory):
 @pytest.fixture(scope="module")
 def emulated(library):
     """CudaSequenceBackend over NumPy, NumPy GEMMs and the host-built kernels: the per-step loop."""
-    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.HostKernels(library),
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.emulated_kernels(library),
                                             persistent=False)
 
 
 @pytest.fixture(scope="module")
 def emulated_persistent(library):
     """The same with the persistent kernels, every CUDA thread a host thread."""
-    kernels = host_kernels.HostKernels(library, shared_limit=8192)
+    kernels = host_kernels.emulated_kernels(library, shared_limit=8192)
     return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
 
 
@@ -109,7 +109,7 @@ def emulated_plan(backend, batch, hidden, dtype):
     (3, 7, "float32", 3072, 32, "last block partly past the end"),
 ])
 def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, threads, path):
-    kernels = host_kernels.HostKernels(library, threads=threads, shared_limit=shared_limit)
+    kernels = host_kernels.emulated_kernels(library, threads=threads, shared_limit=shared_limit)
     backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
     plan = emulated_plan(backend, batch, hidden, dtype)
     tiles = -(-batch // 4) * -(-4 * plan.units // 4)  # forward's register tiles
@@ -274,7 +274,7 @@ def test_cublas_gemm_refuses_strided_rows(library):
 def test_default_time_loop_depends_on_the_state_size(library):
     """Persistent kernels for small batch x hidden, the per-step loop past the threshold."""
     backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm,
-                                               host_kernels.HostKernels(library, blocks=132, threads=256,
+                                               host_kernels.emulated_kernels(library, blocks=132, threads=256,
                                                                         shared_limit=cupy_backend.SHARED_LIMIT))
     limit = cupy_backend.PERSISTENT_MAX_STATE
     assert backend._plan(1, 256, np.float32) is not None
