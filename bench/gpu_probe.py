@@ -26,12 +26,12 @@ from pathlib import Path
 
 import cupy
 
-from fastlstm import bench
-from fastlstm.layer import LSTM
+from fastlstm import bench, registry
 
 CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
 # Between stream-b8 (8 x 256) and train-m (64 x 256): where the two time loops cross.
 SWEEP = {name: bench.Config(name, 100, batch, 256, 256) for name, batch in (("sweep-b16", 16), ("sweep-b32", 32))}
+CONFIG_BY_NAME = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}
 REPEATS = 20
 
 
@@ -56,7 +56,7 @@ def host_costs_us(repeats=500) -> dict:
 
     from fastlstm.backends.cupy_backend import CublasGemm
 
-    backend = LSTM(512, 512, backend="cupy")._current_backend()
+    backend = registry.backend_object("cupy")
     kernels, gemm = backend._kernels, CublasGemm(cupy.cuda)
     steps, batch, hidden = 100, 64, 512
     gates = cupy.zeros((steps, batch, 4 * hidden), dtype=cupy.float32)
@@ -100,21 +100,8 @@ def copy_bandwidth_gbs(size_bytes=2**31) -> float:
 
 
 def probe(config: bench.Config, mode: str) -> dict:
-    x, dy = bench._inputs(config, "float32")
-    lstm = LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
-                backend="cupy", seed=0)
+    call, lstm = bench.fastlstm_call("cupy", config, mode)
     backend = lstm._current_backend()
-    x_dev, dy_dev = cupy.asarray(x), cupy.asarray(dy)
-    if mode == "forward":
-        lstm.eval()
-
-        def call():
-            lstm(x_dev)
-    else:
-
-        def call():
-            lstm(x_dev)
-            lstm.backward(dy_dev)
     call()
     row = {"config": config.name, "mode": mode, "gflop": config.flops(mode) / 1e9}
     row["path"] = "persistent" if backend._plan(config.B, config.H, "float32") else "per-step"
@@ -146,17 +133,16 @@ def main(out_dir: str) -> int:
           f"device copy {ceilings['copy_gbs']:.0f} GB/s (read + write)", flush=True)
     costs = host_costs_us()
     print("host time per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
-    configs = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}
     rows = []
     for config_name in CONFIGS:
         for mode in bench.MODES:
-            rows.append(probe(configs[config_name], mode))
+            rows.append(probe(CONFIG_BY_NAME[config_name], mode))
             print(json.dumps(rows[-1]), flush=True)
     results = {"ceilings": ceilings, "host_costs_us": costs, "rows": rows}
     Path(out_dir, "gpu_probe.json").write_text(json.dumps(results, indent=1))
 
     def ms(value):
-        return f"{value * 1e3:.3f}" if isinstance(value, float) else "failed"
+        return f"{value * 1e3:.3f}"
 
     header = ("config", "mode", "default path", "total ms", "host ms", "per-step ms", "persistent ms", "cudnn ms",
               "per-step/cudnn", "persistent/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
@@ -173,11 +159,9 @@ def main(out_dir: str) -> int:
 
 def once(config_name: str) -> int:
     """One forward with the persistent kernels forced, for a profiler (ncu) to catch."""
-    config = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}[config_name]
-    x, _ = bench._inputs(config, "float32")
-    lstm = LSTM(config.I, config.H, backend="cupy", seed=0).eval()
+    call, lstm = bench.fastlstm_call("cupy", CONFIG_BY_NAME[config_name], "forward")
     lstm._current_backend().persistent = True
-    lstm(cupy.asarray(x))
+    call()
     cupy.cuda.Device().synchronize()
     return 0
 

@@ -107,29 +107,39 @@ def make_runner(name: str, config: Config, mode: str, dtype: str = "float32"):
     """A no-argument callable that runs (and finishes) one measured iteration."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    x, dy = _inputs(config, dtype)
     if name.startswith("torch"):
+        x, dy = _inputs(config, dtype)
         return _torch_runner(name, config, mode, dtype, x, dy)
+    call, _ = fastlstm_call(name, config, mode, dtype)
+    sync = _cupy_sync() if name == "cupy" else (lambda: None)
+
+    def run():
+        call()
+        sync()
+    return run
+
+
+def fastlstm_call(backend: str, config: Config, mode: str, dtype: str = "float32"):
+    """(call, layer): one iteration on a fastlstm backend, returning as soon as the work is
+    queued (a GPU backend may still be running it), and the layer it runs."""
     from .layer import LSTM
 
+    x, dy = _inputs(config, dtype)
     lstm = LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
-                backend=name, dtype=dtype, seed=0)
-    backend = lstm._current_backend()
-    x_dev, dy_dev = backend.from_user(x, "x"), backend.from_user(dy, "dy")
-    sync = _cupy_sync() if name == "cupy" else (lambda: None)
+                backend=backend, dtype=dtype, seed=0)
+    device = lstm._current_backend()
+    x_dev, dy_dev = device.from_user(x, "x"), device.from_user(dy, "dy")
     if mode == "forward":
         lstm.eval()
 
-        def run():
+        def call():
             lstm(x_dev)
-            sync()
     else:
 
-        def run():
+        def call():
             lstm(x_dev)
             lstm.backward(dy_dev)
-            sync()
-    return run
+    return call, lstm
 
 
 def _cupy_sync():
