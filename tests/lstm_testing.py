@@ -86,6 +86,36 @@ def forward_backward(lstm, x, state, lengths, dy, dstate) -> dict:
     return {k: np.asarray(lstm._storage.to_host(v)) for k, v in out.items()}
 
 
+def torch_forward_backward(module, x, state, lengths, dy, dstate, batch_first, dtype, device="cpu") -> dict:
+    """torch.nn.LSTM's counterpart of forward_backward (same loss), as host arrays; lengths go
+    through pack_padded_sequence(enforce_sorted=False). `module` is already on `device`."""
+    import torch
+
+    tt = getattr(torch, dtype)
+
+    def tensor(a, grad=False):
+        return torch.tensor(a, dtype=tt, device=device, requires_grad=grad)
+
+    xt = tensor(x, grad=True)
+    state_t = None if state is None else tuple(tensor(s, grad=True) for s in state)
+    if lengths is None:
+        y, (h_n, c_n) = module(xt, state_t)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            xt, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
+        )
+        out, (h_n, c_n) = module(packed, state_t)
+        total = x.shape[1] if batch_first else x.shape[0]
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=total)
+    loss = (y * tensor(dy)).sum() + (h_n * tensor(dstate[0])).sum() + (c_n * tensor(dstate[1])).sum()
+    loss.backward()
+    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": xt.grad}
+    if state is not None:
+        results.update(dh0=state_t[0].grad, dc0=state_t[1].grad)
+    results.update({name: p.grad for name, p in module.named_parameters()})
+    return {k: v.detach().cpu().numpy() for k, v in results.items()}
+
+
 def central_differences(loss, array, eps=1e-6) -> np.ndarray:
     """d loss() / d array by central differences, perturbing `array` in place entry by entry."""
     grad = np.zeros_like(array)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import assert_close, forward_backward, random_problem
+from lstm_testing import assert_close, forward_backward, random_problem, torch_forward_backward
 
 STATUS = fastlstm.available_backends()["cupy"]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.available, reason=f"no usable GPU: {STATUS.reason}")]
@@ -68,21 +68,7 @@ def test_cupy_matches_torch_cuda(bidirectional, with_lengths, dtype):
     lstm.load_state_dict(module.state_dict())  # CUDA tensors, through DLPack
     lengths = np.array([12, 5, 9, 12]) if with_lengths else None
     x, state, lengths, dy, dstate = random_problem(lstm, 12, 4, seed=1, lengths=lengths)
-    xt = torch.tensor(x, dtype=tt, device="cuda", requires_grad=True)
-    st = tuple(torch.tensor(s, dtype=tt, device="cuda", requires_grad=True) for s in state)
-    if with_lengths:
-        packed = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(lengths), enforce_sorted=False)
-        out, (hn, cn) = module(packed, st)
-        yt, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=12)
-    else:
-        yt, (hn, cn) = module(xt, st)
-    loss = (yt * torch.tensor(dy, dtype=tt, device="cuda")).sum()
-    loss = loss + (hn * torch.tensor(dstate[0], dtype=tt, device="cuda")).sum()
-    loss = loss + (cn * torch.tensor(dstate[1], dtype=tt, device="cuda")).sum()
-    loss.backward()
-    expected = {"y": yt, "h_n": hn, "c_n": cn, "dx": xt.grad, "dh0": st[0].grad, "dc0": st[1].grad}
-    expected.update({n: p.grad for n, p in module.named_parameters()})
-    expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
+    expected = torch_forward_backward(module, x, state, lengths, dy, dstate, False, dtype, device="cuda")
     actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], TOL_VS_CUDNN[dtype], name)

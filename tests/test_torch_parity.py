@@ -13,34 +13,11 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import ALL_CPU_BACKENDS, TOLERANCE, assert_close, forward_backward, random_problem
+from lstm_testing import (
+    ALL_CPU_BACKENDS, TOLERANCE, assert_close, forward_backward, random_problem, torch_forward_backward,
+)
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0")
-
-
-def torch_run(module, x, state, lengths, dy, dstate, batch_first, dtype):
-    tt = getattr(torch, dtype)
-    xt = torch.tensor(x, dtype=tt, requires_grad=True)
-    state_t = None
-    if state is not None:
-        state_t = tuple(torch.tensor(s, dtype=tt, requires_grad=True) for s in state)
-    if lengths is None:
-        y, (h_n, c_n) = module(xt, state_t)
-    else:
-        packed = torch.nn.utils.rnn.pack_padded_sequence(
-            xt, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
-        )
-        out, (h_n, c_n) = module(packed, state_t)
-        total = x.shape[1] if batch_first else x.shape[0]
-        y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=total)
-    loss = (y * torch.tensor(dy, dtype=tt)).sum()
-    loss = loss + (h_n * torch.tensor(dstate[0], dtype=tt)).sum() + (c_n * torch.tensor(dstate[1], dtype=tt)).sum()
-    loss.backward()
-    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": xt.grad}
-    if state is not None:
-        results.update(dh0=state_t[0].grad, dc0=state_t[1].grad)
-    results.update({name: p.grad for name, p in module.named_parameters()})
-    return {k: v.detach().numpy() for k, v in results.items()}
 
 
 CONFIGS = [
@@ -80,7 +57,7 @@ def test_matches_torch(backend, cfg, dtype):
     lstm.load_state_dict(module.state_dict())
     lengths = np.array([5, 2, 4]) if cfg["lengths"] else None
     x, state, lengths, dy, dstate = random_problem(lstm, num_steps, batch, seed=1, with_state=cfg["with_state"], lengths=lengths)
-    expected = torch_run(module, x, state, lengths, dy, dstate, cfg["batch_first"], dtype)
+    expected = torch_forward_backward(module, x, state, lengths, dy, dstate, cfg["batch_first"], dtype)
     actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -96,7 +73,7 @@ def test_larger_float32_problem(backend):
     lstm.load_state_dict(module.state_dict())
     lengths = np.random.default_rng(2).integers(1, 31, size=16)
     x, state, lengths, dy, dstate = random_problem(lstm, 30, 16, seed=3, lengths=lengths)
-    expected = torch_run(module, x, state, lengths, dy, dstate, False, "float32")
+    expected = torch_forward_backward(module, x, state, lengths, dy, dstate, False, "float32")
     actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], TOLERANCE["float32"], name)
