@@ -89,15 +89,8 @@ def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_step
                                                    reverse, with_lengths, seed):
     """Blocks owning 1-8 units, the last one partly past the end; few sequences (split-k)
     and many (several per thread); several k-tiles per product."""
-    assume(emulated_plan(emulated_persistent, batch, hidden, dtype) is not None)  # else the per-step path runs
+    assume(emulated_persistent._plan(batch, hidden, dtype) is not None)  # else the per-step path runs
     check_against_numpy(emulated_persistent, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
-
-
-def emulated_plan(backend, batch, hidden, dtype):
-    kernels = backend._kernels
-    itemsize = np.dtype(dtype).itemsize
-    return cupy_backend.persistent_plan(batch, hidden, itemsize, kernels.persistent_blocks,
-                                        kernels.persistent_threads[itemsize], kernels.persistent_shared_limit)
 
 
 @pytest.mark.parametrize("batch, hidden, dtype, shared_limit, threads, path", [
@@ -111,7 +104,7 @@ def emulated_plan(backend, batch, hidden, dtype):
 def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, threads, path):
     kernels = host_kernels.emulated_kernels(library, threads=threads, shared_limit=shared_limit)
     backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
-    plan = emulated_plan(backend, batch, hidden, dtype)
+    plan = backend._plan(batch, hidden, dtype)
     tiles = -(-batch // 4) * -(-4 * plan.units // 4)  # forward's register tiles
     shown = {
         "split-k": plan.threads // tiles > 1,
@@ -273,9 +266,8 @@ def test_cublas_gemm_refuses_strided_rows(library):
 
 def test_default_time_loop_depends_on_the_state_size(library):
     """Persistent kernels for small batch x hidden, the per-step loop past the threshold."""
-    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm,
-                                               host_kernels.emulated_kernels(library, blocks=132, threads=256,
-                                                                        shared_limit=cupy_backend.SHARED_LIMIT))
+    kernels = host_kernels.emulated_kernels(library, blocks=132, threads=256, shared_limit=cupy_backend.SHARED_LIMIT)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels)
     limit = cupy_backend.PERSISTENT_MAX_STATE
     assert backend._plan(1, 256, np.float32) is not None
     assert backend._plan(limit // 256, 256, np.float32) is not None
