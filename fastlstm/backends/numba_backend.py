@@ -111,8 +111,8 @@ class NumbaBackend(ReferenceBackend):
     def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
         """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
         does every GEMM, the kernel calls BLAS from its threads: BLAS then runs on one."""
-        limit = contextlib.nullcontext() if plan.mode == kernels.GEMM_PACKED else self._blas.limit(limits=1, user_api="blas")
-        with limit:
+        packed = plan.mode == kernels.GEMM_PACKED
+        with contextlib.nullcontext() if packed else self._blas.limit(limits=1, user_api="blas"):
             if plan.parallel:
                 numba.set_num_threads(plan.num_blocks)
                 return parallel_kernel(*args)
