@@ -134,6 +134,39 @@ def test_parallel_and_serial_paths_agree(monkeypatch):
         assert_close(a[name], b[name], 1e-12, name)
 
 
+def test_workers_run_one_after_another_do_not_deadlock(monkeypatch):
+    """The parallel kernels' workers meet at a barrier after every step. A threading layer
+    may run them one after another (TBB under nested parallelism does): the first worker
+    must then run the missing worker's blocks itself. The kernels compiled without threads
+    run their workers in exactly that order; the results must be bit-identical to the
+    threaded run. A deadlock ends the process (faulthandler) instead of hanging CI."""
+    import faulthandler
+
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 4, 16)).astype(np.float32)
+    lengths = np.array([7, 3, 1, 5])
+    dy = rng.standard_normal((7, 4, 128))
+
+    def run():
+        lstm = fastlstm.LSTM(16, 64, bidirectional=True, backend="numba", seed=4)
+        plan = lstm._current_backend()._plan(4, 64, np.float32)
+        assert plan.parallel and plan.num_blocks == 2 and plan.mode == kernels.GEMM_PACKED
+        return forward_backward(lstm, x, None, lengths, dy, None)
+
+    threaded = run()
+    monkeypatch.setattr(kernels, "forward_parallel", kernels.forward_serial)
+    monkeypatch.setattr(kernels, "backward_loop_parallel", kernels.backward_loop_serial)
+    faulthandler.dump_traceback_later(300, exit=True)
+    try:
+        in_turn = run()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    for name in threaded:
+        assert np.array_equal(threaded[name], in_turn[name]), name
+
+
 def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatch):
     """No oversubscription: Numba's threads each call BLAS, so BLAS must use one thread then."""
     seen = []
@@ -165,7 +198,7 @@ def test_thread_count_controls_the_plan():
             fastlstm.set_num_threads(2)
             plan = backend._plan(64, 256, np.float32)
             assert plan.parallel and plan.num_blocks == 2
-            assert not backend._plan(1, 16, np.float32).parallel  # too small to be worth a fork per step
+            assert not backend._plan(1, 16, np.float32).parallel  # too small to be worth a barrier per step
     finally:
         fastlstm.set_num_threads(None)
     assert fastlstm.get_num_threads() == cores
