@@ -426,10 +426,16 @@ def _gemm_unpacked(a, a_transposed, b, c, accumulate):
 
 
 @njit(inline="always")
+def _panels(operand, inner, cols):
+    """A flat GEMM_PACKED operand as its (cols / PANEL, inner, PANEL) column panels."""
+    return operand[: inner * cols].reshape((cols // PANEL, inner, PANEL))
+
+
+@njit(inline="always")
 def _gemm(a, operand, inner, cols, out, mode):
     """out (M, cols) = a (M, inner) @ W, W the flat block operand laid out for `mode`."""
     if mode == GEMM_PACKED:
-        _gemm_packed(a, operand[: inner * cols].reshape((cols // PANEL, inner, PANEL)), out, False)
+        _gemm_packed(a, _panels(operand, inner, cols), out, False)
     else:
         w = operand[: inner * cols].reshape((inner, cols))
         if mode == GEMM_SMALL:
@@ -511,12 +517,12 @@ def _gate_views(a, nu):
 
 
 @njit(inline="always")
-def _cell_forward(a, rec, bias, c, h):
-    """a: (4*nu) input projection in, activated gates [i f g o] out; rec: (4*nu) recurrent
-    part; c: (nu) cell state, updated in place; h: (nu) new hidden state out."""
+def _cell_forward(a, bias, c, h):
+    """a: (4*nu) gate pre-activations without the bias in, activated gates [i f g o] out;
+    c: (nu) cell state, updated in place; h: (nu) new hidden state out."""
     nu = c.shape[0]
     for j in range(4 * nu):
-        a[j] += rec[j] + bias[j]
+        a[j] += bias[j]
     ig, fg, gg, og = _gate_views(a, nu)
     for j in range(nu):
         ig[j] = sigmoid(ig[j])
@@ -558,22 +564,27 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 
 # -- forward ----------------------------------------------------------------------------
 @njit(**_OPTS)
-def _forward_block_step(k, t, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
+def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, mode):
+    """Block k's step t: its gate rows row0 .. row0 + B of `gates` hold the input projection
+    and become the activated gates."""
     batch, hidden = h.shape
-    num_steps = y.shape[0]
     u0 = bounds[k]
     nu = bounds[k + 1] - u0
-    g_k = _block_view(gates, k, num_steps * batch, 4 * nu)
-    r = _block_view(rec, k, batch, 4 * nu)
-    _gemm(h, w_hh_ops[k], hidden, 4 * nu, r, mode)
+    g_t = _block_view(gates, k, row0 + batch, 4 * nu)[row0:]
+    if mode == GEMM_PACKED:  # the recurrent part accumulates straight into the gate rows
+        _gemm_packed(h, _panels(w_hh_ops[k], hidden, 4 * nu), g_t, True)
+    else:
+        r = _block_view(rec, k, batch, 4 * nu)
+        _gemm(h, w_hh_ops[k], hidden, 4 * nu, r, mode)
+        for b in range(batch):
+            for j in range(4 * nu):
+                g_t[b, j] += r[b, j]
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
     for b in range(batch):
-        row = t * batch + b
-        a = g_k[row]
         h_row = h_next[b, u0 : u0 + nu]
         if t < lengths[b]:
-            _cell_forward(a, r[b], b_k, c[b, u0 : u0 + nu], h_row)
+            _cell_forward(g_t[b], b_k, c[b, u0 : u0 + nu], h_row)
             y[t, b, u0 : u0 + nu] = h_row
         else:  # past this sequence's end: carry the state, output zeros
             h_row[:] = h[b, u0 : u0 + nu]
@@ -585,22 +596,32 @@ def _forward_block_step(k, t, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec
 
 @njit(**_OPTS)
 def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
+    """Block k's input projection of the rows of x2 into the first rows of its gate buffer."""
     nu = bounds[k + 1] - bounds[k]
     g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
     _gemm(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_PACKED if mode == GEMM_PACKED else GEMM_BLAS)
 
 
+# Where the forward's input projection x W_ih^T comes from:
+PROJECTED_BY_CALLER = 0  # the caller has put it into the gate buffer (all steps)
+PROJECT_AT_FIRST_STEP = 1  # each block projects all steps at the first step (a tall GEMM)
+PROJECT_EACH_STEP = 2  # each block projects each step's rows just before it (the gate buffer
+#                        holds one step: no gate traffic to memory; for inference at batch >= 16)
+
+
 def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, training,
-             mode, project, gates, rec, y, h_states, c_states):
+             mode, projection, gates, rec, y, h_states, c_states):
     """Whole-sequence forward, one block of hidden units per thread. Returns (h_n, c_n).
 
     x2: (T*B, I) input; w_ih_ops / w_hh_ops: each block's weight rows laid out as GEMM
-    operands for `mode` (pack_operands); gates: (num_blocks, T*B*4*max_nu) scratch that holds the
-    activated gates afterwards when training; rec: (num_blocks, B*4*max_nu) scratch;
-    h_states / c_states: (T, B, H) carried states, written only when training.
+    operands for `mode` (pack_operands); projection: PROJECTED_BY_CALLER, PROJECT_AT_FIRST_STEP
+    or PROJECT_EACH_STEP; gates: (num_blocks, R*4*max_nu) scratch, R = B for PROJECT_EACH_STEP
+    and T*B otherwise, that holds the activated gates of every step afterwards when training;
+    rec: (num_blocks, B*4*max_nu) scratch; h_states / c_states: (T, B, H) carried states,
+    written only when training.
     """
     num_blocks = bounds.shape[0] - 1
-    num_steps = y.shape[0]
+    num_steps, batch = y.shape[0], y.shape[1]
     h_buffers = np.empty((2,) + h0.shape, h0.dtype)  # step s reads h from [s % 2], writes the other
     h_buffers[0] = h0
     c = c0.copy()
@@ -610,13 +631,16 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
         for s in range(num_steps):
             t = num_steps - 1 - s if reverse else s
             h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
+            row0 = 0 if projection == PROJECT_EACH_STEP else t * batch  # this step's gate rows
             k = _claim_block(sync, s, w, num_blocks, num_blocks)
             while k >= 0:
-                # A block's steps read only its own gate columns: it projects its input for
-                # all steps at the first step.
-                if s == 0 and project:  # else the caller has put x W_ih^T into gates already
+                # A block's steps read only its own gate columns: it can project its input
+                # for all steps at the first step, or each step's just before it.
+                if projection == PROJECT_EACH_STEP:
+                    _input_projection_block(k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode)
+                elif projection == PROJECT_AT_FIRST_STEP and s == 0:
                     _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
-                _forward_block_step(k, t, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
+                _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                                     lengths, y, h_states, c_states, training, mode)
                 _block_done(sync, s, num_blocks)
                 k = _claim_block(sync, s, w, num_blocks, num_blocks)

@@ -98,6 +98,58 @@ def test_matches_numpy_on_every_feature(problem):
         assert_close(actual[name], expected[name], PARITY[dtype], name)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_inference_matches_numpy_on_every_feature(problem):
+    """Eval mode (nothing kept for backward) takes other kernel paths: same results."""
+    config, num_steps, batch, lengths, with_state, dtype, seed = problem
+    numba_layer, numpy_layer = layer_pair(dtype, **config)
+    rng = np.random.default_rng(seed)
+    d = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    shape = (batch, num_steps) if config["batch_first"] else (num_steps, batch)
+    x = rng.standard_normal(shape + (config["input_size"],))
+    state = tuple(0.5 * rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2)) if with_state else None
+    for layer in (numba_layer, numpy_layer):
+        layer.eval()
+    (y, (h_n, c_n)), (y_ref, (h_ref, c_ref)) = (layer(x, state, lengths) for layer in (numba_layer, numpy_layer))
+    for name, actual, expected in (("y", y, y_ref), ("h_n", h_n, h_ref), ("c_n", c_n, c_ref)):
+        assert_close(actual, expected, PARITY[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("projection", ["PROJECT_EACH_STEP", "PROJECT_AT_FIRST_STEP", "PROJECTED_BY_CALLER"])
+def test_inference_matches_numpy_with_each_input_projection(projection, dtype, monkeypatch):
+    """Each place the forward's input projection can come from, with lengths, both
+    directions and an initial state, in eval mode (where all three are used)."""
+    batch = 16 if projection == "PROJECT_EACH_STEP" else 4
+    num_threads = 1 if projection == "PROJECTED_BY_CALLER" else min(2, fastlstm.threads.available_cores())
+    if projection == "PROJECTED_BY_CALLER":
+        monkeypatch.setattr(numba_backend, "_NUMPY_PROJECTION_MIN_WORK", 0)
+    seen = []
+    for name in ("forward_parallel", "forward_serial"):
+        original = getattr(kernels, name)
+
+        def spy(*args, original=original):
+            seen.append(args[11])  # the projection argument
+            return original(*args)
+
+        monkeypatch.setattr(kernels, name, spy)
+    numba_layer, numpy_layer = layer_pair(dtype, input_size=32, hidden_size=64, bidirectional=True)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((9, batch, 32))
+    state = tuple(0.5 * rng.standard_normal((2, batch, 64)) for _ in range(2))
+    lengths = rng.integers(1, 10, size=batch)
+    fastlstm.set_num_threads(num_threads)
+    try:
+        outputs = [layer.eval()(x, state, lengths) for layer in (numba_layer, numpy_layer)]
+    finally:
+        fastlstm.set_num_threads(None)
+    assert seen and set(seen) == {getattr(kernels, projection)}
+    (y, (h_n, c_n)), (y_ref, (h_ref, c_ref)) = outputs
+    for name, actual, expected in (("y", y, y_ref), ("h_n", h_n, h_ref), ("c_n", c_n, c_ref)):
+        assert_close(actual, expected, PARITY[dtype], name)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bit_identical_across_runs(threads, monkeypatch):
     if threads > fastlstm.threads.available_cores():

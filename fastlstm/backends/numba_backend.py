@@ -36,6 +36,11 @@ _PARALLEL_MIN_STEP_WORK = 32 * 1024
 _SMALL_BATCH = 1
 # Single-block plan: input projections smaller than this (multiply-adds) stay in the kernel.
 _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
+# Inference from this batch size on projects each step's input just before the step: the
+# gates of one step stay in cache instead of T steps' going through memory (train-m: ~9 %
+# faster). Below it, one tall GEMM over all steps reuses each weight panel far more (batch 1:
+# per-step projection is ~16 % slower).
+_STEPWISE_PROJECTION_MIN_BATCH = 16
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 
@@ -139,25 +144,32 @@ class NumbaBackend(ReferenceBackend):
         w_ih_p, w_hh_p, bias_p = plan.permute(w_ih), plan.permute(w_hh), plan.permute(bias)
         w_hh_ops = self._operands(plan, w_hh_p, rows_are_inputs=False)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
-        gates = np.empty((plan.num_blocks, num_steps * batch * 4 * plan.max_units), dtype)
+        x2 = x.reshape(num_steps * batch, input_size)
+        # The input projection: per block inside the kernel (each step's just before it for
+        # inference at batch >= 16, else all steps at the first step), or, for a large one on
+        # the single-block plan, one GEMM on NumPy's BLAS threads.
+        if not training and batch >= _STEPWISE_PROJECTION_MIN_BATCH:
+            projection = kernels.PROJECT_EACH_STEP
+        elif plan.parallel or x2.size * 4 * hidden < _NUMPY_PROJECTION_MIN_WORK:
+            projection = kernels.PROJECT_AT_FIRST_STEP
+        else:
+            projection = kernels.PROJECTED_BY_CALLER
+        gate_rows = batch if projection == kernels.PROJECT_EACH_STEP else num_steps * batch
+        gates = np.empty((plan.num_blocks, gate_rows * 4 * plan.max_units), dtype)
         rec = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
         y = np.empty((num_steps, batch, hidden), dtype)
         state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
         h_states, c_states = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
-        x2 = x.reshape(num_steps * batch, input_size)
-        # The input projection: per block inside the kernel, or, for a large one on the
-        # single-block plan, one GEMM on NumPy's BLAS threads.
-        project = plan.parallel or x2.size * 4 * hidden < _NUMPY_PROJECTION_MIN_WORK
-        if project:
-            w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False)
-        else:
+        if projection == kernels.PROJECTED_BY_CALLER:
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates.reshape(num_steps * batch, 4 * hidden))
+        else:
+            w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False)
         h_n, c_n = self._run(
             plan, kernels.forward_parallel, kernels.forward_serial,
             x2, w_ih_ops, w_hh_ops, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
-            step_lengths, reverse, plan.bounds, training, plan.mode, project, gates, rec, y,
+            step_lengths, reverse, plan.bounds, training, plan.mode, projection, gates, rec, y,
             h_states, c_states,
         )
         saved = None
