@@ -507,6 +507,27 @@ def _matmul_small(a, b, out):
 
 
 # -- pointwise cell ---------------------------------------------------------------------
+# Row copies as plain loops: Numba's slice assignment and in-place array operators check
+# for overlap and broadcast on every call, which costs more than the few vectors they move.
+@njit(inline="always")
+def _copy(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(inline="always")
+def _add(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] += src[j]
+
+
+@njit(inline="always")
+def _fill(dst, value):
+    for j in range(dst.shape[0]):
+        dst[j] = value
+
+
+
 # One sequence's units of one block. Written so that LLVM vectorizes every loop: each
 # loop touches few arrays (with more it gives up proving they do not overlap), and
 # indexes a view from 0 (an offset index j + 2*nu defeats Numba's proof that the index
@@ -583,15 +604,17 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
     for b in range(batch):
         h_row = h_next[b, u0 : u0 + nu]
+        c_row = c[b, u0 : u0 + nu]
+        y_row = y[t, b, u0 : u0 + nu]
         if t < lengths[b]:
-            _cell_forward(g_t[b], b_k, c[b, u0 : u0 + nu], h_row)
-            y[t, b, u0 : u0 + nu] = h_row
+            _cell_forward(g_t[b], b_k, c_row, h_row)
+            _copy(h_row, y_row)
         else:  # past this sequence's end: carry the state, output zeros
-            h_row[:] = h[b, u0 : u0 + nu]
-            y[t, b, u0 : u0 + nu] = 0
+            _copy(h[b, u0 : u0 + nu], h_row)
+            _fill(y_row, 0)
         if training:
-            h_states[t, b, u0 : u0 + nu] = h_row
-            c_states[t, b, u0 : u0 + nu] = c[b, u0 : u0 + nu]
+            _copy(h_row, h_states[t, b, u0 : u0 + nu])
+            _copy(c_row, c_states[t, b, u0 : u0 + nu])
 
 
 @njit(**_OPTS)
@@ -667,18 +690,19 @@ def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy
     for b in range(batch):
         row = t * batch + b
         # dh for this block's units: what flowed back from step t+1 (plus dy[t] if active).
-        dhr[:] = dh_pass[b, u0 : u0 + nu]
+        passed = dh_pass[b, u0 : u0 + nu]
+        _copy(passed, dhr)
         for kk in range(num_blocks):
-            dhr += partial[kk, b, u0 : u0 + nu]
+            _add(partial[kk, b, u0 : u0 + nu], dhr)
         da = d_k[row]
         if t < lengths[b]:
-            dhr += dy[t, b, u0 : u0 + nu]
+            _add(dy[t, b, u0 : u0 + nu], dhr)
             _cell_backward(g_k[row], c_states[t, b, u0 : u0 + nu], c_start[b, u0 : u0 + nu], dhr,
                            dc[b, u0 : u0 + nu], tanh_c, da)
-            dh_pass[b, u0 : u0 + nu] = 0
+            _fill(passed, 0)
         else:  # inactive: no gate gradient, both carries pass through
-            da[:] = 0
-            dh_pass[b, u0 : u0 + nu] = dhr
+            _fill(da, 0)
+            _copy(dhr, passed)
     # This block's share of dh_{t-1}: d_gates[t][:, block] @ W_hh_p[block rows].
     da_t = d_k[t * batch : (t + 1) * batch]
     _gemm(da_t, w_hh_ops[k], 4 * nu, hidden, partial_next[k], mode)
