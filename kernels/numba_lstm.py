@@ -527,7 +527,6 @@ def _fill(dst, value):
         dst[j] = value
 
 
-
 # One sequence's units of one block. Written so that LLVM vectorizes every loop: each
 # loop touches few arrays (with more it gives up proving they do not overlap), and
 # indexes a view from 0 (an offset index j + 2*nu defeats Numba's proof that the index
@@ -628,8 +627,8 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
 # Where the forward's input projection x W_ih^T comes from:
 PROJECTED_BY_CALLER = 0  # the caller has put it into the gate buffer (all steps)
 PROJECT_AT_FIRST_STEP = 1  # each block projects all steps at the first step (a tall GEMM)
-PROJECT_EACH_STEP = 2  # each block projects each step's rows just before it (the gate buffer
-#                        holds one step: no gate traffic to memory; for inference at batch >= 16)
+PROJECT_EACH_STEP = 2  # each block projects each step's rows just before it (inference only:
+#                        the gate buffer holds one step, so no gates go through memory)
 
 
 def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, training,

@@ -77,21 +77,38 @@ def problems(draw):
     batch = draw(st.sampled_from([1, 2, 5, 16]))
     with_lengths = draw(st.booleans())
     lengths = draw(st.lists(st.integers(1, num_steps), min_size=batch, max_size=batch)) if with_lengths else None
-    return config, num_steps, batch, lengths, draw(st.booleans()), draw(st.sampled_from(["float32", "float64"])), draw(st.integers(0, 1000))
+    with_state = draw(st.booleans())
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    return config, num_steps, batch, lengths, with_state, dtype, draw(st.integers(0, 1000))
+
+
+def problem_setup(problem):
+    """A drawn problem's numba / numpy layer pair and inputs: (layers, x, state, lengths, dy, dstate)."""
+    config, num_steps, batch, lengths, with_state, dtype, seed = problem
+    layers = layer_pair(dtype, **config)
+    rng = np.random.default_rng(seed)
+    d = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    shape = (batch, num_steps) if config["batch_first"] else (num_steps, batch)
+    state_shape = (d, batch, config["hidden_size"])
+    x = rng.standard_normal(shape + (config["input_size"],))
+    state = tuple(0.5 * rng.standard_normal(state_shape) for _ in range(2)) if with_state else None
+    dy = rng.standard_normal(shape + (config["hidden_size"] * (2 if config["bidirectional"] else 1),))
+    dstate = tuple(rng.standard_normal(state_shape) for _ in range(2))
+    return layers, x, state, lengths, dy, dstate
+
+
+def assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, dtype):
+    """Eval-mode outputs and final states of the two layers agree."""
+    (y, (h_n, c_n)), (y_ref, (h_ref, c_ref)) = (layer.eval()(x, state, lengths) for layer in (numba_layer, numpy_layer))
+    for name, actual, expected in (("y", y, y_ref), ("h_n", h_n, h_ref), ("c_n", c_n, c_ref)):
+        assert_close(actual, expected, PARITY[dtype], name)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_matches_numpy_on_every_feature(problem):
-    config, num_steps, batch, lengths, with_state, dtype, seed = problem
-    numba_layer, numpy_layer = layer_pair(dtype, **config)
-    rng = np.random.default_rng(seed)
-    d = config["num_layers"] * (2 if config["bidirectional"] else 1)
-    shape = (batch, num_steps) if config["batch_first"] else (num_steps, batch)
-    x = rng.standard_normal(shape + (config["input_size"],))
-    state = tuple(0.5 * rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2)) if with_state else None
-    dy = rng.standard_normal(shape + (config["hidden_size"] * (2 if config["bidirectional"] else 1),))
-    dstate = tuple(rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2))
+    (numba_layer, numpy_layer), x, state, lengths, dy, dstate = problem_setup(problem)
+    dtype = problem[5]
     expected = forward_backward(numpy_layer, x, state, lengths, dy, dstate)
     actual = forward_backward(numba_layer, x, state, lengths, dy, dstate)
     for name in expected:
@@ -102,18 +119,8 @@ def test_matches_numpy_on_every_feature(problem):
 @given(problems())
 def test_inference_matches_numpy_on_every_feature(problem):
     """Eval mode (nothing kept for backward) takes other kernel paths: same results."""
-    config, num_steps, batch, lengths, with_state, dtype, seed = problem
-    numba_layer, numpy_layer = layer_pair(dtype, **config)
-    rng = np.random.default_rng(seed)
-    d = config["num_layers"] * (2 if config["bidirectional"] else 1)
-    shape = (batch, num_steps) if config["batch_first"] else (num_steps, batch)
-    x = rng.standard_normal(shape + (config["input_size"],))
-    state = tuple(0.5 * rng.standard_normal((d, batch, config["hidden_size"])) for _ in range(2)) if with_state else None
-    for layer in (numba_layer, numpy_layer):
-        layer.eval()
-    (y, (h_n, c_n)), (y_ref, (h_ref, c_ref)) = (layer(x, state, lengths) for layer in (numba_layer, numpy_layer))
-    for name, actual, expected in (("y", y, y_ref), ("h_n", h_n, h_ref), ("c_n", c_n, c_ref)):
-        assert_close(actual, expected, PARITY[dtype], name)
+    (numba_layer, numpy_layer), x, state, lengths, _, _ = problem_setup(problem)
+    assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, problem[5])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -141,13 +148,10 @@ def test_inference_matches_numpy_with_each_input_projection(projection, dtype, m
     lengths = rng.integers(1, 10, size=batch)
     fastlstm.set_num_threads(num_threads)
     try:
-        outputs = [layer.eval()(x, state, lengths) for layer in (numba_layer, numpy_layer)]
+        assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, dtype)
     finally:
         fastlstm.set_num_threads(None)
     assert seen and set(seen) == {getattr(kernels, projection)}
-    (y, (h_n, c_n)), (y_ref, (h_ref, c_ref)) = outputs
-    for name, actual, expected in (("y", y, y_ref), ("h_n", h_n, h_ref), ("c_n", c_n, c_ref)):
-        assert_close(actual, expected, PARITY[dtype], name)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
