@@ -790,9 +790,9 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, d
             _gemm_tall(d_k[batch:], True, h2[: rows - batch], out, True, packed)
     # Deterministic column sums: rows in order, no atomics.
     acc = dbias_p[r0:r1]
-    acc[:] = 0
+    _fill(acc, 0)
     for r in range(rows):
-        acc += d_k[r]
+        _add(d_k[r], acc)
 
 
 @njit(**_OPTS)
