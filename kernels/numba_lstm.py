@@ -444,6 +444,48 @@ def _gemm(a, operand, inner, cols, out, mode):
             np.dot(a, w, out)
 
 
+@intrinsic
+def _transpose_tile(typingctx, src, src_stride, dst, dst_stride):
+    """dst[j, i] = src[i, j] for a _LANES x _LANES float32 tile: (src, src_stride) and
+    (dst, dst_stride) are the tiles' addresses and row strides in elements. The rows are
+    loaded as vectors and transposed in registers (log2(_LANES) rounds of shuffles that
+    swap the off-diagonal blocks of every 2b x 2b block), ~4x faster than element copies."""
+    vec = ir.VectorType(ir.FloatType(), _LANES)
+    i64 = ir.IntType(64)
+    sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_addr, src_step, dst_addr, dst_step = args
+
+        def row_pointer(address, step, i):
+            offset = builder.mul(ir.Constant(i64, i * 4), step)
+            return builder.inttoptr(builder.add(address, offset), vec.as_pointer())
+
+        rows = []
+        for i in range(_LANES):
+            load = builder.load(row_pointer(src_addr, src_step, i))
+            load.align = 4
+            rows.append(load)
+        mask_type = ir.VectorType(ir.IntType(32), _LANES)
+        block = 1
+        while block < _LANES:  # rows i and i + block swap their off-diagonal block x block parts
+            low = ir.Constant(mask_type, [j if j & block == 0 else _LANES + (j ^ block) for j in range(_LANES)])
+            high = ir.Constant(mask_type, [j ^ block if j & block == 0 else _LANES + j for j in range(_LANES)])
+            swapped = list(rows)
+            for i in range(_LANES):
+                if i & block == 0:
+                    swapped[i] = builder.shuffle_vector(rows[i], rows[i + block], low)
+                    swapped[i + block] = builder.shuffle_vector(rows[i], rows[i + block], high)
+            rows = swapped
+            block *= 2
+        for j in range(_LANES):
+            store = builder.store(rows[j], row_pointer(dst_addr, dst_step, j))
+            store.align = 4
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(**_OPTS)
 def pack_operands(w_p, bounds, mode, rows_are_inputs, out):
     """Lay out each block's weight rows as the operand of a per-step GEMM, flat in out[k].
@@ -465,12 +507,17 @@ def pack_operands(w_p, bounds, mode, rows_are_inputs, out):
                             dst[p, i, q] = w_p[r0 + i, p * PANEL + q]
             else:
                 out[k, : n_rows * width] = w_p[r0 : r0 + n_rows].ravel()
-        elif mode == GEMM_PACKED:  # operand (K, 4nu) as column panels
+        elif mode == GEMM_PACKED:  # operand (K, 4nu) as column panels: float32 only
             dst = out[k, : n_rows * width].reshape((n_rows // PANEL, width, PANEL))
+            whole = width - width % _LANES
             for p in range(n_rows // PANEL):
-                for j in range(width):
-                    for i in range(PANEL):
-                        dst[p, j, i] = w_p[r0 + p * PANEL + i, j]
+                for i0 in range(0, PANEL, _LANES):  # dst[p, j, i] = w_p[r0 + p * PANEL + i, j]
+                    row0 = r0 + p * PANEL + i0
+                    for j0 in range(0, whole, _LANES):
+                        _transpose_tile(w_p[row0:, j0:].ctypes.data, width, dst[p, j0:, i0:].ctypes.data, PANEL)
+                    for j in range(whole, width):
+                        for i in range(_LANES):
+                            dst[p, j, i0 + i] = w_p[row0 + i, j]
         else:  # operand (K, 4nu): the transpose, in 16x16 tiles
             dst = _block_view(out, k, width, n_rows)
             for i0 in range(0, n_rows, 16):

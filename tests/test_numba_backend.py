@@ -300,6 +300,21 @@ def test_per_step_gemm_modes_and_operand_layouts(mode, rows):
         np.testing.assert_allclose(out, d @ block, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [1, 5, 37, 64, 96])
+def test_packed_forward_operand_is_the_transposed_weights_in_panels(width):
+    """The forward's packed operand of block k is W_blk^T cut into (width, PANEL) column
+    panels; its whole-vector tiles are transposed in registers, the rest element-wise."""
+    hidden = 2 * kernels.PANEL  # two blocks of PANEL units: four panels of gate rows each
+    bounds = kernels.block_bounds(hidden, 2)
+    w_p = np.random.default_rng(width).standard_normal((4 * hidden, width)).astype(np.float32)
+    out = np.full((2, 2 * hidden * width), np.nan, np.float32)
+    kernels.pack_operands(w_p, bounds, kernels.GEMM_PACKED, False, out)
+    for k in range(2):
+        rows = w_p[4 * bounds[k] : 4 * bounds[k + 1]]
+        panels = rows.reshape(-1, kernels.PANEL, width).transpose(0, 2, 1)
+        assert np.array_equal(out[k].reshape(panels.shape), panels)
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 17])
 @pytest.mark.parametrize("inner", [5, kernels._K_CHUNK, 2 * kernels._K_CHUNK + 37])  # one, exactly one, three chunks
