@@ -306,7 +306,8 @@ def test_packed_forward_operand_is_the_transposed_weights_in_panels(width):
     panels; its whole-vector tiles are transposed in registers, the rest element-wise."""
     hidden = 2 * kernels.PANEL  # two blocks of PANEL units: four panels of gate rows each
     bounds = kernels.block_bounds(hidden, 2)
-    w_p = np.random.default_rng(width).standard_normal((4 * hidden, width)).astype(np.float32)
+    wide = np.random.default_rng(width).standard_normal((4 * hidden, width + 3)).astype(np.float32)
+    w_p = wide[:, :width]  # rows width + 3 apart: the row stride is read, not assumed
     out = np.full((2, 2 * hidden * width), np.nan, np.float32)
     kernels.pack_operands(w_p, bounds, kernels.GEMM_PACKED, False, out)
     for k in range(2):
