@@ -235,19 +235,20 @@ def _try_claim(address):
 
 
 @njit(inline="always")
-def _claim_block(sync, s, w, num_workers, num_blocks):
-    """The next block of step s for worker w to run, or -1 once all the step's blocks are
-    done (the barrier). Own block first. Another block only if nobody has claimed it and
-    this worker has waited long for it, or a worker is missing (not started) and one has
-    already waited long for it once in this call. Call again after running the block."""
+def _claim_block(sync, s, w, num_blocks):
+    """The next block of step s for worker w (one worker per block) to run, or -1 once all
+    the step's blocks are done (the barrier). Own block first. Another block only if
+    nobody has claimed it and this worker has waited long for it, or a worker is missing
+    (not started) and one has already waited long for it once in this call. Call again
+    after running the block."""
     started, lone = sync.ctypes.data, sync.ctypes.data + 8
     base = sync.ctypes.data + 8 * (_SYNC_HEADER + s * (num_blocks + 1))
     done = base + 8 * num_blocks
-    if w < num_blocks and _try_claim(base + 8 * w):
+    if _try_claim(base + 8 * w):
         return np.int64(w)  # a prange index may be unsigned: keep one signed return type
     spins = 0
     while _atomic_load(done) < num_blocks:
-        missing = _atomic_load(started) < num_workers
+        missing = _atomic_load(started) < num_blocks
         if spins >= _SPINS_BEFORE_STEALING or (missing and _atomic_load(lone) > 0):
             if missing:
                 _atomic_add(lone, 1)
@@ -647,8 +648,7 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
         r = _block_view(rec, k, batch, 4 * nu)
         _gemm(h, w_hh_ops[k], hidden, 4 * nu, r, mode)
         for b in range(batch):
-            for j in range(4 * nu):
-                g_t[b, j] += r[b, j]
+            _add(r[b], g_t[b])
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
     for b in range(batch):
         h_row = h_next[b, u0 : u0 + nu]
@@ -703,7 +703,7 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
             t = num_steps - 1 - s if reverse else s
             h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
             row0 = 0 if projection == PROJECT_EACH_STEP else t * batch  # this step's gate rows
-            k = _claim_block(sync, s, w, num_blocks, num_blocks)
+            k = _claim_block(sync, s, w, num_blocks)
             while k >= 0:
                 # A block's steps read only its own gate columns: it can project its input
                 # for all steps at the first step, or each step's just before it.
@@ -714,7 +714,7 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
                 _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                                     lengths, y, h_states, c_states, training, mode)
                 _block_done(sync, s, num_blocks)
-                k = _claim_block(sync, s, w, num_blocks, num_blocks)
+                k = _claim_block(sync, s, w, num_blocks)
     return h_buffers[num_steps % 2].copy(), c
 
 
@@ -789,12 +789,12 @@ def _backward_loop(gates, c_states, c0, w_hh_ops, dy, dh_n, dc_n, lengths, rever
             if t_prev == num_steps:
                 t_prev = -1
             # step s reads the blocks' dh_{t} shares from partials[s % 2], writes the other
-            k = _claim_block(sync, s, w, num_blocks, num_blocks)
+            k = _claim_block(sync, s, w, num_blocks)
             while k >= 0:
                 _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
                                      partials[s & 1], partials[(s + 1) & 1], dc, d_gates, scratch, mode)
                 _block_done(sync, s, num_blocks)
-                k = _claim_block(sync, s, w, num_blocks, num_blocks)
+                k = _claim_block(sync, s, w, num_blocks)
     return _sum_carry(dh_pass, partials[num_steps % 2]), dc
 
 
