@@ -5,12 +5,16 @@ For each configuration and mode, in one process and on one card:
   total     one whole call, synchronized (what `fastlstm bench` reports)
   host      the time until the call returns, before synchronizing: when it is close to
             `total`, the GPU waits on Python (launch-bound), not the other way round
-  per-step  `total` with the persistent kernels switched off (a GEMM and a kernel per step)
+  per-step  `total` with the persistent kernels switched off (a GEMM and a kernel per step,
+            replayed from a CUDA graph: cuda_graphs.py)
+  launched  the same loop launched from Python every step (no graphs)
   persistent `total` with the persistent kernels wherever they apply, whatever the size
   cudnn     torch.nn.LSTM on cuDNN, IEEE float32, same shapes (the bench's torch-cuda)
-plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-device copy.
-(A CUDA-graph replay was tried on 2026-11-27: CuPy refuses cuBLAS calls during stream
-capture, "calling cuBLAS API during stream capture is currently unsupported".)
+plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-device copy,
+and the graph cache's counts (eager / captured / replayed loops) at the end.
+(CuPy's own cuBLAS binding refuses calls during stream capture, "calling cuBLAS API
+during stream capture is currently unsupported": the backend calls cuBLAS through
+ctypes instead, fastlstm/backends/cublas_api.py.)
 
 Usage: python bench/gpu_probe.py OUT_DIR   (writes gpu_probe.json there; prints a table)
        python bench/gpu_probe.py --once CONFIG   (one persistent forward, for ncu)
@@ -54,10 +58,11 @@ def host_costs_us(repeats=500) -> dict:
     """Host time per call of what the per-step loop does each step (wide-512 shapes), in us."""
     import cupy.cublas
 
+    from fastlstm.backends import cublas_api
     from fastlstm.backends.cupy_backend import CublasGemm
 
     backend = registry.backend_object("cupy")
-    kernels, gemm = backend._kernels, CublasGemm(cupy.cuda)
+    kernels, gemm, ctypes_gemm = backend._kernels, CublasGemm(cupy.cuda), CublasGemm(cupy.cuda, cublas_api.load()[0])
     steps, batch, hidden = 100, 64, 512
     gates = cupy.zeros((steps, batch, 4 * hidden), dtype=cupy.float32)
     states = cupy.zeros((steps, batch, hidden), dtype=cupy.float32)
@@ -68,7 +73,8 @@ def host_costs_us(repeats=500) -> dict:
     calls = {
         "view a[t]": lambda: gates[7],
         "pointwise kernel launch": lambda: kernels.forward_step(0, True, g, bias, *states[:5], lengths),
-        "CublasGemm (direct cuBLAS)": lambda: gemm("N", "T", h, w_hh, g, 1.0),
+        "CublasGemm (CuPy's cuBLAS binding)": lambda: gemm("N", "T", h, w_hh, g, 1.0),
+        "CublasGemm (ctypes cuBLAS)": lambda: ctypes_gemm("N", "T", h, w_hh, g, 1.0),
         "cupy.cublas.gemm": lambda: cupy.cublas.gemm("N", "T", h, w_hh, out=g, alpha=1.0, beta=1.0),
     }
     costs = {}
@@ -107,13 +113,18 @@ def probe(config: bench.Config, mode: str) -> dict:
     row["path"] = "persistent" if backend._plan(config.B, config.H, "float32") else "per-step"
     row["total"] = median_s(call)
     row["host"] = median_s(call, until_done=False)
+    graphs = backend.graphs
     try:
         for path, flag in (("per-step", False), ("persistent", True)):
             backend.persistent = flag
             call()
+            call()  # a per-step loop is captured the second time
             row[path] = median_s(call)
+        backend.persistent, backend.graphs = False, None
+        call()
+        row["launched"] = median_s(call)
     finally:
-        backend.persistent = None
+        backend.persistent, backend.graphs = None, graphs
     torch_call = bench.make_runner("torch-cuda", config, mode)
     torch_call()
     row["cudnn"] = median_s(torch_call)
@@ -138,18 +149,22 @@ def main(out_dir: str) -> int:
         for mode in bench.MODES:
             rows.append(probe(CONFIG_BY_NAME[config_name], mode))
             print(json.dumps(rows[-1]), flush=True)
-    results = {"ceilings": ceilings, "host_costs_us": costs, "rows": rows}
+    graphs = registry.backend_object("cupy").graphs
+    graph_state = "on" if graphs.enabled else f"off ({graphs.disabled_reason})"
+    print(f"CUDA graphs {graph_state}; loops: {dict(graphs.counts)}", flush=True)
+    results = {"ceilings": ceilings, "host_costs_us": costs, "rows": rows, "graphs": graph_state,
+               "graph_counts": dict(graphs.counts)}
     Path(out_dir, "gpu_probe.json").write_text(json.dumps(results, indent=1))
 
     def ms(value):
         return f"{value * 1e3:.3f}"
 
-    header = ("config", "mode", "default path", "total ms", "host ms", "per-step ms", "persistent ms", "cudnn ms",
-              "per-step/cudnn", "persistent/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
+    header = ("config", "mode", "default path", "total ms", "host ms", "per-step ms", "launched ms", "persistent ms",
+              "cudnn ms", "per-step/cudnn", "persistent/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
     lines = [header]
     for r in rows:
         lines.append((r["config"], r["mode"], r["path"], ms(r["total"]), ms(r["host"]), ms(r["per-step"]),
-                      ms(r["persistent"]), ms(r["cudnn"]), f"{r['per-step'] / r['cudnn']:.2f}",
+                      ms(r["launched"]), ms(r["persistent"]), ms(r["cudnn"]), f"{r['per-step'] / r['cudnn']:.2f}",
                       f"{r['persistent'] / r['cudnn']:.2f}", f"{r['gflop'] / r['total'] / 1e3:.2f}",
                       f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]

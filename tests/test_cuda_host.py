@@ -13,23 +13,18 @@ import sys
 
 import numpy as np
 import pytest
+from cuda_emulation import host_kernels
+from cuda_emulation.fake_cupy import make_fake_cupy
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from lstm_testing import TOLERANCE, assert_close, random_problem
 
 import fastlstm
 from fastlstm import registry
 from fastlstm.backends import cupy_backend
 from fastlstm.backends.numpy_backend import NumpyBackend
-from cuda_emulation import host_kernels
-from cuda_emulation.fake_cupy import make_fake_cupy
-from lstm_testing import TOLERANCE, assert_close, random_problem
 
 pytestmark = pytest.mark.skipif(host_kernels.compiler() is None, reason="no C++ compiler to build the kernels for the host")
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    return host_kernels.build(tmp_path_factory.mktemp("cuda_host"))
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +39,6 @@ def emulated_persistent(library):
     """The same with the persistent kernels, every CUDA thread a host thread."""
     kernels = host_kernels.emulated_kernels(library, shared_limit=8192)
     return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
-
-
-@pytest.fixture
-def fake_cupy(library, monkeypatch):
-    """A usable 'cupy' backend built from the fake module; registry restored afterwards."""
-    fake = make_fake_cupy(library)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    saved = dict(registry._probed)
-    registry._probed.pop("cupy", None)
-    yield fake
-    registry._probed.clear()
-    registry._probed.update(saved)
 
 
 def sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths):

@@ -117,13 +117,19 @@ def test_bias_gradient_is_deterministic_on_gpu(time_loop):
             assert np.array_equal(results[0][k], results[1][k]), k
 
 
+@pytest.mark.parametrize("api", ["ctypes", "cupy binding"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("transa, transb", [("N", "N"), ("N", "T"), ("T", "N"), ("T", "T")])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_direct_cublas_gemm_matches_cupy_matmul(transa, transb, beta, dtype):
+def test_direct_cublas_gemm_matches_cupy_matmul(transa, transb, beta, dtype, api):
     import cupy
 
+    from fastlstm.backends import cublas_api
     from fastlstm.backends.cupy_backend import CublasGemm
+
+    cupy.cuda.get_cublas_handle()  # CuPy loads libcublas
+    functions, why_not = cublas_api.load() if api == "ctypes" else (cupy.cuda.cublas, "")
+    assert functions is not None, why_not
 
     rng = np.random.default_rng(0)
     m, n, k = 37, 70, 19
@@ -134,8 +140,34 @@ def test_direct_cublas_gemm_matches_cupy_matmul(transa, transb, beta, dtype):
     if beta == 0.0:
         out[0, 0] = cupy.nan  # beta 0: the old contents must not leak in
     expected = cupy.matmul(a.T if transa == "T" else a, b.T if transb == "T" else b) + (beta * out if beta else 0)
-    CublasGemm(cupy.cuda)(transa, transb, a, b, out, beta)
+    CublasGemm(cupy.cuda, functions)(transa, transb, a, b, out, beta)
     assert_close(cupy.asnumpy(out), cupy.asnumpy(expected), TOL[dtype], "out")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_per_step_loops_replayed_from_cuda_graphs_match_numpy(dtype):
+    """Training steps on new data with the per-step loop: the first runs it from Python, the
+    second captures it into CUDA graphs (cuBLAS included), the later ones replay them."""
+    kwargs = dict(num_layers=2, bidirectional=True, dtype=dtype, seed=3)
+    gpu = fastlstm.LSTM(24, 64, backend="cupy", **kwargs)
+    cpu = fastlstm.LSTM(24, 64, backend="numpy", **kwargs)
+    cpu.load_state_dict(gpu.state_dict())
+    backend = fastlstm.registry.backend_object("cupy")
+    backend.persistent = False
+    try:
+        assert backend.graphs.enabled, backend.graphs.disabled_reason
+        before = backend.graphs.counts.copy()
+        for step in range(4):
+            x, state, lengths, dy, dstate = random_problem(cpu, 15, 8, seed=step, lengths=np.arange(8) % 15 + 8)
+            expected = forward_backward(cpu, x, state, lengths, dy, dstate)
+            actual = forward_backward(gpu, x, state, lengths, dy, dstate)
+            for name in expected:
+                assert_close(actual[name], expected[name], TOL[dtype], f"step {step}: {name}")
+        assert backend.graphs.enabled, backend.graphs.disabled_reason
+        counts = backend.graphs.counts - before
+        assert counts["captured"] >= 4 and counts["replayed"] >= 8, counts
+    finally:
+        backend.persistent = None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -9,16 +9,18 @@ time loop runs either
   step -- no host work per step; or
 - per step: one recurrent GEMM that cuBLAS accumulates into that step's slice of the
   projection (beta = 1) and one fused pointwise kernel (one thread per sequence and
-  hidden unit, all four gates), launched from Python.
+  hidden unit, all four gates), launched from Python -- or, from the second loop of the
+  same shapes on, replayed as one CUDA graph (``cuda_graphs.py``).
 
 Backward mirrors it; the weight gradients are GEMMs over all steps after the loop and
 the bias gradient is a deterministic column sum.
 
 The sequence logic (``CudaSequenceBackend``) is written against three seams, an
-array module, a GEMM and a kernel launcher, so that the tests run it on the CPU
-with NumPy, NumPy GEMMs and a host build of the same CUDA sources. CuPy itself is
-imported only by ``create_backend``, which the registry calls when this backend is
-asked for; CUDA submodules (cuBLAS) only after a device has been found to work.
+array module, a GEMM and a kernel launcher (plus, optionally, a graph cache), so that
+the tests run it on the CPU with NumPy, NumPy GEMMs and a host build of the same CUDA
+sources. CuPy itself is imported only by ``create_backend``, which the registry calls
+when this backend is asked for; CUDA submodules (cuBLAS) only after a device has been
+found to work.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from .._arrays import is_cupy_array, is_torch_tensor, to_numpy
-from .base import ReferenceBackend
+from . import cublas_api
+from .base import ReferenceBackend, step_order
+from .cuda_graphs import GraphCache
 
 THREADS_PER_BLOCK = 256
 ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second pass
@@ -127,15 +131,18 @@ class CudaSequenceBackend(ReferenceBackend):
     CupyKernels).
     persistent: None (default) uses the persistent kernels where they apply and batch x
     hidden <= PERSISTENT_MAX_STATE; True wherever they apply; False never.
+    graphs: a GraphCache that replays the per-step loops, or None (always launched from
+    Python; needed where arrays have no device address, as NumPy's).
     """
 
     name = "cupy"
 
-    def __init__(self, xp, gemm, kernels, persistent: bool | None = None):
+    def __init__(self, xp, gemm, kernels, persistent: bool | None = None, graphs: GraphCache | None = None):
         self.xp = xp
         self._gemm = gemm
         self._kernels = kernels
         self.persistent = persistent
+        self.graphs = graphs
 
     def _plan(self, batch, hidden, dtype) -> PersistentPlan | None:
         if self.persistent is False or (self.persistent is None and batch * hidden > PERSISTENT_MAX_STATE):
@@ -176,15 +183,52 @@ class CudaSequenceBackend(ReferenceBackend):
 
     def _forward_steps(self, gates, w_hh, bias, h0, c0, step_lengths, reverse, training, y, h_states, c_states):
         """The time loop from Python: a GEMM and a pointwise kernel per step."""
-        if not training:  # one buffer each, updated in place (each thread owns its element)
-            h_buffer, c_buffer = h0.copy(), c0.copy()
-        h_prev, c_prev = h0, c0
-        for t in _step_order(y.shape[0], reverse):
-            h_out, c_out = (h_states[t], c_states[t]) if training else (h_buffer, c_buffer)
-            self._gemm("N", "T", h_prev, w_hh, gates[t], 1.0)
-            self._kernels.forward_step(t, training, gates[t], bias, h_prev, c_prev, h_out, c_out, y[t], step_lengths)
-            h_prev, c_prev = h_out, c_out
-        return h_prev.copy(), c_prev.copy()
+        num_steps = y.shape[0]
+        inputs = {"gates": gates, "w_hh": w_hh, "bias": bias, "lengths": step_lengths}
+        if training:  # every step's state is kept; the last one is the final state
+            inputs.update(h0=h0, c0=c0)
+            outputs = {"gates": gates, "y": y, "h_states": h_states, "c_states": c_states}
+            last = num_steps - 1 if not reverse else 0
+            h_n, c_n = h_states[last], c_states[last]
+        else:  # one buffer each, starting as h0 / c0, updated in place (each thread owns its element)
+            h_n, c_n = (self.xp.empty(h0.shape, dtype=h0.dtype) for _ in range(2))
+            inputs.update(h_run=h0, c_run=c0)
+            outputs = {"y": y, "h_run": h_n, "c_run": c_n}
+
+        def loop(gates, w_hh, bias, lengths, y, h0=None, c0=None, h_states=None, c_states=None, h_run=None,
+                 c_run=None):
+            h_prev, c_prev = (h0, c0) if training else (h_run, c_run)
+            for t in step_order(num_steps, reverse):
+                h_out, c_out = (h_states[t], c_states[t]) if training else (h_run, c_run)
+                self._gemm("N", "T", h_prev, w_hh, gates[t], 1.0)
+                self._kernels.forward_step(t, training, gates[t], bias, h_prev, c_prev, h_out, c_out, y[t], lengths)
+                h_prev, c_prev = h_out, c_out
+
+        self._run_loop(("forward", training, reverse), inputs, outputs, loop)
+        return (h_n.copy(), c_n.copy()) if training else (h_n, c_n)
+
+    def _run_loop(self, flags, inputs: dict, outputs: dict, loop):
+        """loop(**arrays) queues a time loop's launches. An output that is also an input
+        starts with that input's values; the loop writes nothing else.
+
+        Without graphs the loop runs on the caller's arrays. With them it runs on buffers
+        the cache keeps for these shapes (a graph bakes in addresses, and the caller's
+        arrays are new every call): inputs are copied in, the loop is replayed from the
+        graph of `flags` and the shapes, outputs are copied out -- a few device copies
+        instead of two launches from Python per step."""
+        arrays = {**inputs, **outputs}
+        if self.graphs is None or not self.graphs.enabled:
+            for name in inputs.keys() & outputs.keys():
+                outputs[name][...] = inputs[name]
+            loop(**arrays)
+            return
+        shapes = tuple((name, array.shape, array.dtype.str) for name, array in sorted(arrays.items()))
+        staged = self.graphs.buffers(self.xp, shapes)
+        for name, array in inputs.items():
+            staged.arrays[name][...] = array
+        self.graphs.run(staged, flags, lambda: loop(**staged.arrays))
+        for name, array in outputs.items():
+            array[...] = staged.arrays[name]
 
     def backward_sequence(self, saved: _CudaSaved, dy, dh_n, dc_n):
         xp = self.xp
@@ -212,17 +256,24 @@ class CudaSequenceBackend(ReferenceBackend):
     def _backward_steps(self, saved: _CudaSaved, dy, dh_n, dc_n, d_gates):
         """The backward time loop from Python: a pointwise kernel and a GEMM per step."""
         xp = self.xp
-        dh_in, dh_out = dh_n.copy(), xp.empty_like(dh_n)
-        dc = dc_n.copy()
-        order = list(_step_order(dy.shape[0], saved.reverse))
-        for position in reversed(range(len(order))):
-            t = order[position]
-            c_before = saved.c0 if position == 0 else saved.c_states[order[position - 1]]
-            self._kernels.backward_step(t, saved.gates[t], saved.c_states[t], c_before, dy[t], dh_in, dh_out,
-                                        dc, d_gates[t], saved.lengths)
-            self._gemm("N", "N", d_gates[t], saved.w_hh, dh_out, 1.0)
-            dh_in, dh_out = dh_out, dh_in
-        return dh_in, dc
+        order = list(step_order(dy.shape[0], saved.reverse))
+        dh, dh_other, dc = (xp.empty(dh_n.shape, dtype=dh_n.dtype) for _ in range(3))  # dh in / out swap each step
+        inputs = {"gates": saved.gates, "c_states": saved.c_states, "c0": saved.c0, "dy": dy, "w_hh": saved.w_hh,
+                  "lengths": saved.lengths, "dh": dh_n, "dc": dc_n}
+        outputs = {"d_gates": d_gates, "dh": dh, "dh_other": dh_other, "dc": dc}
+
+        def loop(gates, c_states, c0, dy, w_hh, lengths, dh, dc, d_gates, dh_other):
+            dh_in, dh_out = dh, dh_other
+            for position in reversed(range(len(order))):
+                t = order[position]
+                c_before = c0 if position == 0 else c_states[order[position - 1]]
+                self._kernels.backward_step(t, gates[t], c_states[t], c_before, dy[t], dh_in, dh_out, dc, d_gates[t],
+                                            lengths)
+                self._gemm("N", "N", d_gates[t], w_hh, dh_out, 1.0)
+                dh_in, dh_out = dh_out, dh_in
+
+        self._run_loop(("backward", saved.reverse), inputs, outputs, loop)
+        return (dh, dh_other)[len(order) % 2], dc  # after an even number of swaps, dh holds the last
 
     # -- helpers ------------------------------------------------------------------------
     def _recurrent_weight_grad(self, saved: _CudaSaved, d_gates):
@@ -250,10 +301,6 @@ class CudaSequenceBackend(ReferenceBackend):
         total = self.xp.empty((1, cols), dtype=a2.dtype)
         self._kernels.column_sum(partial, chunks, total)
         return total[0]
-
-
-def _step_order(num_steps: int, reverse: bool) -> range:
-    return range(num_steps - 1, -1, -1) if reverse else range(num_steps)
 
 
 def launch_shape(elements: int) -> tuple[int, int]:
@@ -351,15 +398,18 @@ class CublasGemm:
     cuBLAS is column-major, and a row-major matrix read column-major is its transpose,
     so out = op(a) op(b) is computed as out^T = op(b)^T op(a)^T: the same op letters,
     the operands swapped, each leading dimension the array's row stride. This is what
-    cupy.cublas.gemm does too, but that spends tens of microseconds of Python per call
-    on checks and pointer-mode switching, and the time loop makes one call per step.
+    cupy.cuda.cublas.gemm does too, but that spends tens of microseconds of Python per
+    call on checks and pointer-mode switching, and the time loop makes one call per step.
+
+    api: the C functions (setStream, setPointerMode, sgemm, dgemm): cublas_api.CtypesCublas,
+    which can be captured into a CUDA graph, or CuPy's binding (cuda.cublas), which cannot.
     """
 
     _OPS = {"N": 0, "T": 1}  # CUBLAS_OP_N, CUBLAS_OP_T
 
-    def __init__(self, cuda):
-        self._cuda = cuda  # cupy.cuda: its cublas bindings, handle and current stream
-        self._cublas = cuda.cublas
+    def __init__(self, cuda, api=None):
+        self._cuda = cuda  # cupy.cuda: its cuBLAS handle and current stream
+        self._cublas = cuda.cublas if api is None else api
         # alpha and beta are read from host memory: keep the scalars alive, pointers ready.
         self._scalars = {}
         for dtype in (np.float32, np.float64):
@@ -400,13 +450,18 @@ class CupyBackend(CudaSequenceBackend):
     def __init__(self, cupy):
         self._cupy = cupy
         # cupy.cuda.cublas loads libcublas: only once a device is known to work (DESIGN.md)
-        super().__init__(cupy, CublasGemm(cupy.cuda), CupyKernels(cupy))
+        cupy.cuda.get_cublas_handle()
+        api, why_not = cublas_api.load()
+        graphs = GraphCache(cupy.cuda, disabled_reason="" if api else f"cuBLAS through CuPy's binding ({why_not}), "
+                            "which refuses stream capture")
+        super().__init__(cupy, CublasGemm(cupy.cuda, api), CupyKernels(cupy), graphs=graphs)
 
     def describe(self) -> str:
         device = self._cupy.cuda.Device()
         props = self._cupy.cuda.runtime.getDeviceProperties(device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return f"cupy {self._cupy.__version__} on GPU {device.id}: {name}"
+        graphs = "on" if self.graphs.enabled else f"off: {self.graphs.disabled_reason}"
+        return f"cupy {self._cupy.__version__} on GPU {device.id}: {name} (CUDA graphs for the per-step loop {graphs})"
 
     # -- data movement ------------------------------------------------------------------
     def from_user(self, value, name: str):

@@ -2,6 +2,14 @@
 machine without a GPU: "device" arrays are a NumPy subclass, cuBLAS's C API is emulated
 with NumPy on raw pointers (column-major, as the real one), and RawModule functions
 launch the host build of kernels/*.cu (host_kernels.py).
+
+Streams and graph capture behave as CUDA's do where it matters to a caller: work queued
+on a stream that is being captured is recorded, not run (a graph runs it when launched,
+with the addresses and scalars it was recorded with); capturing the legacy stream, work
+on the legacy stream while another is capturing, and allocating while capturing raise.
+Allocations come from a pool, as CuPy's do: a freed block is handed out again to the next
+request of its size, so a loop that allocates the same way each time gets the same
+addresses each time.
 """
 
 from __future__ import annotations
@@ -9,8 +17,52 @@ from __future__ import annotations
 import ctypes
 import re
 import types
+import weakref
+from collections import defaultdict
 
 import numpy as np
+
+LEGACY_STREAM = 0
+_capturing = set()  # streams being captured, in every fake module
+
+
+def _refuse_allocation_while_capturing():
+    if _capturing:
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported: memory allocated while a stream is being captured")
+
+
+class _Pool:
+    """CuPy's memory pool in miniature: blocks of whole 512 bytes; a block comes back when
+    the array made on it (and every view of it) is gone, and the next request of its size
+    takes the block freed last."""
+
+    UNIT = 512
+
+    def __init__(self):
+        self._free = defaultdict(list)
+
+    def allocate(self, shape, dtype):
+        _refuse_allocation_while_capturing()
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = max(1, -(-nbytes // self.UNIT)) * self.UNIT
+        free = self._free[size]
+        block = free.pop() if free else np.empty(size, dtype=np.uint8)
+        array = block[:nbytes].view(dtype).reshape(shape).view(ndarray)
+        # Views of `array` of this type keep it (their base) alive: NumPy does not collapse
+        # a view's base past an array of another type. (Plain NumPy views of it do not:
+        # np.asarray(array) must not outlive it.)
+        weakref.finalize(array, free.append, block)
+        return array
+
+    def device_copy(self, value, dtype=None):
+        value = np.asarray(value, dtype=dtype)
+        array = self.allocate(value.shape, value.dtype)
+        array[...] = value
+        return array
+
+
+_POOL = _Pool()
 
 
 class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
@@ -20,12 +72,16 @@ class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
     def data(self):  # cupy.ndarray.data is a MemoryPointer: .ptr is the address
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
+    def copy(self, order="C"):
+        return _POOL.device_copy(self)
+
 
 ndarray.__module__ = "cupy"
 
 
 def _device(array):
-    return np.ascontiguousarray(array).view(ndarray) if not isinstance(array, ndarray) else array
+    """A device array with the values of `array`: itself if it is one already."""
+    return array if isinstance(array, ndarray) else _POOL.device_copy(array)
 
 
 def _arg(value):
@@ -39,10 +95,77 @@ def _arg(value):
     raise TypeError(f"kernel argument of type {type(value).__name__}: pass NumPy scalars of the C type")
 
 
-class _Function:
-    """A RawModule function: launch(grid, block, args) -> the host build's entry point."""
+class Graph:
+    """What a capture recorded; launch() runs it (on the stream given or the current one)."""
 
-    def __init__(self, library, name):
+    def __init__(self, streams, work):
+        self._streams, self._work = streams, work
+        self.launches = 0
+
+    def launch(self, stream=None):
+        self.launches += 1
+        target = stream if stream is not None else self._streams.current()
+        for item in self._work:
+            self._streams.submit(target.ptr, item)
+
+
+class Streams:
+    """The fake's streams: a stack of current streams and each stream's capture, if any."""
+
+    def __init__(self):
+        self.by_ptr = {}
+        self.stack = [self.Stream(self, ptr=LEGACY_STREAM)]
+
+    class Stream:
+        def __init__(self, streams, non_blocking=False, ptr=None):
+            self._streams = streams
+            self.ptr = ptr if ptr is not None else 1000 + len(streams.by_ptr)
+            self.captured = None  # the recorded work while capturing
+            streams.by_ptr[self.ptr] = self
+
+        def __enter__(self):
+            self._streams.stack.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            self._streams.stack.pop()
+
+        def begin_capture(self, mode=None):
+            if self.ptr == LEGACY_STREAM:
+                raise RuntimeError("cudaErrorStreamCaptureUnsupported: the legacy stream cannot be captured")
+            self.captured = []
+            _capturing.add(self)
+
+        def end_capture(self):
+            work, self.captured = self.captured, None
+            _capturing.discard(self)
+            return Graph(self._streams, work)
+
+        def is_capturing(self):
+            return self.captured is not None
+
+    def new_stream(self, non_blocking=False):
+        return self.Stream(self, non_blocking)
+
+    def current(self):
+        return self.stack[-1]
+
+    def submit(self, stream_ptr, work):
+        """Run `work` now, or record it if its stream is being captured."""
+        stream = self.by_ptr[stream_ptr]
+        if stream.captured is not None:
+            stream.captured.append(work)
+        elif _capturing and stream_ptr == LEGACY_STREAM:
+            raise RuntimeError("cudaErrorStreamCaptureImplicit: legacy-stream work while a stream is captured")
+        else:
+            work()
+
+
+class _Function:
+    """A RawModule function: launch(grid, block, args) -> the host build's entry point, on
+    the current stream."""
+
+    def __init__(self, library, name, streams):
         match = re.fullmatch(r"(\w+)<(float|double)(?:, (true|false))?>", name)
         assert match, name
         kernel, ctype, training = match.groups()
@@ -50,6 +173,7 @@ class _Function:
         self._fn = getattr(library, f"{entry}_{'f32' if ctype == 'float' else 'f64'}")
         self._training = training
         self._persistent = entry.endswith("_persistent")  # host threads, shared memory
+        self._streams = streams
         self.launches = 0
 
     def __call__(self, grid, block, args, shared_mem=0):
@@ -61,22 +185,38 @@ class _Function:
             assert shared_mem == 0
         if self._training is not None:
             shape.append(ctypes.c_int(self._training == "true"))
-        self._fn(*shape, *map(_arg, args))
+        arguments = [*shape, *map(_arg, args)]  # the values of now, as a captured launch keeps them
+        self._streams.submit(self._streams.current().ptr, lambda: self._fn(*arguments))
 
 
 def make_fake_cupy(library_path) -> types.ModuleType:
     library = ctypes.CDLL(str(library_path))
+    streams = Streams()
     cupy = types.ModuleType("cupy")
     cupy.__version__ = "0.0-fake"
     cupy.ndarray = ndarray
     cupy.compiled = []  # what RawModule was asked to compile
     cupy.is_available = lambda: True
-    cupy.asarray = lambda a, dtype=None: _device(np.asarray(a, dtype=dtype))
+
+    def asarray(a, dtype=None):
+        same = isinstance(a, ndarray) and (dtype is None or a.dtype == dtype)
+        return a if same else _POOL.device_copy(a, dtype)
+
+    cupy.asarray = asarray
     cupy.asnumpy = lambda a: np.array(a, copy=True).view(np.ndarray)
-    cupy.from_dlpack = lambda a: _device(np.from_dlpack(a))
-    for name in ("zeros", "empty", "full", "zeros_like", "empty_like", "concatenate", "ascontiguousarray", "where"):
-        setattr(cupy, name, (lambda f: lambda *a, **k: _device(f(*a, **k)))(getattr(np, name)))
-    cupy.arange = lambda *a, **k: _device(np.arange(*a, **k))
+    cupy.from_dlpack = lambda a: np.from_dlpack(a).view(ndarray)  # no copy, as through DLPack
+
+    def allocating(function):
+        return lambda *args, **kwargs: _POOL.device_copy(function(*args, **kwargs))
+
+    for name in ("zeros", "empty", "full", "zeros_like", "empty_like", "concatenate", "where", "arange"):
+        setattr(cupy, name, allocating(getattr(np, name)))
+
+    def ascontiguousarray(a, dtype=None):
+        same = isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype)
+        return a if same else _POOL.device_copy(np.ascontiguousarray(a, dtype=dtype))
+
+    cupy.ascontiguousarray = ascontiguousarray
     cupy.tanh, cupy.exp, cupy.abs = np.tanh, np.exp, np.abs
 
     class RawModule:
@@ -84,7 +224,7 @@ def make_fake_cupy(library_path) -> types.ModuleType:
             assert '#include "lstm_common.cuh"' in code
             assert any(o.startswith("-I") for o in options)
             cupy.compiled.append(tuple(name_expressions))
-            self._functions = {name: _Function(library, name) for name in name_expressions}
+            self._functions = {name: _Function(library, name, streams) for name in name_expressions}
 
         def get_function(self, name):
             return self._functions[name]
@@ -93,9 +233,11 @@ def make_fake_cupy(library_path) -> types.ModuleType:
     cuda = types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0),
         runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 3}),
-        cublas=FakeCublas(),
+        cublas=FakeCublas(streams),
         get_cublas_handle=lambda: FakeCublas.HANDLE,
-        get_current_stream=lambda: types.SimpleNamespace(ptr=FakeCublas.STREAM),
+        get_current_stream=streams.current,
+        Stream=streams.new_stream,
+        streams=streams,
     )
     cupy.cuda = cuda
     return cupy
@@ -111,12 +253,14 @@ def _column_major(address, rows, cols, ld, dtype):
 
 
 class FakeCublas:
-    """cuBLAS's C gemm on host pointers, column-major like the real one, recording its calls."""
+    """cuBLAS's C gemm on host pointers, column-major like the real one, recording its calls;
+    run on the stream last set (recorded there while it is being captured)."""
 
     CUBLAS_POINTER_MODE_HOST = 0
-    HANDLE, STREAM = 7, 11
+    HANDLE = 7
 
-    def __init__(self):
+    def __init__(self, streams):
+        self._streams = streams
         self.calls = []
         self.stream = self.pointer_mode = None
 
@@ -135,7 +279,7 @@ class FakeCublas:
         self._gemm(np.float64, *args)
 
     def _gemm(self, dtype, handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        assert handle == self.HANDLE and self.stream == self.STREAM
+        assert handle == self.HANDLE and self.stream in self._streams.by_ptr
         assert self.pointer_mode == self.CUBLAS_POINTER_MODE_HOST
         self.calls.append((np.dtype(dtype).name, transa, transb, m, n, k))
         scalar = np.ctypeslib.as_ctypes_type(dtype)
@@ -145,5 +289,9 @@ class FakeCublas:
         op_a = op_a if transa == 0 else op_a.T
         op_b = op_b if transb == 0 else op_b.T
         out = _column_major(c, m, n, ldc, dtype)
-        product = alpha * (op_a @ op_b)
-        out[...] = product if beta == 0 else product + beta * out  # beta 0: C is not read
+
+        def run():
+            product = alpha * (op_a @ op_b)
+            out[...] = product if beta == 0 else product + beta * out  # beta 0: C is not read
+
+        self._streams.submit(self.stream, run)

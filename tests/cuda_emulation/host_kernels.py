@@ -33,6 +33,14 @@ def build(out_dir: Path) -> Path:
     return library
 
 
+def build_fake_cublas(out_dir: Path) -> Path:
+    """cublas_host.c as a shared library: the C functions cublas_api binds, on the host."""
+    library = out_dir / "libfakecublas_host.so"
+    cmd = [compiler(), "-O1", "-shared", "-fPIC", "-x", "c", str(HERE / "cublas_host.c"), "-o", str(library)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return library
+
+
 def numpy_gemm(transa, transb, a, b, out, beta):
     op_a = a.T if transa == "T" else a
     op_b = b.T if transb == "T" else b

@@ -1,0 +1,32 @@
+"""Fixtures shared by the CUDA-emulation tests (test_cuda_host.py, test_cuda_graphs.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from cuda_emulation import host_kernels
+from cuda_emulation.fake_cupy import make_fake_cupy
+
+from fastlstm import registry
+from fastlstm.backends import cublas_api
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory):
+    """kernels/*.cu built for the host."""
+    return host_kernels.build(tmp_path_factory.mktemp("cuda_host"))
+
+
+@pytest.fixture
+def fake_cupy(library, monkeypatch):
+    """A usable 'cupy' backend built from the fake module, its per-step loops replayed as
+    graphs (cuBLAS through the fake's capture-aware emulation); registry restored afterwards."""
+    fake = make_fake_cupy(library)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cublas_api, "load", lambda prefix="libcublas.so": (fake.cuda.cublas, ""))
+    saved = dict(registry._probed)
+    registry._probed.pop("cupy", None)
+    yield fake
+    registry._probed.clear()
+    registry._probed.update(saved)

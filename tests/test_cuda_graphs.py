@@ -1,0 +1,295 @@
+"""The per-step time loop replayed as a CUDA graph, and the capturable cuBLAS binding, on
+the fake device (tests/cuda_emulation/fake_cupy.py): a captured launch is recorded, not
+run, with the addresses and scalars of the moment, as CUDA does; a graph runs it later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from cuda_emulation import host_kernels
+from cuda_emulation.fake_cupy import make_fake_cupy
+from lstm_testing import assert_close, random_problem
+
+import fastlstm
+from fastlstm.backends import cublas_api, cupy_backend
+from fastlstm.backends.cuda_graphs import GraphCache
+from fastlstm.backends.numpy_backend import NumpyBackend
+
+pytestmark = pytest.mark.skipif(host_kernels.compiler() is None, reason="no C++ compiler to build host kernels")
+
+
+@pytest.fixture
+def fake(library):
+    return make_fake_cupy(library)
+
+
+def per_step_backend(fake, graphs=True):
+    kernels = cupy_backend.CupyKernels(fake)
+    return cupy_backend.CudaSequenceBackend(fake, cupy_backend.CublasGemm(fake.cuda), kernels, persistent=False,
+                                            graphs=GraphCache(fake.cuda) if graphs else None)
+
+
+def queue_increment(fake, counter):
+    """Queue `counter += 1` on the current stream (run now, or recorded while capturing)."""
+    streams = fake.cuda.streams
+    streams.submit(streams.current().ptr, lambda: counter.__setitem__(0, counter[0] + 1))
+
+
+# -- the cache ----------------------------------------------------------------------------
+SHAPES = (("a", (2, 3), "<f8"),)
+
+
+def test_a_loop_runs_then_is_captured_then_replayed(fake):
+    graphs, counter = GraphCache(fake.cuda), [0]
+    for expected in (1, 2, 3, 4):
+        graphs.run(graphs.buffers(fake, SHAPES), ("loop",), lambda: queue_increment(fake, counter))
+        assert counter[0] == expected  # every call did the work once, however it was issued
+    assert graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}
+
+
+def test_buffers_are_kept_per_shapes_and_stream_and_dropped_with_their_graphs(fake):
+    graphs, counter = GraphCache(fake.cuda, capacity=2), [0]
+    first = graphs.buffers(fake, SHAPES)
+    assert graphs.buffers(fake, SHAPES) is first and first.arrays["a"].shape == (2, 3)
+    with fake.cuda.Stream():
+        assert graphs.buffers(fake, SHAPES) is not first  # another stream could run at the same time
+    for _ in range(2):
+        graphs.run(first, ("loop",), lambda: queue_increment(fake, counter))
+    assert ("loop",) in first.graphs
+    for n in (4, 5):  # two other shapes: the least recently used set goes, its graph with it
+        graphs.buffers(fake, (("a", (n,), "<f8"),))
+    again = graphs.buffers(fake, SHAPES)
+    assert again is not first and not again.graphs
+    graphs.run(again, ("loop",), lambda: queue_increment(fake, counter))
+    assert graphs.counts == {"eager": 2, "captured": 1} and counter[0] == 3
+
+
+def test_a_failed_capture_switches_graphs_off_and_runs_the_loop(fake):
+    graphs, counter = GraphCache(fake.cuda), [0]
+
+    def loop_that_allocates():
+        fake.empty(3)  # refused while capturing, as cudaMalloc would be
+        queue_increment(fake, counter)
+
+    for _ in range(3):
+        graphs.run(graphs.buffers(fake, SHAPES), ("loop",), loop_that_allocates)
+    assert counter[0] == 3
+    assert not graphs.enabled and "allocated while a stream is being captured" in graphs.disabled_reason
+    assert graphs.counts == {"eager": 3}
+
+
+def test_an_error_of_the_loop_itself_still_comes_back(fake):
+    graphs = GraphCache(fake.cuda)
+
+    def broken():
+        raise ValueError("a bug in the loop")
+
+    for _ in range(3):  # eager, failed capture (then eager), eager
+        with pytest.raises(ValueError, match="a bug in the loop"):
+            graphs.run(graphs.buffers(fake, SHAPES), ("loop",), broken)
+
+
+# -- the backend's loops ------------------------------------------------------------------
+def forward_problem(fake, seed, steps=5, batch=3, input_size=2, hidden=4, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    host = {
+        "x": rng.standard_normal((steps, batch, input_size)),
+        "w_ih": 0.5 * rng.standard_normal((4 * hidden, input_size)),
+        "w_hh": 0.5 * rng.standard_normal((4 * hidden, hidden)),
+        "bias": 0.5 * rng.standard_normal(4 * hidden),
+        "h0": rng.standard_normal((batch, hidden)),
+        "c0": rng.standard_normal((batch, hidden)),
+        "lengths": np.array([steps, 2, 4][:batch], dtype=np.int64),
+    }
+    return {name: value.astype(dtype) if value.dtype.kind == "f" else value for name, value in host.items()}
+
+
+def run_forward_steps(backend, fake, host, device, reverse, training):
+    """The per-step forward on the device buffers `device`, refilled with `host`'s values in place."""
+    steps, batch, _ = host["x"].shape
+    for name in ("w_hh", "bias", "h0", "c0", "lengths"):
+        device[name][...] = host[name]
+    device["gates"][...] = (host["x"].reshape(steps * batch, -1) @ host["w_ih"].T).reshape(steps, batch, -1)
+    states = (device["h_states"], device["c_states"]) if training else (None, None)
+    h_n, c_n = backend._forward_steps(device["gates"], device["w_hh"], device["bias"], device["h0"], device["c0"],
+                                      device["lengths"], reverse, training, device["y"], *states)
+    return np.array(device["y"]), np.array(h_n), np.array(c_n)
+
+
+def expected_forward(host, reverse):
+    y, h_n, c_n, _ = NumpyBackend().forward_sequence(host["x"], host["w_ih"], host["w_hh"], host["bias"], host["h0"],
+                                                     host["c0"], host["lengths"], reverse, False)
+    return y, h_n, c_n
+
+
+def device_buffers(fake, host):
+    steps, batch, _ = host["x"].shape
+    hidden = host["w_hh"].shape[1]
+    dtype = host["x"].dtype
+    device = {name: fake.empty(host[name].shape, host[name].dtype) for name in ("w_hh", "bias", "h0", "c0", "lengths")}
+    device["gates"] = fake.empty((steps, batch, 4 * hidden), dtype)
+    for name in ("y", "h_states", "c_states"):
+        device[name] = fake.empty((steps, batch, hidden), dtype)
+    return device
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_loop_replayed_from_a_graph_matches_numpy(fake, reverse, training):
+    backend = per_step_backend(fake)
+    host = forward_problem(fake, 0)
+    device = device_buffers(fake, host)
+    for seed in range(4):  # same buffers, new values each time: eager, capture, replay, replay
+        host = forward_problem(fake, seed)
+        for actual, expected, what in zip(run_forward_steps(backend, fake, host, device, reverse, training),
+                                          expected_forward(host, reverse), ("y", "h_n", "c_n")):
+            assert_close(actual, expected, 1e-12, f"call {seed}: {what}")
+    assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_forward_loop_on_new_buffers_is_replayed_on_their_values(fake, training):
+    """The graph runs on buffers of its own: each call's arrays (new addresses, new values)
+    are copied in and out, so a replay computes from this call's values into this call's arrays."""
+    backend = per_step_backend(fake)
+    for seed in range(4):
+        host = forward_problem(fake, seed)
+        device = device_buffers(fake, host)
+        for actual, expected, what in zip(run_forward_steps(backend, fake, host, device, True, training),
+                                          expected_forward(host, True), ("y", "h_n", "c_n")):
+            assert_close(actual, expected, 1e-12, f"call {seed}: {what}")
+    assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}
+
+
+BACKWARD_BUFFERS = ("gates", "c_states", "c0", "w_hh", "lengths", "dy", "d_gates")
+
+
+def backward_problem(fake, backend, seed, reverse):
+    """A training forward on the device, and the backward's inputs: (saved, dy, dh_n, dc_n)."""
+    host = forward_problem(fake, seed)
+    names = ("x", "w_ih", "w_hh", "bias", "h0", "c0", "lengths")
+    _, _, _, saved = backend.forward_sequence(*(fake.asarray(host[name]) for name in names), reverse, True)
+    rng = np.random.default_rng(100 + seed)
+    dy = fake.asarray(rng.standard_normal(saved.h_states.shape))
+    dh_n, dc_n = (fake.asarray(rng.standard_normal(saved.h0.shape)) for _ in range(2))
+    return saved, dy, dh_n, dc_n
+
+
+def run_backward_steps(backend, fake, saved, dy, dh_n, dc_n, d_gates):
+    d_gates[...] = np.nan  # every element must be written
+    dh0, dc0 = backend._backward_steps(saved, dy, dh_n, dc_n, d_gates)
+    return np.asarray(dh0).copy(), np.asarray(dc0).copy(), np.asarray(d_gates).copy()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("moved", [None, *BACKWARD_BUFFERS])
+def test_backward_loop_replayed_from_a_graph_matches_the_launched_loop(fake, reverse, moved):
+    """Replays give what launching the loop gives, on the same arrays refilled or on a
+    moved one (new address, new values)."""
+    graphed, launched = per_step_backend(fake), per_step_backend(fake, graphs=False)
+    saved, dy, dh_n, dc_n = backward_problem(fake, launched, 0, reverse)
+    d_gates = fake.empty_like(saved.gates)
+    for seed in range(4):
+        new_saved, new_dy, dh_n, dc_n = backward_problem(fake, launched, seed, reverse)
+        # the same buffers, refilled in place (new values, same addresses)
+        for name in ("gates", "c_states", "c0", "w_hh", "lengths"):
+            getattr(saved, name)[...] = getattr(new_saved, name)
+        dy[...] = new_dy
+        if moved is not None and seed == 3:
+            if moved == "dy":
+                dy = new_dy
+            elif moved == "d_gates":
+                d_gates = fake.empty_like(d_gates)
+            else:
+                saved = replace(saved, **{moved: getattr(new_saved, moved)})
+        expected = run_backward_steps(launched, fake, saved, dy, dh_n, dc_n, fake.empty_like(d_gates))
+        actual = run_backward_steps(graphed, fake, saved, dy, dh_n, dc_n, d_gates)
+        for a, e, what in zip(actual, expected, ("dh0", "dc0", "d_gates")):
+            assert_close(a, e, 1e-12, f"call {seed}, {moved} moved: {what}")
+    assert graphed.graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}
+
+
+def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
+    """The real CupyBackend through the layer, every feature, several training steps on
+    new data: from the third step on, every loop is replayed from its graph."""
+    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.3, dtype="float64", seed=4)
+    gpu = fastlstm.LSTM(3, 5, backend="cupy", **kwargs)
+    cpu = fastlstm.LSTM(3, 5, backend="numpy", **kwargs)
+    cpu.load_state_dict(gpu.state_dict())
+    backend = gpu._current_backend()
+    backend.persistent = False
+    assert backend.graphs.enabled
+    for step in range(4):
+        x, state, _, dy, dstate = random_problem(cpu, 6, 4, seed=step)
+        lengths = np.array([6, 3, 1, 5])
+        out_gpu, out_cpu = gpu(x, state, lengths), cpu(x, state, lengths)
+        grads_gpu, grads_cpu = gpu.backward(dy, dstate), cpu.backward(dy, dstate)
+        for a, b in zip((out_gpu[0], *out_gpu[1], grads_gpu[0], *grads_gpu[1]),
+                        (out_cpu[0], *out_cpu[1], grads_cpu[0], *grads_cpu[1])):
+            assert_close(a, b, 1e-12, f"step {step}")
+        for name in cpu.grads:
+            assert_close(np.asarray(gpu.grads[name]), cpu.grads[name], 1e-12, f"step {step}: {name}")
+    # Both layers' loops have the same shapes (the input size is not the loop's): one graph
+    # each for forward and backward in each direction, 8 loops a training step.
+    assert backend.graphs.counts == {"eager": 4, "captured": 4, "replayed": 24}
+    assert "CUDA graphs for the per-step loop on" in fastlstm.available_backends()["cupy"].reason
+
+
+# -- cuBLAS through ctypes ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fake_cublas_library(tmp_path_factory):
+    path = host_kernels.build_fake_cublas(tmp_path_factory.mktemp("fake_cublas"))
+    ctypes.CDLL(str(path))  # mapped into this process, as libcublas is once CuPy has loaded it
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transa, transb", [("N", "N"), ("N", "T"), ("T", "N"), ("T", "T")])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_ctypes_cublas_gemm_on_row_major_arrays(fake, fake_cublas_library, transa, transb, beta, dtype):
+    """CublasGemm over the ctypes binding, on a C library with cuBLAS's signatures."""
+    api, why_not = cublas_api.load(prefix="libfakecublas_host")
+    assert api is not None, why_not
+    gemm = cupy_backend.CublasGemm(fake.cuda, api)
+    rng = np.random.default_rng(0)
+    m, n, k = 5, 7, 3
+    a = rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype).view(fake.ndarray)
+    wide = rng.standard_normal((9, 11)).astype(dtype).view(fake.ndarray)  # b: rows further apart than its width
+    b = wide[: (k if transb == "N" else n), : (n if transb == "N" else k)]
+    out = rng.standard_normal((m, n)).astype(dtype).view(fake.ndarray)
+    if beta == 0.0:
+        out[0, 0] = np.nan  # beta 0: the old contents must not leak in
+    expected = (a.T if transa == "T" else a) @ (b.T if transb == "T" else b) + (beta * out if beta else 0)
+    gemm(transa, transb, a, b, out, beta)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12  # float32: the C loop sums in another order
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+    library = ctypes.CDLL(str(fake_cublas_library))
+    library.fake_cublas_stream.restype = ctypes.c_void_p
+    assert library.fake_cublas_stream() in (None, fake.cuda.get_current_stream().ptr)  # the legacy stream is 0
+    assert library.fake_cublas_pointer_mode() == cublas_api.CtypesCublas.CUBLAS_POINTER_MODE_HOST
+
+
+def test_ctypes_cublas_errors_name_the_function_and_status(fake_cublas_library):
+    api = cublas_api.CtypesCublas(str(fake_cublas_library))
+    with pytest.raises(cublas_api.CublasError, match="cublasSetStream_v2 returned 1 .CUBLAS_STATUS_NOT_INITIALIZED"):
+        api.setStream(0, 0)  # a null handle
+    one = np.ones(1)
+    with pytest.raises(cublas_api.CublasError, match="cublasDgemm_v2 returned 7 .CUBLAS_STATUS_INVALID_VALUE"):
+        api.dgemm(7, 0, 0, 4, 1, 1, one.ctypes.data, one.ctypes.data, 1, one.ctypes.data, 1, one.ctypes.data,
+                  one.ctypes.data, 1)  # ldc 1 < m 4
+
+
+def test_the_loaded_library_is_found_by_name(fake_cublas_library, tmp_path):
+    assert cublas_api.loaded_library_path("libfakecublas_host") == str(fake_cublas_library)
+    assert cublas_api.loaded_library_path("libcublasLt_not_loaded_here") is None
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 42  /usr/lib/libcublasLt.so.13\n"
+                    "7f01-7f02 r-xp 00000000 08:01 43  /opt/cuda/lib/libcublas.so.13.0.1\n"
+                    "7f02-7f03 rw-p 00000000 00:00 0 \n")
+    assert cublas_api.loaded_library_path("libcublas.so", maps=str(maps)) == "/opt/cuda/lib/libcublas.so.13.0.1"
+    api, why_not = cublas_api.load(prefix="libcublas_surely_absent.so")
+    assert api is None and "no libcublas_surely_absent.so* mapped" in why_not
