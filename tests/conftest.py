@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import pytest
@@ -30,3 +31,11 @@ def fake_cupy(library, monkeypatch):
     yield fake
     registry._probed.clear()
     registry._probed.update(saved)
+
+
+@pytest.fixture(scope="session")
+def fake_cublas_library(tmp_path_factory):
+    """cublas_host.c built and mapped into this process, as libcublas is once CuPy has loaded it."""
+    path = host_kernels.build_fake_cublas(tmp_path_factory.mktemp("fake_cublas"))
+    ctypes.CDLL(str(path))
+    return path

@@ -5,7 +5,6 @@ run, with the addresses and scalars of the moment, as CUDA does; a graph runs it
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import replace
 
 import numpy as np
@@ -240,39 +239,6 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
 
 
 # -- cuBLAS through ctypes ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fake_cublas_library(tmp_path_factory):
-    path = host_kernels.build_fake_cublas(tmp_path_factory.mktemp("fake_cublas"))
-    ctypes.CDLL(str(path))  # mapped into this process, as libcublas is once CuPy has loaded it
-    return path
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("transa, transb", [("N", "N"), ("N", "T"), ("T", "N"), ("T", "T")])
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_ctypes_cublas_gemm_on_row_major_arrays(fake, fake_cublas_library, transa, transb, beta, dtype):
-    """CublasGemm over the ctypes binding, on a C library with cuBLAS's signatures."""
-    api, why_not = cublas_api.load(prefix="libfakecublas_host")
-    assert api is not None, why_not
-    gemm = cupy_backend.CublasGemm(fake.cuda, api)
-    rng = np.random.default_rng(0)
-    m, n, k = 5, 7, 3
-    a = rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype).view(fake.ndarray)
-    wide = rng.standard_normal((9, 11)).astype(dtype).view(fake.ndarray)  # b: rows further apart than its width
-    b = wide[: (k if transb == "N" else n), : (n if transb == "N" else k)]
-    out = rng.standard_normal((m, n)).astype(dtype).view(fake.ndarray)
-    if beta == 0.0:
-        out[0, 0] = np.nan  # beta 0: the old contents must not leak in
-    expected = (a.T if transa == "T" else a) @ (b.T if transb == "T" else b) + (beta * out if beta else 0)
-    gemm(transa, transb, a, b, out, beta)
-    tolerance = 1e-5 if dtype == np.float32 else 1e-12  # float32: the C loop sums in another order
-    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
-    library = ctypes.CDLL(str(fake_cublas_library))
-    library.fake_cublas_stream.restype = ctypes.c_void_p
-    assert library.fake_cublas_stream() in (None, fake.cuda.get_current_stream().ptr)  # the legacy stream is 0
-    assert library.fake_cublas_pointer_mode() == cublas_api.CtypesCublas.CUBLAS_POINTER_MODE_HOST
-
-
 def test_ctypes_cublas_errors_name_the_function_and_status(fake_cublas_library):
     api = cublas_api.CtypesCublas(str(fake_cublas_library))
     with pytest.raises(cublas_api.CublasError, match="cublasSetStream_v2 returned 1 .CUBLAS_STATUS_NOT_INITIALIZED"):

@@ -9,6 +9,7 @@ that launch the host build) then lets the real CupyBackend run end to end on the
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import numpy as np
@@ -21,7 +22,7 @@ from lstm_testing import TOLERANCE, assert_close, random_problem
 
 import fastlstm
 from fastlstm import registry
-from fastlstm.backends import cupy_backend
+from fastlstm.backends import cublas_api, cupy_backend
 from fastlstm.backends.numpy_backend import NumpyBackend
 
 pytestmark = pytest.mark.skipif(host_kernels.compiler() is None, reason="no C++ compiler to build the kernels for the host")
@@ -221,10 +222,13 @@ def test_no_usable_device_means_unavailable(monkeypatch, library):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("transa, transb", [("N", "N"), ("N", "T"), ("T", "N"), ("T", "T")])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_cublas_gemm_on_row_major_arrays(library, transa, transb, beta, dtype):
-    """CublasGemm's row-major -> column-major mapping, on an emulation of cuBLAS's C API."""
+@pytest.mark.parametrize("api", ["emulated binding", "ctypes"])
+def test_cublas_gemm_on_row_major_arrays(library, fake_cublas_library, transa, transb, beta, dtype, api):
+    """CublasGemm's row-major -> column-major mapping, on an emulation of CuPy's cuBLAS
+    binding, and through cublas_api's ctypes binding on a C library with cuBLAS's signatures."""
     fake = make_fake_cupy(library)
-    gemm = cupy_backend.CublasGemm(fake.cuda)
+    functions = fake.cuda.cublas if api == "emulated binding" else cublas_api.load(prefix="libfakecublas_host")[0]
+    gemm = cupy_backend.CublasGemm(fake.cuda, functions)
     rng = np.random.default_rng(0)
     m, n, k = 5, 7, 3
     a = rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype).view(fake.ndarray)
@@ -235,8 +239,16 @@ def test_cublas_gemm_on_row_major_arrays(library, transa, transb, beta, dtype):
         out[0, 0] = np.nan  # beta 0: the old contents must not leak in
     expected = (a.T if transa == "T" else a) @ (b.T if transb == "T" else b) + (beta * out if beta else 0)
     gemm(transa, transb, a, b, out, beta)
-    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
-    assert fake.cuda.cublas.calls == [(np.dtype(dtype).name, {"N": 0, "T": 1}[transb], {"N": 0, "T": 1}[transa], n, m, k)]
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12  # float32: the C loop sums in another order
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+    if api == "emulated binding":
+        ops = {"N": 0, "T": 1}
+        assert fake.cuda.cublas.calls == [(np.dtype(dtype).name, ops[transb], ops[transa], n, m, k)]
+    else:
+        library = ctypes.CDLL(str(fake_cublas_library))
+        library.fake_cublas_stream.restype = ctypes.c_void_p
+        assert library.fake_cublas_stream() is None  # the current stream: the legacy one, 0
+        assert library.fake_cublas_pointer_mode() == cublas_api.CtypesCublas.CUBLAS_POINTER_MODE_HOST
 
 
 def test_cublas_gemm_refuses_strided_rows(library):
