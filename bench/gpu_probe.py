@@ -11,7 +11,10 @@ For each configuration and mode, in one process and on one card:
   persistent `total` with the persistent kernels wherever they apply, whatever the size
   cudnn     torch.nn.LSTM on cuDNN, IEEE float32, same shapes (the bench's torch-cuda)
 plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-device copy,
-and the graph cache's counts (eager / captured / replayed loops) at the end.
+the graph cache's counts (eager / captured / replayed loops), and the persistent kernels'
+time by the most blocks they may use (`blocks_sweep`: for small H a step is bound by the
+grid barrier and L2 round trips, not by arithmetic, so fewer blocks owning more units
+each may win; a grid of one block synchronizes with __syncthreads alone).
 (CuPy's own cuBLAS binding refuses calls during stream capture, "calling cuBLAS API
 during stream capture is currently unsupported": the backend calls cuBLAS through
 ctypes instead, fastlstm/backends/cublas_api.py.)
@@ -37,6 +40,8 @@ CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8", 
 SWEEP = {name: bench.Config(name, 100, batch, 256, 256) for name, batch in (("sweep-b16", 16), ("sweep-b32", 32))}
 CONFIG_BY_NAME = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}
 REPEATS = 20
+SWEEP_BLOCKS = (1, 2, 4, 8, 16, 32, 64)  # and every multiprocessor (the default)
+BLOCK_SWEEP_CONFIGS = ("small", "stream-1", "stream-b1", "stream-b8", "train-m")
 
 
 def median_s(call, repeats=REPEATS, until_done=True) -> float:
@@ -131,6 +136,34 @@ def probe(config: bench.Config, mode: str) -> dict:
     return row
 
 
+def blocks_sweep() -> list[dict]:
+    """Median time of each config and mode with the persistent kernels on at most N blocks
+    (None where they do not fit), in seconds, keyed by N."""
+    backend = registry.backend_object("cupy")
+    kernels = backend._kernels
+    every = kernels.persistent_blocks
+    rows = []
+    try:
+        backend.persistent = True
+        for name in BLOCK_SWEEP_CONFIGS:
+            config = CONFIG_BY_NAME[name]
+            for mode in bench.MODES:
+                call, _ = bench.fastlstm_call("cupy", config, mode)
+                row = {"config": name, "mode": mode, "times": {}}
+                for blocks in (*SWEEP_BLOCKS, every):
+                    kernels.persistent_blocks = blocks
+                    if backend._plan(config.B, config.H, "float32") is None:
+                        row["times"][blocks] = None
+                        continue
+                    call()
+                    row["times"][blocks] = median_s(call)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        kernels.persistent_blocks, backend.persistent = every, None
+    return rows
+
+
 def main(out_dir: str) -> int:
     props = cupy.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
@@ -149,11 +182,12 @@ def main(out_dir: str) -> int:
         for mode in bench.MODES:
             rows.append(probe(CONFIG_BY_NAME[config_name], mode))
             print(json.dumps(rows[-1]), flush=True)
+    sweep = blocks_sweep()
     graphs = registry.backend_object("cupy").graphs
     graph_state = "on" if graphs.enabled else f"off ({graphs.disabled_reason})"
     print(f"CUDA graphs {graph_state}; loops: {dict(graphs.counts)}", flush=True)
     results = {"ceilings": ceilings, "host_costs_us": costs, "rows": rows, "graphs": graph_state,
-               "graph_counts": dict(graphs.counts)}
+               "graph_counts": dict(graphs.counts), "blocks_sweep": sweep}
     Path(out_dir, "gpu_probe.json").write_text(json.dumps(results, indent=1))
 
     def ms(value):
@@ -167,9 +201,18 @@ def main(out_dir: str) -> int:
                       ms(r["launched"]), ms(r["persistent"]), ms(r["cudnn"]), f"{r['per-step'] / r['cudnn']:.2f}",
                       f"{r['persistent'] / r['cudnn']:.2f}", f"{r['gflop'] / r['total'] / 1e3:.2f}",
                       f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    print("\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines))
+    print_table(lines)
+    block_counts = list(sweep[0]["times"]) if sweep else []
+    lines = [("config", "mode", *(f"<={n} blocks ms" for n in block_counts))]
+    for r in sweep:
+        lines.append((r["config"], r["mode"], *("-" if t is None else ms(t) for t in r["times"].values())))
+    print_table(lines)
     return 0
+
+
+def print_table(lines):
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    print("\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines), flush=True)
 
 
 def once(config_name: str) -> int:

@@ -34,7 +34,13 @@ struct FlThreads<double> {
 };
 
 // Grid-wide barrier; state[0] counts arrivals, state[1] is the generation (both start 0).
+// A grid of one block needs only the block barrier (it orders the block's global writes
+// before its later reads too), not three atomic round trips to L2.
 __device__ __forceinline__ void fl_grid_barrier(unsigned int* state) {
+    if (gridDim.x == 1) {
+        __syncthreads();
+        return;
+    }
     __threadfence();  // this thread's writes are visible device-wide before it arrives
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -77,16 +77,17 @@ def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_step
     check_against_numpy(emulated_persistent, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
 
 
-@pytest.mark.parametrize("batch, hidden, dtype, shared_limit, threads, path", [
-    (2, 3, "float32", 3072, 32, "split-k"),  # 1 register tile per block, 32 threads: 32 k-slices
-    (1, 3, "float64", 16384, 128, "split-k capped"),  # 128 threads, 1 tile: 64 slices, 64 threads idle
-    (33, 4, "float32", 3072, 32, "one thread per register tile, some threads idle"),
-    (30, 3, "float32", 4096, 32, "partial register tiles"),
-    (16, 24, "float32", 4600, 32, "several k-tiles"),
-    (3, 7, "float32", 3072, 32, "last block partly past the end"),
+@pytest.mark.parametrize("batch, hidden, dtype, shared_limit, threads, blocks, path", [
+    (2, 3, "float32", 3072, 32, 3, "split-k"),  # 1 register tile per block, 32 threads: 32 k-slices
+    (1, 3, "float64", 16384, 128, 3, "split-k capped"),  # 128 threads, 1 tile: 64 slices, 64 threads idle
+    (33, 4, "float32", 3072, 32, 3, "one thread per register tile, some threads idle"),
+    (30, 3, "float32", 4096, 32, 3, "partial register tiles"),
+    (16, 24, "float32", 4600, 32, 3, "several k-tiles"),
+    (3, 7, "float32", 3072, 32, 3, "last block partly past the end"),
+    (4, 6, "float32", 4096, 32, 1, "one block: the block barrier is the grid barrier"),
 ])
-def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, threads, path):
-    kernels = host_kernels.emulated_kernels(library, threads=threads, shared_limit=shared_limit)
+def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, threads, blocks, path):
+    kernels = host_kernels.emulated_kernels(library, blocks=blocks, threads=threads, shared_limit=shared_limit)
     backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
     plan = backend._plan(batch, hidden, dtype)
     tiles = -(-batch // 4) * -(-4 * plan.units // 4)  # forward's register tiles
@@ -97,6 +98,7 @@ def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shar
         "partial register tiles": batch % 4 != 0,
         "several k-tiles": plan.tile_forward < hidden and plan.tile_backward < 4 * hidden,
         "last block partly past the end": plan.blocks * plan.units > hidden,
+        "one block: the block barrier is the grid barrier": plan.blocks == 1,
     }
     assert shown[path], plan
     for reverse in (False, True):
