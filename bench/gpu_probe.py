@@ -67,7 +67,8 @@ def host_costs_us(repeats=500) -> dict:
     from fastlstm.backends.cupy_backend import CublasGemm
 
     backend = registry.backend_object("cupy")
-    kernels, gemm, ctypes_gemm = backend._kernels, CublasGemm(cupy.cuda), CublasGemm(cupy.cuda, cublas_api.load()[0])
+    kernels, gemm = backend._kernels, CublasGemm(cupy.cuda)
+    ctypes_gemm = CublasGemm(cupy.cuda, cublas_api.load(cupy.cuda.cublas)[0])
     steps, batch, hidden = 100, 64, 512
     gates = cupy.zeros((steps, batch, 4 * hidden), dtype=cupy.float32)
     states = cupy.zeros((steps, batch, hidden), dtype=cupy.float32)

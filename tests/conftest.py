@@ -25,7 +25,7 @@ def fake_cupy(library, monkeypatch):
     graphs (cuBLAS through the fake's capture-aware emulation); registry restored afterwards."""
     fake = make_fake_cupy(library)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cublas_api, "load", lambda prefix="libcublas.so": (fake.cuda.cublas, ""))
+    monkeypatch.setattr(cublas_api, "load", lambda binding=None, prefix="libcublas.so": (fake.cuda.cublas, ""))
     saved = dict(registry._probed)
     registry._probed.pop("cupy", None)
     yield fake
@@ -35,7 +35,8 @@ def fake_cupy(library, monkeypatch):
 
 @pytest.fixture(scope="session")
 def fake_cublas_library(tmp_path_factory):
-    """cublas_host.c built and mapped into this process, as libcublas is once CuPy has loaded it."""
-    path = host_kernels.build_fake_cublas(tmp_path_factory.mktemp("fake_cublas"))
-    ctypes.CDLL(str(path))
-    return path
+    """(library, binding): cublas_host.c built and mapped into this process, as libcublas is
+    once CuPy has loaded it, and a library linked against it, as CuPy's binding module is."""
+    library, binding = host_kernels.build_fake_cublas(tmp_path_factory.mktemp("fake_cublas"))
+    ctypes.CDLL(str(library))
+    return library, binding

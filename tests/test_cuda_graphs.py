@@ -5,6 +5,7 @@ run, with the addresses and scalars of the moment, as CUDA does; a graph runs it
 
 from __future__ import annotations
 
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -240,7 +241,7 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
 
 # -- cuBLAS through ctypes ----------------------------------------------------------------
 def test_ctypes_cublas_errors_name_the_function_and_status(fake_cublas_library):
-    api = cublas_api.CtypesCublas(str(fake_cublas_library))
+    api = cublas_api.CtypesCublas(str(fake_cublas_library[0]))
     with pytest.raises(cublas_api.CublasError, match="cublasSetStream_v2 returned 1 .CUBLAS_STATUS_NOT_INITIALIZED"):
         api.setStream(0, 0)  # a null handle
     one = np.ones(1)
@@ -249,13 +250,25 @@ def test_ctypes_cublas_errors_name_the_function_and_status(fake_cublas_library):
                   one.ctypes.data, 1)  # ldc 1 < m 4
 
 
-def test_the_loaded_library_is_found_by_name(fake_cublas_library, tmp_path):
-    assert cublas_api.loaded_library_path("libfakecublas_host") == str(fake_cublas_library)
+def test_the_library_is_found_through_the_binding_or_by_name(fake_cublas_library, library, tmp_path):
+    cublas_library, binding = fake_cublas_library
+    def module(path):  # what CuPy's binding module offers: the file of its shared object
+        return types.SimpleNamespace(__file__=str(path))
+
+    through_binding, _ = cublas_api.load(module(binding), prefix="no such library")
+    assert through_binding is not None and through_binding.path == str(binding)
+    # a binding that does not link cuBLAS (the host kernels): the mapped library by name instead
+    by_name, _ = cublas_api.load(module(library), prefix="libfakecublas_host")
+    assert by_name is not None and by_name.path == str(cublas_library)
+    nothing, why_not = cublas_api.load(module(library), prefix="no such library")
+    assert nothing is None and str(library) in why_not and "cublasSetStream_v2" in why_not
+    nothing, why_not = cublas_api.load(None, prefix="libcublas_surely_absent.so")
+    assert nothing is None and "no libcublas_surely_absent.so* mapped" in why_not
+
+    assert cublas_api.loaded_library_path("libfakecublas_host") == str(cublas_library)
     assert cublas_api.loaded_library_path("libcublasLt_not_loaded_here") is None
     maps = tmp_path / "maps"
     maps.write_text("7f00-7f01 r-xp 00000000 08:01 42  /usr/lib/libcublasLt.so.13\n"
                     "7f01-7f02 r-xp 00000000 08:01 43  /opt/cuda/lib/libcublas.so.13.0.1\n"
                     "7f02-7f03 rw-p 00000000 00:00 0 \n")
     assert cublas_api.loaded_library_path("libcublas.so", maps=str(maps)) == "/opt/cuda/lib/libcublas.so.13.0.1"
-    api, why_not = cublas_api.load(prefix="libcublas_surely_absent.so")
-    assert api is None and "no libcublas_surely_absent.so* mapped" in why_not

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -229,7 +230,10 @@ def test_cublas_gemm_on_row_major_arrays(library, fake_cublas_library, transa, t
     """CublasGemm's row-major -> column-major mapping, on an emulation of CuPy's cuBLAS
     binding, and through cublas_api's ctypes binding on a C library with cuBLAS's signatures."""
     fake = make_fake_cupy(library)
-    functions = fake.cuda.cublas if api == "emulated binding" else cublas_api.load(prefix="libfakecublas_host")[0]
+    cublas_library, binding = fake_cublas_library
+    # ctypes: looked up through a library linked against the fake libcublas, as through CuPy's binding module
+    functions = fake.cuda.cublas if api == "emulated binding" else cublas_api.load(types.SimpleNamespace(
+        __file__=str(binding)), prefix="no such library")[0]
     gemm = cupy_backend.CublasGemm(fake.cuda, functions)
     rng = np.random.default_rng(0)
     m, n, k = 5, 7, 3
@@ -247,7 +251,7 @@ def test_cublas_gemm_on_row_major_arrays(library, fake_cublas_library, transa, t
         ops = {"N": 0, "T": 1}
         assert fake.cuda.cublas.calls == [(np.dtype(dtype).name, ops[transb], ops[transa], n, m, k)]
     else:
-        library = ctypes.CDLL(str(fake_cublas_library))
+        library = ctypes.CDLL(str(cublas_library))
         library.fake_cublas_stream.restype = ctypes.c_void_p
         assert library.fake_cublas_stream() is None  # the current stream: the legacy one, 0
         assert library.fake_cublas_pointer_mode() == cublas_api.CtypesCublas.CUBLAS_POINTER_MODE_HOST

@@ -128,7 +128,7 @@ def test_direct_cublas_gemm_matches_cupy_matmul(transa, transb, beta, dtype, api
     from fastlstm.backends.cupy_backend import CublasGemm
 
     cupy.cuda.get_cublas_handle()  # CuPy loads libcublas
-    functions, why_not = cublas_api.load() if api == "ctypes" else (cupy.cuda.cublas, "")
+    functions, why_not = cublas_api.load(cupy.cuda.cublas) if api == "ctypes" else (cupy.cuda.cublas, "")
     assert functions is not None, why_not
 
     rng = np.random.default_rng(0)

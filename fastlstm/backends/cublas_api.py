@@ -9,9 +9,10 @@ The per-step time loop is replayed as a graph (cuda_graphs.py), so its GEMMs mus
 capturable. The methods keep the names and argument order of CuPy's binding, so either
 one can serve ``CublasGemm``.
 
-Using the very library CuPy loaded (found by path in /proc/self/maps) matters: the
-cuBLAS handle comes from CuPy, and a handle is only valid in the library instance that
-made it.
+The handle comes from CuPy, and a handle is only valid in the library instance that made
+it, so the functions are looked up through CuPy's binding module itself: dlsym on it
+resolves to the very libcublas it was linked against. (A process can map two copies,
+e.g. CuPy's and PyTorch's, from different paths.)
 """
 
 from __future__ import annotations
@@ -89,13 +90,15 @@ class CtypesCublas:
         self._call("cublasDgemm_v2", handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
-def load(prefix: str = "libcublas.so") -> tuple[CtypesCublas | None, str]:
-    """(the ctypes API on the loaded library, "") or (None, why not). Call after CuPy has
-    loaded cuBLAS (e.g. after cupy.cuda.get_cublas_handle())."""
-    path = loaded_library_path(prefix)
-    if path is None:
-        return None, f"no {prefix}* mapped in this process"
-    try:
-        return CtypesCublas(path), ""
-    except (OSError, AttributeError) as error:
-        return None, f"{path}: {error}"
+def load(binding=None, prefix: str = "libcublas.so") -> tuple[CtypesCublas | None, str]:
+    """(the ctypes API, "") or (None, why not). Looked up through `binding`, CuPy's cuBLAS
+    binding module (its shared object's file), else on the first libcublas mapped into
+    this process. Call after CuPy has loaded cuBLAS (cupy.cuda.get_cublas_handle())."""
+    candidates = [path for path in (getattr(binding, "__file__", None), loaded_library_path(prefix)) if path]
+    errors = []
+    for path in candidates:
+        try:
+            return CtypesCublas(path), ""
+        except (OSError, AttributeError) as error:  # not a shared object, or not linked to cuBLAS
+            errors.append(f"{path}: {error}")
+    return None, "; ".join(errors) or f"no {prefix}* mapped in this process"

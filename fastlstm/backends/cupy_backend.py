@@ -451,7 +451,7 @@ class CupyBackend(CudaSequenceBackend):
         self._cupy = cupy
         # cupy.cuda.cublas loads libcublas: only once a device is known to work (DESIGN.md)
         cupy.cuda.get_cublas_handle()
-        api, why_not = cublas_api.load()
+        api, why_not = cublas_api.load(cupy.cuda.cublas)
         graphs = GraphCache(cupy.cuda, disabled_reason="" if api else f"cuBLAS through CuPy's binding ({why_not}), "
                             "which refuses stream capture")
         super().__init__(cupy, CublasGemm(cupy.cuda, api), CupyKernels(cupy), graphs=graphs)

@@ -33,12 +33,18 @@ def build(out_dir: Path) -> Path:
     return library
 
 
-def build_fake_cublas(out_dir: Path) -> Path:
-    """cublas_host.c as a shared library: the C functions cublas_api binds, on the host."""
+def build_fake_cublas(out_dir: Path) -> tuple[Path, Path]:
+    """cublas_host.c as a shared library (the C functions cublas_api binds, on the host), and
+    an empty library linked against it, as CuPy's binding module is linked against libcublas."""
     library = out_dir / "libfakecublas_host.so"
-    cmd = [compiler(), "-O1", "-shared", "-fPIC", "-x", "c", str(HERE / "cublas_host.c"), "-o", str(library)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return library
+    binding = out_dir / "fake_cublas_binding.so"
+    empty = out_dir / "empty.c"
+    empty.write_text("/* nothing of its own: its cuBLAS functions come from the library it links */\n")
+    for cmd in ([compiler(), "-O1", "-shared", "-fPIC", "-x", "c", str(HERE / "cublas_host.c"), "-o", str(library)],
+                [compiler(), "-shared", "-fPIC", "-x", "c", str(empty), "-o", str(binding), f"-L{out_dir}",
+                 "-Wl,--no-as-needed", "-lfakecublas_host", f"-Wl,-rpath,{out_dir}"]):
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return library, binding
 
 
 def numpy_gemm(transa, transb, a, b, out, beta):
