@@ -41,7 +41,7 @@ class GraphCache:
         self.capacity = capacity
         self.disabled_reason = disabled_reason  # "" while graphs are used
         self.counts = Counter()  # eager, captured, replayed
-        self._staged = OrderedDict()  # (shapes, stream) -> StagedBuffers, least recently used first
+        self._staged = OrderedDict()  # (shapes, device, stream) -> StagedBuffers, least recently used first
 
     @property
     def enabled(self) -> bool:
@@ -49,9 +49,9 @@ class GraphCache:
 
     def buffers(self, xp, shapes) -> StagedBuffers:
         """The buffers for `shapes`, a tuple of (name, shape, dtype string): the same arrays
-        every call with these shapes on this stream (work on one stream runs in order, so a
-        call never overwrites buffers an earlier one still uses)."""
-        key = (shapes, self._cuda.get_current_stream().ptr)
+        every call with these shapes on this device and stream (work on one stream runs in
+        order, so a call never overwrites buffers an earlier one still uses)."""
+        key = (shapes, self._cuda.Device().id, self._cuda.get_current_stream().ptr)
         staged = self._staged.get(key)
         if staged is None:
             staged = StagedBuffers({name: xp.empty(shape, dtype=dtype) for name, shape, dtype in shapes})
