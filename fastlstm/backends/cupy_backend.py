@@ -25,6 +25,7 @@ found to work.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ MIN_TILE_K = 16
 # the whole state every step), so the per-step loop keeps that size for now.
 # Measured on an H200: bench/results/2026-11-27-gpu-h200.md.
 PERSISTENT_MAX_STATE = 16384
+GRAPHS_ENV_VAR = "FASTLSTM_CUDA_GRAPHS"  # "0": launch every step of the per-step loop from Python
 
 
 @dataclass(frozen=True)
@@ -452,8 +454,13 @@ class CupyBackend(CudaSequenceBackend):
         # cupy.cuda.cublas loads libcublas: only once a device is known to work (DESIGN.md)
         cupy.cuda.get_cublas_handle()
         api, why_not = cublas_api.load(cupy.cuda.cublas)
-        graphs = GraphCache(cupy.cuda, disabled_reason="" if api else f"cuBLAS through CuPy's binding ({why_not}), "
-                            "which refuses stream capture")
+        if os.environ.get(GRAPHS_ENV_VAR, "1") == "0":
+            off = f"{GRAPHS_ENV_VAR}=0"
+        elif api is None:
+            off = f"cuBLAS through CuPy's binding ({why_not}), which refuses stream capture"
+        else:
+            off = ""
+        graphs = GraphCache(cupy.cuda, disabled_reason=off)
         super().__init__(cupy, CublasGemm(cupy.cuda, api), CupyKernels(cupy), graphs=graphs)
 
     def describe(self) -> str:
