@@ -185,6 +185,26 @@ def run_backward_steps(backend, fake, saved, dy, dh_n, dc_n, d_gates):
     return np.asarray(dh0).copy(), np.asarray(dc0).copy(), np.asarray(d_gates).copy()
 
 
+def test_a_call_holds_the_cache_lock_from_its_inputs_in_to_its_outputs_out(fake):
+    """Copies and launches of two host threads on one stream must not interleave on the
+    same buffers: each call's copy-in, loop (eager, captured or replayed) and copy-out are
+    queued under one lock."""
+    backend = per_step_backend(fake)
+    host = forward_problem(fake, 0)
+    device = device_buffers(fake, host)
+    held, run = [], backend.graphs.run
+
+    def spy(staged, flags, issue):
+        held.append(backend.graphs.lock.locked())
+        run(staged, flags, issue)
+
+    backend.graphs.run = spy
+    for _ in range(3):
+        run_forward_steps(backend, fake, host, device, False, True)
+    assert held == [True, True, True] and not backend.graphs.lock.locked()
+    assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 1}
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("moved", [None, *BACKWARD_BUFFERS])
 def test_backward_loop_replayed_from_a_graph_matches_the_launched_loop(fake, reverse, moved):

@@ -18,6 +18,7 @@ the reason and loops run as they are.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -42,6 +43,9 @@ class GraphCache:
         self.disabled_reason = disabled_reason  # "" while graphs are used
         self.counts = Counter()  # eager, captured, replayed
         self._staged = OrderedDict()  # (shapes, device, stream) -> StagedBuffers, least recently used first
+        # Held from copying a call's inputs in to queuing its outputs' copies out: two host
+        # threads on one stream must not interleave those on the same buffers.
+        self.lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:

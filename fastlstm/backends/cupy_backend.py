@@ -225,12 +225,13 @@ class CudaSequenceBackend(ReferenceBackend):
             loop(**arrays)
             return
         shapes = tuple((name, array.shape, array.dtype.str) for name, array in sorted(arrays.items()))
-        staged = self.graphs.buffers(self.xp, shapes)
-        for name, array in inputs.items():
-            staged.arrays[name][...] = array
-        self.graphs.run(staged, flags, lambda: loop(**staged.arrays))
-        for name, array in outputs.items():
-            array[...] = staged.arrays[name]
+        with self.graphs.lock:
+            staged = self.graphs.buffers(self.xp, shapes)
+            for name, array in inputs.items():
+                staged.arrays[name][...] = array
+            self.graphs.run(staged, flags, lambda: loop(**staged.arrays))
+            for name, array in outputs.items():
+                array[...] = staged.arrays[name]
 
     def backward_sequence(self, saved: _CudaSaved, dy, dh_n, dc_n):
         xp = self.xp
