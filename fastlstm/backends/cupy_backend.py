@@ -221,7 +221,8 @@ class CudaSequenceBackend(ReferenceBackend):
         arrays = {**inputs, **outputs}
         if self.graphs is None or not self.graphs.enabled:
             for name in inputs.keys() & outputs.keys():
-                outputs[name][...] = inputs[name]
+                if outputs[name] is not inputs[name]:  # the same array (gates in training) is updated in place
+                    outputs[name][...] = inputs[name]
             loop(**arrays)
             return
         shapes = tuple((name, array.shape, array.dtype.str) for name, array in sorted(arrays.items()))
@@ -401,8 +402,8 @@ class CublasGemm:
     cuBLAS is column-major, and a row-major matrix read column-major is its transpose,
     so out = op(a) op(b) is computed as out^T = op(b)^T op(a)^T: the same op letters,
     the operands swapped, each leading dimension the array's row stride. This is what
-    cupy.cuda.cublas.gemm does too, but that spends tens of microseconds of Python per
-    call on checks and pointer-mode switching, and the time loop makes one call per step.
+    cupy.cublas.gemm does too, but that spends tens of microseconds of Python per call
+    on checks and pointer-mode switching, and the time loop makes one call per step.
 
     api: the C functions (setStream, setPointerMode, sgemm, dgemm): cublas_api.CtypesCublas,
     which can be captured into a CUDA graph, or CuPy's binding (cuda.cublas), which cannot.

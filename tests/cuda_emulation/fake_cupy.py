@@ -8,8 +8,8 @@ on a stream that is being captured is recorded, not run (a graph runs it when la
 with the addresses and scalars it was recorded with); capturing the legacy stream, work
 on the legacy stream while another is capturing, and allocating while capturing raise.
 Allocations come from a pool, as CuPy's do: a freed block is handed out again to the next
-request of its size, so a loop that allocates the same way each time gets the same
-addresses each time.
+request of its size, so a launch or graph that kept the address of an array freed since
+reads another array's values, as it would on a GPU.
 """
 
 from __future__ import annotations
