@@ -33,8 +33,9 @@ timeout 200 "$PY" -m fastlstm bench --backends cupy,torch-cuda,torch-cuda-tf32 \
   --repeats 10 --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-# 3. where the time goes: host vs device, CUDA-graph replay, GEMM call path, ceilings
-timeout 150 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
+# 3. where the time goes: host vs device, per-step loop from graphs vs launched, GEMM call
+#    paths, ceilings, persistent kernels by block count (rows print as they finish)
+timeout 180 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # 4. where the persistent forward's time goes at the largest config (if ncu is there;
