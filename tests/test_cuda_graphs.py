@@ -94,7 +94,7 @@ def test_an_error_of_the_loop_itself_still_comes_back(fake):
 
 
 # -- the backend's loops ------------------------------------------------------------------
-def forward_problem(fake, seed, steps=5, batch=3, input_size=2, hidden=4, dtype=np.float64):
+def forward_problem(seed, steps=5, batch=3, input_size=2, hidden=4, dtype=np.float64):
     rng = np.random.default_rng(seed)
     host = {
         "x": rng.standard_normal((steps, batch, input_size)),
@@ -108,7 +108,7 @@ def forward_problem(fake, seed, steps=5, batch=3, input_size=2, hidden=4, dtype=
     return {name: value.astype(dtype) if value.dtype.kind == "f" else value for name, value in host.items()}
 
 
-def run_forward_steps(backend, fake, host, device, reverse, training):
+def run_forward_steps(backend, host, device, reverse, training):
     """The per-step forward on the device buffers `device`, refilled with `host`'s values in place."""
     steps, batch, _ = host["x"].shape
     for name in ("w_hh", "bias", "h0", "c0", "lengths"):
@@ -141,11 +141,11 @@ def device_buffers(fake, host):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_forward_loop_replayed_from_a_graph_matches_numpy(fake, reverse, training):
     backend = per_step_backend(fake)
-    host = forward_problem(fake, 0)
+    host = forward_problem(0)
     device = device_buffers(fake, host)
     for seed in range(4):  # same buffers, new values each time: eager, capture, replay, replay
-        host = forward_problem(fake, seed)
-        for actual, expected, what in zip(run_forward_steps(backend, fake, host, device, reverse, training),
+        host = forward_problem(seed)
+        for actual, expected, what in zip(run_forward_steps(backend, host, device, reverse, training),
                                           expected_forward(host, reverse), ("y", "h_n", "c_n")):
             assert_close(actual, expected, 1e-12, f"call {seed}: {what}")
     assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}
@@ -157,9 +157,9 @@ def test_a_forward_loop_on_new_buffers_is_replayed_on_their_values(fake, trainin
     are copied in and out, so a replay computes from this call's values into this call's arrays."""
     backend = per_step_backend(fake)
     for seed in range(4):
-        host = forward_problem(fake, seed)
+        host = forward_problem(seed)
         device = device_buffers(fake, host)
-        for actual, expected, what in zip(run_forward_steps(backend, fake, host, device, True, training),
+        for actual, expected, what in zip(run_forward_steps(backend, host, device, True, training),
                                           expected_forward(host, True), ("y", "h_n", "c_n")):
             assert_close(actual, expected, 1e-12, f"call {seed}: {what}")
     assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}
@@ -170,7 +170,7 @@ BACKWARD_BUFFERS = ("gates", "c_states", "c0", "w_hh", "lengths", "dy", "d_gates
 
 def backward_problem(fake, backend, seed, reverse):
     """A training forward on the device, and the backward's inputs: (saved, dy, dh_n, dc_n)."""
-    host = forward_problem(fake, seed)
+    host = forward_problem(seed)
     names = ("x", "w_ih", "w_hh", "bias", "h0", "c0", "lengths")
     _, _, _, saved = backend.forward_sequence(*(fake.asarray(host[name]) for name in names), reverse, True)
     rng = np.random.default_rng(100 + seed)
@@ -179,7 +179,7 @@ def backward_problem(fake, backend, seed, reverse):
     return saved, dy, dh_n, dc_n
 
 
-def run_backward_steps(backend, fake, saved, dy, dh_n, dc_n, d_gates):
+def run_backward_steps(backend, saved, dy, dh_n, dc_n, d_gates):
     d_gates[...] = np.nan  # every element must be written
     dh0, dc0 = backend._backward_steps(saved, dy, dh_n, dc_n, d_gates)
     return np.asarray(dh0).copy(), np.asarray(dc0).copy(), np.asarray(d_gates).copy()
@@ -190,7 +190,7 @@ def test_a_call_holds_the_cache_lock_from_its_inputs_in_to_its_outputs_out(fake)
     same buffers: each call's copy-in, loop (eager, captured or replayed) and copy-out are
     queued under one lock."""
     backend = per_step_backend(fake)
-    host = forward_problem(fake, 0)
+    host = forward_problem(0)
     device = device_buffers(fake, host)
     held, run = [], backend.graphs.run
 
@@ -200,7 +200,7 @@ def test_a_call_holds_the_cache_lock_from_its_inputs_in_to_its_outputs_out(fake)
 
     backend.graphs.run = spy
     for _ in range(3):
-        run_forward_steps(backend, fake, host, device, False, True)
+        run_forward_steps(backend, host, device, False, True)
     assert held == [True, True, True] and not backend.graphs.lock.locked()
     assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 1}
 
@@ -226,8 +226,8 @@ def test_backward_loop_replayed_from_a_graph_matches_the_launched_loop(fake, rev
                 d_gates = fake.empty_like(d_gates)
             else:
                 saved = replace(saved, **{moved: getattr(new_saved, moved)})
-        expected = run_backward_steps(launched, fake, saved, dy, dh_n, dc_n, fake.empty_like(d_gates))
-        actual = run_backward_steps(graphed, fake, saved, dy, dh_n, dc_n, d_gates)
+        expected = run_backward_steps(launched, saved, dy, dh_n, dc_n, fake.empty_like(d_gates))
+        actual = run_backward_steps(graphed, saved, dy, dh_n, dc_n, d_gates)
         for a, e, what in zip(actual, expected, ("dh0", "dc0", "d_gates")):
             assert_close(a, e, 1e-12, f"call {seed}, {moved} moved: {what}")
     assert graphed.graphs.counts == {"eager": 1, "captured": 1, "replayed": 2}

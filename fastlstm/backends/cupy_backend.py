@@ -190,7 +190,7 @@ class CudaSequenceBackend(ReferenceBackend):
         if training:  # every step's state is kept; the last one is the final state
             inputs.update(h0=h0, c0=c0)
             outputs = {"gates": gates, "y": y, "h_states": h_states, "c_states": c_states}
-            last = num_steps - 1 if not reverse else 0
+            last = step_order(num_steps, reverse)[-1]
             h_n, c_n = h_states[last], c_states[last]
         else:  # one buffer each, starting as h0 / c0, updated in place (each thread owns its element)
             h_n, c_n = (self.xp.empty(h0.shape, dtype=h0.dtype) for _ in range(2))

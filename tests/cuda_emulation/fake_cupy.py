@@ -79,11 +79,6 @@ class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
 ndarray.__module__ = "cupy"
 
 
-def _device(array):
-    """A device array with the values of `array`: itself if it is one already."""
-    return array if isinstance(array, ndarray) else _POOL.device_copy(array)
-
-
 def _arg(value):
     if isinstance(value, np.ndarray):
         assert value.flags.c_contiguous
