@@ -27,10 +27,11 @@ def fake(library):
     return make_fake_cupy(library)
 
 
-def per_step_backend(fake, graphs=True):
+def per_step_backend(fake, graphs=True, workspace_bytes=0):
     kernels = cupy_backend.CupyKernels(fake)
+    cache = GraphCache(fake.cuda, workspace_bytes=workspace_bytes) if graphs else None
     return cupy_backend.CudaSequenceBackend(fake, cupy_backend.CublasGemm(fake.cuda), kernels, persistent=False,
-                                            graphs=GraphCache(fake.cuda) if graphs else None)
+                                            graphs=cache)
 
 
 def queue_increment(fake, counter):
@@ -66,6 +67,23 @@ def test_buffers_are_kept_per_shapes_and_stream_and_dropped_with_their_graphs(fa
     assert again is not first and not again.graphs
     graphs.run(again, ("loop",), lambda: queue_increment(fake, counter))
     assert graphs.counts == {"eager": 2, "captured": 1} and counter[0] == 3
+
+
+def test_a_cublas_workspace_is_shared_by_the_buffers_of_one_stream_and_goes_with_the_last(fake):
+    graphs = GraphCache(fake.cuda, capacity=2, workspace_bytes=4096)
+    first = graphs.buffers(fake, SHAPES)
+    assert first.workspace.nbytes == 4096 and first.workspace.dtype == np.uint8
+    assert graphs.buffers(fake, (("a", (4,), "<f8"),)).workspace is first.workspace  # same stream
+    with fake.cuda.Stream():
+        assert graphs.buffers(fake, SHAPES).workspace is not first.workspace  # another stream: its own
+    # that stream's set pushed out the first (capacity 2); one set of the first stream is left
+    again = graphs.buffers(fake, SHAPES)
+    assert again is not first and again.workspace is first.workspace
+    with fake.cuda.Stream():
+        for n in (5, 6):  # two sets on a third stream push out the rest: the first stream's last set
+            graphs.buffers(fake, (("a", (n,), "<f8"),))  # goes, and its workspace with it
+    assert graphs.buffers(fake, SHAPES).workspace is not first.workspace
+    assert GraphCache(fake.cuda).buffers(fake, SHAPES).workspace is None  # 0 bytes: cuBLAS's default
 
 
 def test_a_failed_capture_switches_graphs_off_and_runs_the_loop(fake):
@@ -185,6 +203,24 @@ def run_backward_steps(backend, saved, dy, dh_n, dc_n, d_gates):
     return np.asarray(dh0).copy(), np.asarray(dc0).copy(), np.asarray(d_gates).copy()
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_the_loops_gemms_get_the_cache_workspace_and_no_other_gemm_does(fake, training):
+    """Every GEMM a loop queues (run, captured) gets its buffers' workspace; the input
+    projection outside the loop gets cuBLAS's default."""
+    backend = per_step_backend(fake, workspace_bytes=2048)
+    host = forward_problem(0)
+    steps = host["x"].shape[0]
+    names = ("x", "w_ih", "w_hh", "bias", "h0", "c0", "lengths")
+    for call in range(3):  # eager, captured, replayed
+        backend.forward_sequence(*(fake.asarray(host[name]) for name in names), False, training)
+    (staged,) = backend.graphs._staged.values()
+    loop = (staged.workspace.data.ptr, 2048)
+    projection = [None]
+    # the replay queues no GEMM from the host: its GEMMs are the captured ones
+    assert fake.cuda.cublas.workspaces == (projection + [loop] * steps) * 2 + projection
+    assert backend.graphs.counts == {"eager": 1, "captured": 1, "replayed": 1}
+
+
 def test_a_call_holds_the_cache_lock_from_its_inputs_in_to_its_outputs_out(fake):
     """Copies and launches of two host threads on one stream must not interleave on the
     same buffers: each call's copy-in, loop (eager, captured or replayed) and copy-out are
@@ -257,6 +293,15 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
     # each for forward and backward in each direction, 8 loops a training step.
     assert backend.graphs.counts == {"eager": 4, "captured": 4, "replayed": 24}
     assert "CUDA graphs for the per-step loop on" in fastlstm.available_backends()["cupy"].reason
+    # one workspace (the fake reports compute capability 9: 32 MiB) for every loop's GEMMs
+    workspaces = set(fake_cupy.cuda.cublas.workspaces)
+    assert len(workspaces) == 2 and None in workspaces, workspaces
+    assert {size for _, size in workspaces - {None}} == {32 * 1024 * 1024}
+
+
+def test_the_cublas_workspace_is_the_recommended_size():
+    assert cupy_backend.cublas_workspace_bytes(8) == 4 * 1024 * 1024
+    assert cupy_backend.cublas_workspace_bytes(9) == cupy_backend.cublas_workspace_bytes(10) == 32 * 1024 * 1024
 
 
 # -- cuBLAS through ctypes ----------------------------------------------------------------

@@ -257,6 +257,37 @@ def test_cublas_gemm_on_row_major_arrays(library, fake_cublas_library, transa, t
         assert library.fake_cublas_pointer_mode() == cublas_api.CtypesCublas.CUBLAS_POINTER_MODE_HOST
 
 
+@pytest.mark.parametrize("api", ["emulated binding", "ctypes"])
+def test_cublas_gemm_gives_its_workspace_only_inside_the_block(library, fake_cublas_library, api):
+    """Inside `workspace(array)` each GEMM hands cuBLAS that array; outside, cuBLAS's default
+    (setStream resets it, so nothing set for a loop outlives it)."""
+    fake = make_fake_cupy(library)
+    cublas_library, binding = fake_cublas_library
+    functions = fake.cuda.cublas if api == "emulated binding" else cublas_api.load(types.SimpleNamespace(
+        __file__=str(binding)), prefix="no such library")[0]
+    library = ctypes.CDLL(str(cublas_library))
+    library.fake_cublas_workspace.restype = ctypes.c_void_p
+    library.fake_cublas_workspace_bytes.restype = ctypes.c_size_t
+
+    def workspace_of_last_call():
+        if api == "emulated binding":
+            return fake.cuda.cublas.workspaces[-1]
+        address = library.fake_cublas_workspace()
+        return None if address is None else (address, library.fake_cublas_workspace_bytes())
+
+    gemm = cupy_backend.CublasGemm(fake.cuda, functions)
+    a, b, out = (np.ones(shape).view(fake.ndarray) for shape in ((2, 3), (3, 4), (2, 4)))
+    workspace = fake.empty(1024, dtype="u1")
+    gemm("N", "N", a, b, out, 0.0)
+    assert workspace_of_last_call() is None
+    with gemm.workspace(workspace):
+        gemm("N", "N", a, b, out, 0.0)
+        assert workspace_of_last_call() == (workspace.data.ptr, 1024)
+    gemm("N", "N", a, b, out, 0.0)
+    assert workspace_of_last_call() is None
+    np.testing.assert_array_equal(out, np.full((2, 4), 3.0))
+
+
 def test_cublas_gemm_refuses_strided_rows(library):
     fake = make_fake_cupy(library)
     a = np.zeros((4, 6), np.float32).view(fake.ndarray)[:, ::2]

@@ -1,4 +1,4 @@
-"""The four cuBLAS C functions the CuPy backend calls, through ctypes on the libcublas
+"""The five cuBLAS C functions the CuPy backend calls, through ctypes on the libcublas
 that CuPy has already loaded into this process.
 
 Why not CuPy's own binding (``cupy.cuda.cublas``): every one of its calls checks whether
@@ -54,9 +54,10 @@ class CublasError(RuntimeError):
 
 
 class CtypesCublas:
-    """cublasSetStream_v2, cublasSetPointerMode_v2, cublasSgemm_v2 and cublasDgemm_v2 of the
-    library at `path`, named as in CuPy's binding. Handles, streams and device pointers
-    are integers (addresses); alpha and beta are host addresses (pointer mode host)."""
+    """cublasSetStream_v2, cublasSetWorkspace_v2, cublasSetPointerMode_v2, cublasSgemm_v2 and
+    cublasDgemm_v2 of the library at `path`, named as in CuPy's binding. Handles, streams
+    and device pointers are integers (addresses); alpha and beta are host addresses
+    (pointer mode host)."""
 
     CUBLAS_POINTER_MODE_HOST = 0
 
@@ -66,8 +67,9 @@ class CtypesCublas:
         p, i = ctypes.c_void_p, ctypes.c_int
         gemm_args = (p, i, i, i, i, i, p, p, i, p, i, p, p, i)
         self._functions = {}
-        for name, argtypes in (("cublasSetStream_v2", (p, p)), ("cublasSetPointerMode_v2", (p, i)),
-                               ("cublasSgemm_v2", gemm_args), ("cublasDgemm_v2", gemm_args)):
+        for name, argtypes in (("cublasSetStream_v2", (p, p)), ("cublasSetWorkspace_v2", (p, p, ctypes.c_size_t)),
+                               ("cublasSetPointerMode_v2", (p, i)), ("cublasSgemm_v2", gemm_args),
+                               ("cublasDgemm_v2", gemm_args)):
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, ctypes.c_int
             self._functions[name] = function
@@ -79,6 +81,9 @@ class CtypesCublas:
 
     def setStream(self, handle, stream):  # noqa: N802 - the binding's names
         self._call("cublasSetStream_v2", handle, stream)
+
+    def setWorkspace(self, handle, workspace, nbytes):  # noqa: N802
+        self._call("cublasSetWorkspace_v2", handle, workspace, nbytes)
 
     def setPointerMode(self, handle, mode):  # noqa: N802
         self._call("cublasSetPointerMode_v2", handle, mode)

@@ -14,6 +14,13 @@ is captured and the graph launched; later times the graph is launched. At most
 `capacity` graphs and sets of buffers are kept, the least recently used dropped. If a
 capture fails (a driver or library that cannot capture), graphs are switched off with
 the reason and loops run as they are.
+
+cuBLAS gets a workspace of its own for these loops (`workspace_bytes`, one per device and
+stream, shared by that stream's sets of buffers: work on one stream runs in order), as
+PyTorch gives its handles one: left to its default pool, cuBLAS allocates a new workspace
+for every capture (pytorch/pytorch#83461). With one workspace for every run of a loop,
+eager, captured or replayed, cuBLAS sees the same conditions each time (its choice of
+algorithm, and so the rounding, may depend on the workspace it has).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class StagedBuffers:
     (by the loop's flags): a graph lives and dies with the buffers whose addresses it holds."""
 
     arrays: dict
+    workspace: object = None  # device bytes for cuBLAS in this set's loops, or None: its default
     graphs: dict = field(default_factory=dict)
     seen: set = field(default_factory=set)  # flags run once, not captured yet
 
@@ -37,9 +45,10 @@ class GraphCache:
     """buffers(xp, shapes) -> StagedBuffers; run(staged, flags, issue): issue() queues the
     loop's launches (on staged.arrays) on the current stream."""
 
-    def __init__(self, cuda, capacity: int = 8, disabled_reason: str = ""):
+    def __init__(self, cuda, capacity: int = 8, disabled_reason: str = "", workspace_bytes: int = 0):
         self._cuda = cuda  # cupy.cuda: Stream (begin_capture / end_capture -> Graph), current stream
         self.capacity = capacity
+        self.workspace_bytes = workspace_bytes
         self.disabled_reason = disabled_reason  # "" while graphs are used
         self.counts = Counter()  # eager, captured, replayed
         self._staged = OrderedDict()  # (shapes, device, stream) -> StagedBuffers, least recently used first
@@ -55,16 +64,28 @@ class GraphCache:
         """The buffers for `shapes`, a tuple of (name, shape, dtype string): the same arrays
         every call with these shapes on this device and stream (work on one stream runs in
         order, so a call never overwrites buffers an earlier one still uses)."""
-        key = (shapes, self._cuda.Device().id, self._cuda.get_current_stream().ptr)
+        stream = (self._cuda.Device().id, self._cuda.get_current_stream().ptr)
+        key = (shapes, *stream)
         staged = self._staged.get(key)
         if staged is None:
-            staged = StagedBuffers({name: xp.empty(shape, dtype=dtype) for name, shape, dtype in shapes})
+            arrays = {name: xp.empty(shape, dtype=dtype) for name, shape, dtype in shapes}
+            staged = StagedBuffers(arrays, self._workspace(xp, stream))
             self._staged[key] = staged
             while len(self._staged) > self.capacity:
                 self._staged.popitem(last=False)
         else:
             self._staged.move_to_end(key)
         return staged
+
+    def _workspace(self, xp, stream):
+        """The workspace of the sets of buffers on `stream` (device, stream), new if none is
+        kept: it goes when the last set using it does."""
+        if not self.workspace_bytes:
+            return None
+        for key, staged in self._staged.items():
+            if key[1:] == stream:
+                return staged.workspace
+        return xp.empty(self.workspace_bytes, dtype="u1")
 
     def run(self, staged: StagedBuffers, flags, issue) -> None:
         graph = staged.graphs.get(flags) if self.enabled else None

@@ -25,7 +25,9 @@ found to work.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,12 @@ MIN_TILE_K = 16
 # Measured on an H200: bench/results/2026-11-27-gpu-h200.md.
 PERSISTENT_MAX_STATE = 16384
 GRAPHS_ENV_VAR = "FASTLSTM_CUDA_GRAPHS"  # "0": launch every step of the per-step loop from Python
+
+
+def cublas_workspace_bytes(compute_major: int) -> int:
+    """cuBLAS's recommended workspace (cublasSetWorkspace): 32 MiB on Hopper (compute
+    capability 9) and later, 4 MiB before."""
+    return (32 if compute_major >= 9 else 4) * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,8 @@ class CudaSequenceBackend(ReferenceBackend):
     persistent: None (default) uses the persistent kernels where they apply and batch x
     hidden <= PERSISTENT_MAX_STATE; True wherever they apply; False never.
     graphs: a GraphCache that replays the per-step loops, or None (always launched from
-    Python; needed where arrays have no device address, as NumPy's).
+    Python; needed where arrays have no device address, as NumPy's). A cache that keeps
+    cuBLAS workspaces needs a gemm with workspace(array) (CublasGemm).
     """
 
     name = "cupy"
@@ -230,7 +239,13 @@ class CudaSequenceBackend(ReferenceBackend):
             staged = self.graphs.buffers(self.xp, shapes)
             for name, array in inputs.items():
                 staged.arrays[name][...] = array
-            self.graphs.run(staged, flags, lambda: loop(**staged.arrays))
+
+            def issue():  # cuBLAS on the workspace the cache keeps for this stream, if any
+                own = staged.workspace is not None
+                with self._gemm.workspace(staged.workspace) if own else contextlib.nullcontext():
+                    loop(**staged.arrays)
+
+            self.graphs.run(staged, flags, issue)
             for name, array in outputs.items():
                 array[...] = staged.arrays[name]
 
@@ -336,6 +351,7 @@ class CupyKernels:
         # One block per multiprocessor: all resident at once, so the grid barrier is safe.
         properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         self.persistent_blocks = int(properties["multiProcessorCount"])
+        self.compute_major = int(properties["major"])
         self.persistent_threads = PERSISTENT_THREADS
         self.persistent_shared_limit = SHARED_LIMIT
 
@@ -405,8 +421,9 @@ class CublasGemm:
     cupy.cublas.gemm does too, but that spends tens of microseconds of Python per call
     on checks and pointer-mode switching, and the time loop makes one call per step.
 
-    api: the C functions (setStream, setPointerMode, sgemm, dgemm): cublas_api.CtypesCublas,
-    which can be captured into a CUDA graph, or CuPy's binding (cuda.cublas), which cannot.
+    api: the C functions (setStream, setPointerMode, sgemm, dgemm; setWorkspace for
+    `workspace`): cublas_api.CtypesCublas, which can be captured into a CUDA graph, or
+    CuPy's binding (cuda.cublas), which cannot.
     """
 
     _OPS = {"N": 0, "T": 1}  # CUBLAS_OP_N, CUBLAS_OP_T
@@ -419,6 +436,18 @@ class CublasGemm:
         for dtype in (np.float32, np.float64):
             values = {v: np.array(v, dtype=dtype) for v in (0.0, 1.0)}
             self._scalars[np.dtype(dtype)] = {v: (a, a.ctypes.data) for v, a in values.items()}
+        self._local = threading.local()  # .workspace: this thread's, inside `workspace`
+
+    @contextlib.contextmanager
+    def workspace(self, array):
+        """GEMMs this thread queues inside the block give cuBLAS `array` (device bytes) as
+        workspace; others get cuBLAS's default (setStream resets it on every call)."""
+        previous = getattr(self._local, "workspace", None)
+        self._local.workspace = array
+        try:
+            yield
+        finally:
+            self._local.workspace = previous
 
     def __call__(self, transa, transb, a, b, out, beta):
         m, n = out.shape
@@ -433,6 +462,9 @@ class CublasGemm:
         gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
         handle = self._cuda.get_cublas_handle()
         cublas.setStream(handle, self._cuda.get_current_stream().ptr)
+        workspace = getattr(self._local, "workspace", None)
+        if workspace is not None:
+            cublas.setWorkspace(handle, workspace.data.ptr, workspace.nbytes)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         gemm(handle, self._OPS[transb], self._OPS[transa], n, m, k, scalars[1.0][1],
              b.data.ptr, _row_stride(b), a.data.ptr, _row_stride(a), scalars[float(beta)][1],
@@ -462,8 +494,9 @@ class CupyBackend(CudaSequenceBackend):
             off = f"cuBLAS through CuPy's binding ({why_not}), which refuses stream capture"
         else:
             off = ""
-        graphs = GraphCache(cupy.cuda, disabled_reason=off)
-        super().__init__(cupy, CublasGemm(cupy.cuda, api), CupyKernels(cupy), graphs=graphs)
+        kernels = CupyKernels(cupy)
+        graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=cublas_workspace_bytes(kernels.compute_major))
+        super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs)
 
     def describe(self) -> str:
         device = self._cupy.cuda.Device()

@@ -1,19 +1,33 @@
-// A stand-in for libcublas with the four functions fastlstm/backends/cublas_api.py binds,
+// A stand-in for libcublas with the five functions fastlstm/backends/cublas_api.py binds,
 // for testing that binding's argument types and order on a machine without a GPU:
-// column-major GEMMs on host pointers (as cuBLAS's on device pointers), and the stream
-// and pointer mode last set, readable back. Status codes as cuBLAS's: 0 success,
-// 1 not initialized (a null handle), 7 invalid value.
+// column-major GEMMs on host pointers (as cuBLAS's on device pointers), and the stream,
+// workspace and pointer mode last set, readable back. Setting the stream resets the
+// workspace to the default (null here), as cuBLAS's does. Status codes as cuBLAS's:
+// 0 success, 1 not initialized (a null handle), 7 invalid value.
 #include <stddef.h>
 
 static void* stream_set;
+static void* workspace_set;
+static size_t workspace_bytes_set;
 static int pointer_mode_set = -1;
 
 void* fake_cublas_stream(void) { return stream_set; }
+void* fake_cublas_workspace(void) { return workspace_set; }
+size_t fake_cublas_workspace_bytes(void) { return workspace_bytes_set; }
 int fake_cublas_pointer_mode(void) { return pointer_mode_set; }
 
 int cublasSetStream_v2(void* handle, void* stream) {
     if (!handle) return 1;
     stream_set = stream;
+    workspace_set = NULL;
+    workspace_bytes_set = 0;
+    return 0;
+}
+
+int cublasSetWorkspace_v2(void* handle, void* workspace, size_t bytes) {
+    if (!handle) return 1;
+    workspace_set = workspace;
+    workspace_bytes_set = bytes;
     return 0;
 }
 

@@ -227,7 +227,8 @@ def make_fake_cupy(library_path) -> types.ModuleType:
     cupy.RawModule = RawModule
     cuda = types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0),
-        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 3}),
+        runtime=types.SimpleNamespace(
+            getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 3, "major": 9}),
         cublas=FakeCublas(streams),
         get_cublas_handle=lambda: FakeCublas.HANDLE,
         get_current_stream=streams.current,
@@ -248,8 +249,10 @@ def _column_major(address, rows, cols, ld, dtype):
 
 
 class FakeCublas:
-    """cuBLAS's C gemm on host pointers, column-major like the real one, recording its calls;
-    run on the stream last set (recorded there while it is being captured)."""
+    """cuBLAS's C gemm on host pointers, column-major like the real one, recording its calls
+    and the workspace each was given ((address, bytes), or None: the default, which
+    setStream restores as cuBLAS's does); run on the stream last set (recorded there while
+    it is being captured)."""
 
     CUBLAS_POINTER_MODE_HOST = 0
     HANDLE = 7
@@ -257,11 +260,17 @@ class FakeCublas:
     def __init__(self, streams):
         self._streams = streams
         self.calls = []
-        self.stream = self.pointer_mode = None
+        self.workspaces = []  # per call
+        self.stream = self.pointer_mode = self.workspace = None
 
     def setStream(self, handle, stream):  # noqa: N802 - the binding's name
         assert handle == self.HANDLE
         self.stream = stream
+        self.workspace = None
+
+    def setWorkspace(self, handle, workspace, nbytes):  # noqa: N802
+        assert handle == self.HANDLE and nbytes > 0
+        self.workspace = (workspace, nbytes)
 
     def setPointerMode(self, handle, mode):  # noqa: N802
         assert handle == self.HANDLE
@@ -277,6 +286,7 @@ class FakeCublas:
         assert handle == self.HANDLE and self.stream in self._streams.by_ptr
         assert self.pointer_mode == self.CUBLAS_POINTER_MODE_HOST
         self.calls.append((np.dtype(dtype).name, transa, transb, m, n, k))
+        self.workspaces.append(self.workspace)
         scalar = np.ctypeslib.as_ctypes_type(dtype)
         alpha, beta = scalar.from_address(alpha).value, scalar.from_address(beta).value
         op_a = _column_major(a, *((m, k) if transa == 0 else (k, m)), lda, dtype)
