@@ -4,7 +4,8 @@
 # IEEE float32, torch-cuda-tf32 with torch's default TF32) and a probe of where the cupy
 # backend's time goes (bench/gpu_probe.py). Needs only the device image (CuPy, PyTorch
 # with cuDNN, pytest); no network, no install: the checkout goes on PYTHONPATH.
-# Results go under $OUT (default bench/results/gpu-local). Budget: about 4 minutes.
+# Results go under $OUT (default bench/results/gpu-local). Budget: about 4 minutes (each
+# step has a timeout: 240 + 200 + 180 s at most; FASTLSTM_NCU=1 adds a 90 s profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-local}
@@ -26,26 +27,30 @@ cat "$OUT/gpu_info.txt"
 # 1. parity (fails the script if any test fails)
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: ${SECONDS}s so far"
 
 # 2. benchmark against cuDNN: the design configs plus the issue's GPU targets
 timeout 200 "$PY" -m fastlstm bench --backends cupy,torch-cuda,torch-cuda-tf32 \
   --configs wide-512,train-m,train-l,small,stream-1,stream-b1,stream-b4,stream-b8 \
   --repeats 10 --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: ${SECONDS}s so far"
 
 # 3. where the time goes: host vs device, per-step loop from graphs vs launched, GEMM call
 #    paths, ceilings, persistent kernels by block count (rows print as they finish)
 timeout 180 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: ${SECONDS}s so far"
 
-# 4. where the persistent forward's time goes at the largest config (if ncu is there;
+# 4. where the persistent forward's time goes at the largest config: only with
+#    FASTLSTM_NCU=1 and ncu on PATH (up to 90 s more; run 7's profile is in bench/results;
 #    --clock-control none: the card's clocks are left as they are)
-if command -v ncu >/dev/null; then
+if [ "${FASTLSTM_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   timeout 90 ncu --clock-control none --kernel-name regex:lstm_forward_persistent --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
     "$PY" bench/gpu_probe.py --once wide-512 > "$OUT/ncu_wide512.txt" 2>&1 || echo "ncu failed (not counted)"
   tail -n 60 "$OUT/ncu_wide512.txt"
 fi
 
-echo "gpu_check: exit $status; results in $OUT"
+echo "gpu_check: exit $status after ${SECONDS}s; results in $OUT"
 exit $status

@@ -79,6 +79,9 @@ QUICK_CONFIGS = {
 TORCH_CUDA_RUNNERS = ("torch-cuda", "torch-cuda-tf32")
 TORCH_RUNNERS = ("torch",) + TORCH_CUDA_RUNNERS
 GPU_RUNNERS = ("cupy",) + TORCH_CUDA_RUNNERS
+# Warm-up calls of a GPU runner, at least: the cupy backend captures its per-step loops into
+# CUDA graphs on the second call with the same shapes, so measured calls are replays.
+GPU_WARMUP = 2
 
 
 def torch_devices() -> list[str]:
@@ -318,7 +321,7 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
             for name in runners:
                 call = make_runner(name, config, mode, dtype)
                 time.sleep(SETTLE_S)  # let the previous runner's spinning threads go idle
-                for _ in range(warmup):
+                for _ in range(max(warmup, GPU_WARMUP) if name in GPU_RUNNERS else warmup):
                     call()  # first call: compiles kernels, allocates, warms caches
                 times[name] = []
                 for _ in range(repeats):

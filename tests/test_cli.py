@@ -173,3 +173,22 @@ def test_bench_table_puts_gpu_rows_against_the_gpu_ceiling_and_cudnn():
     assert numpy_row[5] == "1%"  # 1 GFLOP/s of the CPU's 100
     again = bench.Report.from_json(report.to_json())
     assert again.gpu_ceiling_gflops == 50_000.0 and len(again.measurements) == 4
+
+
+def test_gpu_runners_warm_up_past_the_graph_capture(monkeypatch):
+    """The cupy backend captures its per-step loops on the second call of a shape: GPU
+    runners get at least two warm-up calls, so measured calls replay; CPU runners one."""
+    from fastlstm import bench
+
+    calls = {}
+
+    def counting_runner(name, config, mode, dtype="float32"):
+        calls[name] = 0
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    monkeypatch.setattr(bench, "make_runner", counting_runner)
+    monkeypatch.setattr(bench, "gpu_gemm_ceiling", lambda dtype: 1.0)
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    bench.run_benchmarks([bench.CONFIGS["small"]], ["numpy", "cupy", "torch-cuda"], modes=("forward",), repeats=3)
+    assert calls == {"numpy": 1 + 3, "cupy": bench.GPU_WARMUP + 3, "torch-cuda": bench.GPU_WARMUP + 3}
+    assert bench.GPU_WARMUP >= 2
