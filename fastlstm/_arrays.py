@@ -37,6 +37,16 @@ def is_torch_tensor(value) -> bool:
     return type(value).__module__.split(".")[0] == "torch"
 
 
+def host_result(array: np.ndarray, like):
+    """A host result for a caller whose input was `like`: a torch tensor on `like`'s device
+    for a torch caller (sharing `array`'s memory when that device is the CPU), else `array`."""
+    if not is_torch_tensor(like):
+        return array
+    import torch  # already imported: `like` is one of its tensors
+
+    return torch.from_numpy(array).to(like.device)
+
+
 def to_numpy(value, name: str) -> np.ndarray:
     """A NumPy view or copy of `value` (NumPy, CuPy, torch, DLPack, sequences)."""
     if isinstance(value, np.ndarray):

@@ -187,6 +187,30 @@ def test_device_arrays_in_device_arrays_out(fake_cupy):
     assert y64.dtype == np.float32 and type(y64) is fake_cupy.ndarray
 
 
+def test_torch_callers_get_torch_tensors_on_their_device(fake_cupy):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    lstm = fastlstm.LSTM(3, 4, backend="cupy", seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    y_np, (h_np, c_np) = lstm(x)
+    y, (h, c) = lstm(torch.from_numpy(x))  # a torch CPU caller: torch CPU tensors, computed on the device
+    for actual, expected in zip((y, h, c), (y_np, h_np, c_np)):
+        assert isinstance(actual, torch.Tensor) and actual.device.type == "cpu"
+        np.testing.assert_array_equal(actual.numpy(), expected)
+
+    class CudaTensor(torch.Tensor):  # a CPU tensor that says it is on CUDA, as the backend sees one
+        @property
+        def is_cuda(self):
+            return True
+
+    CudaTensor.__module__ = "torch"
+    backend = lstm._current_backend()
+    on_device = fake_cupy.asarray(x)
+    cuda_caller = backend.to_user(on_device, torch.zeros(1).as_subclass(CudaTensor))
+    assert isinstance(cuda_caller, torch.Tensor) and cuda_caller.data_ptr() == on_device.data.ptr  # DLPack, no copy
+    cpu_caller = backend.to_user(on_device, torch.zeros(1))
+    assert cpu_caller.data_ptr() != on_device.data.ptr and np.array_equal(cpu_caller.numpy(), x)  # to the host
+
+
 def test_moving_a_layer_between_host_and_device(fake_cupy):
     lstm = fastlstm.LSTM(3, 4, backend="numpy", seed=0)
     before = lstm.state_dict()

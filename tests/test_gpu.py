@@ -100,8 +100,11 @@ def test_torch_cuda_tensors_without_host_copy():
     backend = lstm._current_backend()
     shared = backend.from_user(xt, "x")
     assert shared.data.ptr == xt.data_ptr()  # the same device memory
-    y, _ = lstm(xt)
-    assert isinstance(y, cupy.ndarray)
+    y, (h_n, _) = lstm(xt)
+    # torch in, torch out: on the device, through DLPack
+    assert isinstance(y, torch.Tensor) and y.is_cuda and isinstance(h_n, torch.Tensor) and h_n.is_cuda
+    expected, _ = lstm(cupy.asarray(xt.cpu().numpy()))
+    assert_close(y.cpu().numpy(), cupy.asnumpy(expected), 1e-6, "y")
 
 
 def test_bias_gradient_is_deterministic_on_gpu(time_loop):

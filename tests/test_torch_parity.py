@@ -119,3 +119,22 @@ def test_initialisation_range_matches_torch():
     for name, value in lstm.state_dict().items():
         assert np.all(np.abs(value) <= bound), name
         assert np.max(np.abs(value)) > 0.9 * bound, name  # uses the whole range
+
+
+@pytest.mark.parametrize("layout", ["time-major", "batch_first", "unbatched"])
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_torch_tensors_in_torch_tensors_out(backend, layout):
+    """A torch caller gets torch tensors back (outputs, final states, input gradients), with
+    the values a NumPy caller gets; a NumPy caller still gets NumPy."""
+    lstm = fastlstm.LSTM(4, 6, num_layers=2, batch_first=layout == "batch_first", backend=backend, seed=0)
+    rng = np.random.default_rng(0)
+    shape = {"time-major": (5, 3, 4), "batch_first": (3, 5, 4), "unbatched": (5, 4)}[layout]
+    x = rng.standard_normal(shape).astype(np.float32)
+    y_np, (h_np, c_np) = lstm(x)
+    grads_np = lstm.backward(np.ones_like(y_np))
+    y_t, (h_t, c_t) = lstm(torch.from_numpy(x))
+    dx_t, (dh0_t, dc0_t) = lstm.backward(torch.ones(y_np.shape))
+    for expected, actual in zip((y_np, h_np, c_np, grads_np[0], *grads_np[1]), (y_t, h_t, c_t, dx_t, dh0_t, dc0_t)):
+        assert isinstance(expected, np.ndarray)
+        assert isinstance(actual, torch.Tensor) and actual.device.type == "cpu" and actual.dtype == torch.float32
+        np.testing.assert_array_equal(actual.numpy(), expected)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._arrays import to_numpy
+from .._arrays import host_result, to_numpy
 
 
 @dataclass
@@ -105,8 +105,9 @@ class ReferenceBackend:
         return to_numpy(value, name)
 
     def to_user(self, array, like):
-        """A result for a caller whose input was `like`: NumPy for host backends."""
-        return array
+        """A result for a caller whose input was `like`: a torch tensor on its device for a
+        torch caller, NumPy otherwise (host backends)."""
+        return host_result(array, like)
 
     def asarray(self, array, dtype=None):
         """`array` on this backend's device (no copy when it is already there)."""

@@ -517,9 +517,16 @@ class CupyBackend(CudaSequenceBackend):
         return cupy.asarray(to_numpy(value, name))
 
     def to_user(self, array, like):
-        """Device arrays for callers that passed device arrays, NumPy otherwise."""
-        on_device = is_cupy_array(like) or (is_torch_tensor(like) and like.is_cuda)
-        return array if on_device else self._cupy.asnumpy(array)
+        """Results in the caller's kind of array: CuPy arrays for CuPy callers, torch CUDA
+        tensors on the same memory (DLPack) for torch CUDA callers, and for everyone else
+        what the host backends give (NumPy; torch CPU tensors for torch CPU callers)."""
+        if is_cupy_array(like):
+            return array
+        if is_torch_tensor(like) and like.is_cuda:
+            import torch  # already imported: `like` is one of its tensors
+
+            return torch.from_dlpack(array)
+        return super().to_user(self._cupy.asnumpy(array), like)
 
     def asarray(self, array, dtype=None):
         return self._cupy.asarray(array, dtype=dtype)
