@@ -38,5 +38,6 @@ def test_lstm(benchmark, config, mode, runner):
     run()  # warm-up: compiles kernels on first use, allocates
     time.sleep(bench.SETTLE_S)  # let thread pools of the previous case go idle
     benchmark.group = f"{config.name} {mode}"
-    benchmark.extra_info.update(flops=config.flops(mode), T=config.T, B=config.B, I=config.I, H=config.H)
+    benchmark.extra_info.update(flops=config.flops(mode), min_bytes=config.min_bytes(mode, 4), T=config.T, B=config.B,
+                                I=config.I, H=config.H)
     benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)

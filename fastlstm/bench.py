@@ -50,6 +50,24 @@ class Config:
         # backward: dh = dA W_hh per step, then dx, dW_ih, dW_hh: twice the forward's GEMMs
         return self.forward_flops() * (3 if mode == "forward+backward" else 1)
 
+    def min_bytes(self, mode: str, itemsize: int) -> float:
+        """The fewest bytes any implementation moves through memory: each input and
+        parameter read once, each output written once -- forward: x, the parameters, y,
+        h_n and c_n; forward + backward also dy, dx, the parameter gradients, dh0 and dc0.
+        Activations kept for backward and the outputs of inner layers are not counted (an
+        implementation could recompute them or keep them on chip): a floor, not our count."""
+        directions = 2 if self.bidirectional else 1
+        params = 0
+        for layer in range(self.layers):
+            inputs = self.I if layer == 0 else self.H * directions
+            params += directions * 4 * self.H * (inputs + self.H + 2)  # W_ih, W_hh, b_ih, b_hh
+        sequence_in, sequence_out = self.T * self.B * self.I, self.T * self.B * self.H * directions
+        states = 2 * self.layers * directions * self.B * self.H  # h_n and c_n (dh0 and dc0)
+        elements = sequence_in + params + sequence_out + states
+        if mode == "forward+backward":
+            elements *= 2  # dy, dx, the gradients, dh0 and dc0: one of each, the same sizes
+        return float(elements * itemsize)
+
 
 # DESIGN.md's configurations (fp32).
 CONFIGS = {
@@ -235,6 +253,7 @@ class Measurement:
     H: int
     layers: int
     bidirectional: bool
+    min_bytes: float = 0.0  # Config.min_bytes (0: a file written before it was recorded)
 
     @property
     def median_s(self) -> float:
@@ -243,6 +262,12 @@ class Measurement:
     @property
     def gflops(self) -> float:
         return self.flops / self.median_s / 1e9
+
+    @property
+    def gbytes_per_s(self) -> float:
+        """The fewest bytes over the time: far under the memory's bandwidth, the time is
+        not spent moving data."""
+        return self.min_bytes / self.median_s / 1e9
 
 
 @dataclass
@@ -262,7 +287,7 @@ class Report:
     def to_json(self) -> dict:
         data = asdict(self)
         for m, raw in zip(self.measurements, data["measurements"]):
-            raw.update(median_s=m.median_s, gflops=m.gflops)
+            raw.update(median_s=m.median_s, gflops=m.gflops, gbytes_per_s=m.gbytes_per_s)
         return data
 
     @classmethod
@@ -270,7 +295,7 @@ class Report:
         fields = {k: v for k, v in data.items() if k != "measurements"}
         report = cls(**fields)
         for raw in data["measurements"]:
-            raw = {k: v for k, v in raw.items() if k not in ("median_s", "gflops")}
+            raw = {k: v for k, v in raw.items() if k not in ("median_s", "gflops", "gbytes_per_s")}
             report.measurements.append(Measurement(**raw))
         return report
 
@@ -332,6 +357,7 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
                 report.measurements.append(Measurement(
                     config.name, mode, name, times[name], config.flops(mode),
                     config.T, config.B, config.I, config.H, config.layers, config.bidirectional,
+                    config.min_bytes(mode, np.dtype(dtype).itemsize),
                 ))
     return report
 
@@ -346,13 +372,14 @@ def _speedup(report: Report, m: Measurement, rival: str) -> str:
 def format_table(report: Report) -> str:
     measured = {m.runner for m in report.measurements}
     rivals = ["numpy", "torch"] + [name for name in TORCH_CUDA_RUNNERS if name in measured]
-    header = ("config", "mode", "backend", "ms", "GFLOP/s", "of ceiling", *(f"vs {r}" for r in rivals))
+    header = ("config", "mode", "backend", "ms", "GFLOP/s", "of ceiling", "GB/s", *(f"vs {r}" for r in rivals))
     rows = [header]
     for m in report.measurements:
         ceiling = report.ceiling_for(m.runner)
         rows.append((
             m.config, m.mode, m.runner, f"{m.median_s * 1e3:.2f}", f"{m.gflops:.1f}",
-            f"{m.gflops / ceiling:.0%}" if ceiling else "-", *(_speedup(report, m, r) for r in rivals),
+            f"{m.gflops / ceiling:.0%}" if ceiling else "-", f"{m.gbytes_per_s:.1f}" if m.min_bytes else "-",
+            *(_speedup(report, m, r) for r in rivals),
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -362,6 +389,7 @@ def format_table(report: Report) -> str:
         f"NumPy matmul ceiling measured now: {report.ceiling_gflops:.1f} GFLOP/s"
         + (f"; cuBLAS GEMM ceiling (CuPy, {report.dtype}): {report.gpu_ceiling_gflops:.0f} GFLOP/s "
            "('of ceiling': GPU rows against it, CPU rows against NumPy's)" if report.gpu_ceiling_gflops else "")
+        + "; GB/s: the fewest bytes the config must move (Config.min_bytes) over the time"
     )
     return title + "\n" + "\n".join(lines)
 

@@ -192,3 +192,37 @@ def test_gpu_runners_warm_up_past_the_graph_capture(monkeypatch):
     bench.run_benchmarks([bench.CONFIGS["small"]], ["numpy", "cupy", "torch-cuda"], modes=("forward",), repeats=3)
     assert calls == {"numpy": 1 + 3, "cupy": bench.GPU_WARMUP + 3, "torch-cuda": bench.GPU_WARMUP + 3}
     assert bench.GPU_WARMUP >= 2
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True), (3, False)])
+def test_min_bytes_counts_every_input_parameter_and_output_once(layers, bidirectional):
+    """Config.min_bytes against the sizes of what a real forward takes and returns."""
+    from fastlstm import bench
+
+    config = bench.Config("t", 3, 2, 5, 4, layers, bidirectional)
+    lstm = fastlstm.LSTM(5, 4, num_layers=layers, bidirectional=bidirectional, backend="numpy", dtype="float64")
+    x = np.ones((3, 2, 5))
+    y, (h_n, c_n) = lstm(x)
+    dx, (dh0, dc0) = lstm.backward(np.ones_like(y))
+    params = sum(p.size for p in lstm.params.values())
+    forward = x.size + params + y.size + h_n.size + c_n.size
+    backward = y.size + dx.size + params + dh0.size + dc0.size  # dy, dx, the gradients, dh0, dc0
+    assert config.min_bytes("forward", 8) == forward * 8
+    assert config.min_bytes("forward+backward", 4) == (forward + backward) * 4
+    # the GPU issue's largest config: ~35 MB forward (bench/results/2026-11-27-gpu-h200.md)
+    assert bench.EXTRA_CONFIGS["wide-512"].min_bytes("forward", 4) == 34_881_536
+
+
+def test_bench_json_from_before_min_bytes_still_loads():
+    from fastlstm import bench
+
+    report = bench.Report({}, {}, 1, "float32", 3, ceiling_gflops=100.0)
+    report.measurements.append(bench.Measurement("small", "forward", "numpy", [0.5] * 3, 1e9, 200, 16, 32, 64, 1,
+                                                 False, min_bytes=2e9))
+    data = report.to_json()
+    assert data["measurements"][0]["gbytes_per_s"] == 4.0
+    assert "GB/s" in bench.format_table(report) and " 4.0 " in bench.format_table(report)
+    for raw in data["measurements"]:
+        del raw["min_bytes"], raw["gbytes_per_s"]  # as written before the floor was recorded
+    old = bench.Report.from_json(data)
+    assert old.measurements[0].min_bytes == 0.0 and bench.format_table(old).splitlines()[3].split()[6] == "-"
