@@ -162,7 +162,7 @@ def blocks_sweep() -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        kernels.persistent_blocks, backend.persistent = every, None
+        kernels.persistent_blocks, backend.persistent = None, None  # the device's own count again
     return rows
 
 

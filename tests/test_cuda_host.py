@@ -320,6 +320,31 @@ def test_cublas_gemm_refuses_strided_rows(library):
                                            np.zeros((4, 2), np.float32).view(fake.ndarray), 0.0)
 
 
+def test_persistent_blocks_follow_the_current_device(library):
+    """One block per multiprocessor of the device a kernel runs on: a count taken from a
+    larger device would leave blocks waiting at the grid barrier for ones never resident."""
+    fake = make_fake_cupy(library)
+    current, counts, looked_up = [0], {0: 132, 1: 80}, []
+
+    def properties(device):
+        looked_up.append(device)
+        return {"name": b"Fake GPU", "multiProcessorCount": counts[device], "major": 9}
+
+    fake.cuda.Device = lambda: types.SimpleNamespace(id=current[0])
+    fake.cuda.runtime.getDeviceProperties = properties
+    kernels = cupy_backend.CupyKernels(fake)
+    assert kernels.persistent_blocks == 132
+    current[0] = 1
+    assert kernels.persistent_blocks == 80 and kernels.persistent_blocks == 80
+    assert looked_up == [0, 1]  # once per device
+    kernels.persistent_blocks = 4  # by hand (the probe's sweep): on every device
+    assert kernels.persistent_blocks == 4
+    current[0] = 0
+    assert kernels.persistent_blocks == 4
+    kernels.persistent_blocks = None
+    assert kernels.persistent_blocks == 132
+
+
 def test_default_time_loop_depends_on_the_state_size(library):
     """Persistent kernels for small batch x hidden, the per-step loop past the threshold."""
     kernels = host_kernels.emulated_kernels(library, blocks=132, threads=256, shared_limit=cupy_backend.SHARED_LIMIT)

@@ -347,13 +347,30 @@ class CupyKernels:
         for source, names in sources:
             module = cupy.RawModule(code=(folder / source).read_text(), options=options, name_expressions=names)
             self._module_of.update({name: module for name in names})
-        self._functions = {}
-        # One block per multiprocessor: all resident at once, so the grid barrier is safe.
-        properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-        self.persistent_blocks = int(properties["multiProcessorCount"])
-        self.compute_major = int(properties["major"])
+        self._functions = {}  # CuPy's kernels load themselves on each device they are launched on
+        self._cuda = cupy.cuda
+        self._properties = {}  # device id -> its properties
+        self._blocks = None  # persistent_blocks set by hand (tests, the probe's sweep)
         self.persistent_threads = PERSISTENT_THREADS
         self.persistent_shared_limit = SHARED_LIMIT
+
+    def device_property(self, name: str) -> int:
+        """A property of the current device (getDeviceProperties), looked up once per device."""
+        device = self._cuda.Device().id
+        if device not in self._properties:
+            self._properties[device] = self._cuda.runtime.getDeviceProperties(device)
+        return int(self._properties[device][name])
+
+    @property
+    def persistent_blocks(self) -> int:
+        """The most blocks a persistent kernel launches: one per multiprocessor of the current
+        device, so that all are resident at once (the grid barrier waits for every block;
+        a count from another device with more multiprocessors could wait forever)."""
+        return self._blocks if self._blocks is not None else self.device_property("multiProcessorCount")
+
+    @persistent_blocks.setter
+    def persistent_blocks(self, blocks: int | None):  # None: the current device's count again
+        self._blocks = blocks
 
     def _function(self, name):
         if name not in self._functions:
@@ -495,7 +512,8 @@ class CupyBackend(CudaSequenceBackend):
         else:
             off = ""
         kernels = CupyKernels(cupy)
-        graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=cublas_workspace_bytes(kernels.compute_major))
+        workspace = cublas_workspace_bytes(kernels.device_property("major"))  # this device's; ample for older ones
+        graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=workspace)
         super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs)
 
     def describe(self) -> str:
