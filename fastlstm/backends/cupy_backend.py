@@ -327,6 +327,24 @@ def launch_shape(elements: int) -> tuple[int, int]:
     return max(1, -(-elements // THREADS_PER_BLOCK)), THREADS_PER_BLOCK
 
 
+def kernel_sources() -> dict[str, list[str]]:
+    """Each CUDA source in kernel_dir() and the kernel instantiations compiled from it
+    (NVRTC name expressions)."""
+    types = ("float", "double")
+    training = ("true", "false")
+    return {
+        "lstm_forward.cu": [f"lstm_forward_step<{t}, {flag}>" for t in types for flag in training],
+        "lstm_backward.cu": [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in types],
+        "lstm_persistent.cu": [f"lstm_forward_persistent<{t}, {flag}>" for t in types for flag in training]
+        + [f"lstm_backward_persistent<{t}>" for t in types],
+    }
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """What CuPy passes NVRTC for every source (it adds the device's architecture)."""
+    return ("--std=c++14", f"-I{kernel_dir()}")
+
+
 class CupyKernels:
     """The CUDA kernels compiled by CuPy (NVRTC, cached on disk by CuPy), one launcher each.
 
@@ -334,18 +352,10 @@ class CupyKernels:
     """
 
     def __init__(self, cupy):
-        folder = kernel_dir()
-        options = ("--std=c++14", f"-I{folder}")
-        types = ("float", "double")
-        forward_names = [f"lstm_forward_step<{t}, {flag}>" for t in types for flag in ("true", "false")]
-        backward_names = [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in types]
-        persistent_names = [f"lstm_forward_persistent<{t}, {flag}>" for t in types for flag in ("true", "false")]
-        persistent_names += [f"lstm_backward_persistent<{t}>" for t in types]
         self._module_of = {}
-        sources = (("lstm_forward.cu", forward_names), ("lstm_backward.cu", backward_names),
-                   ("lstm_persistent.cu", persistent_names))
-        for source, names in sources:
-            module = cupy.RawModule(code=(folder / source).read_text(), options=options, name_expressions=names)
+        for source, names in kernel_sources().items():
+            module = cupy.RawModule(code=(kernel_dir() / source).read_text(), options=nvrtc_options(),
+                                    name_expressions=names)
             self._module_of.update({name: module for name in names})
         self._functions = {}  # CuPy's kernels load themselves on each device they are launched on
         self._cuda = cupy.cuda
