@@ -2,6 +2,8 @@
 
 For each configuration and mode, in one process and on one card:
   path      the time loop the backend chose: persistent kernels or per step
+  floor     METHOD.md's floor: the larger of the GEMM flops at the measured GEMM ceiling
+            and the fewest bytes (bench.Config.min_bytes) at the measured copy rate
   total     one whole call, synchronized (what `fastlstm bench` reports)
   host      the time until the call returns, before synchronizing: when it is close to
             `total`, the GPU waits on Python (launch-bound), not the other way round
