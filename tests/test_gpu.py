@@ -55,20 +55,21 @@ def test_cupy_matches_numpy_reference(layers, bidirectional, batch_first, with_l
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("bidirectional, with_lengths", [(False, False), (True, True)])
-def test_cupy_matches_torch_cuda(bidirectional, with_lengths, dtype):
+@pytest.mark.parametrize("bidirectional, with_lengths, batch_first", [(False, False, False), (True, True, True)])
+def test_cupy_matches_torch_cuda(bidirectional, with_lengths, batch_first, dtype, time_loop):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     torch.backends.cudnn.allow_tf32 = False  # compare IEEE float32 with IEEE float32
     torch.backends.cuda.matmul.allow_tf32 = False
     tt = getattr(torch, dtype)
-    module = torch.nn.LSTM(8, 32, num_layers=2, bidirectional=bidirectional).to("cuda", tt)
-    lstm = fastlstm.LSTM(8, 32, num_layers=2, bidirectional=bidirectional, backend="cupy", dtype=dtype)
+    module = torch.nn.LSTM(8, 32, num_layers=2, bidirectional=bidirectional, batch_first=batch_first).to("cuda", tt)
+    lstm = fastlstm.LSTM(8, 32, num_layers=2, bidirectional=bidirectional, batch_first=batch_first, backend="cupy",
+                         dtype=dtype)
     lstm.load_state_dict(module.state_dict())  # CUDA tensors, through DLPack
     lengths = np.array([12, 5, 9, 12]) if with_lengths else None
     x, state, lengths, dy, dstate = random_problem(lstm, 12, 4, seed=1, lengths=lengths)
-    expected = torch_forward_backward(module, x, state, lengths, dy, dstate, False, dtype, device="cuda")
+    expected = torch_forward_backward(module, x, state, lengths, dy, dstate, batch_first, dtype, device="cuda")
     actual = forward_backward(lstm, x, state, lengths, dy, dstate)
     for name in expected:
         assert_close(actual[name], expected[name], TOL_VS_CUDNN[dtype], name)
