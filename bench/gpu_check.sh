@@ -5,7 +5,7 @@
 # backend's time goes (bench/gpu_probe.py). Needs only the device image (CuPy, PyTorch
 # with cuDNN, pytest); no network, no install: the checkout goes on PYTHONPATH.
 # Results go under $OUT (default bench/results/gpu-local). Budget: about 4 minutes (each
-# step has a timeout: 240 + 200 + 180 s at most; FASTLSTM_NCU=1 adds a 90 s profile).
+# step has a timeout: 240 + 200 + 240 s at most; FASTLSTM_NCU=1 adds a 90 s profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-local}
@@ -38,7 +38,7 @@ echo "gpu_check: ${SECONDS}s so far"
 
 # 3. where the time goes: host vs device, per-step loop from graphs vs launched, GEMM call
 #    paths, ceilings, persistent kernels by block count (rows print as they finish)
-timeout 180 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
+timeout 240 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: ${SECONDS}s so far"
 

@@ -11,6 +11,8 @@ For each configuration and mode, in one process and on one card:
             replayed from a CUDA graph: cuda_graphs.py)
   launched  the same loop launched from Python every step (no graphs)
   persistent `total` with the persistent kernels wherever they apply, whatever the size
+  tuned     `total` with the time loop chosen by timing (FASTLSTM_CUDA_TUNE=1,
+            cuda_tuning.py), and `choice`: what it chose, forward / backward
   cudnn     torch.nn.LSTM on cuDNN, IEEE float32, same shapes (the bench's torch-cuda)
 plus the two ceilings METHOD.md asks for: cuBLAS float32 GEMM and a device-to-device copy,
 the graph cache's counts (eager / captured / replayed loops), and the persistent kernels'
@@ -36,6 +38,7 @@ from pathlib import Path
 import cupy
 
 from fastlstm import bench, registry
+from fastlstm.backends.cuda_tuning import LoopTuner, device_timer
 
 CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
 # Between stream-b8 (8 x 256) and train-m (64 x 256): where the two time loops cross.
@@ -132,8 +135,15 @@ def probe(config: bench.Config, mode: str) -> dict:
         backend.persistent, backend.graphs = False, None
         call()
         row["launched"] = median_s(call)
-    finally:
         backend.persistent, backend.graphs = None, graphs
+        backend.tuner = LoopTuner(device_timer(cupy.cuda))
+        call()  # times every candidate of each loop of the call, then runs the chosen ones
+        row["tuned"] = median_s(call)
+        row["choice"] = " / ".join(label for label, _ in backend.tuner.choices.values())
+        row["candidates_ms"] = {str(key): {label: t * 1e3 if isinstance(t, float) else t for label, t in times.items()}
+                                for key, (_, times) in backend.tuner.choices.items()}
+    finally:
+        backend.persistent, backend.graphs, backend.tuner = None, graphs, None
     torch_call = bench.make_runner("torch-cuda", config, mode)
     torch_call()
     row["cudnn"] = median_s(torch_call)
@@ -201,14 +211,18 @@ def main(out_dir: str) -> int:
         return max(row["gflop"] / ceilings["sgemm_gflops"], row["min_mb"] / 1e3 / ceilings["copy_gbs"])
 
     header = ("config", "mode", "default path", "floor ms", "total ms", "host ms", "per-step ms", "launched ms",
-              "persistent ms", "cudnn ms", "per-step/cudnn", "persistent/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
+              "persistent ms", "tuned ms", "cudnn ms", "per-step/cudnn", "persistent/cudnn", "tuned/cudnn",
+              "TFLOP/s total", "TFLOP/s cudnn")
     lines = [header]
     for r in rows:
         lines.append((r["config"], r["mode"], r["path"], ms(floor_s(r)), ms(r["total"]), ms(r["host"]), ms(r["per-step"]),
-                      ms(r["launched"]), ms(r["persistent"]), ms(r["cudnn"]), f"{r['per-step'] / r['cudnn']:.2f}",
-                      f"{r['persistent'] / r['cudnn']:.2f}", f"{r['gflop'] / r['total'] / 1e3:.2f}",
+                      ms(r["launched"]), ms(r["persistent"]), ms(r["tuned"]), ms(r["cudnn"]),
+                      f"{r['per-step'] / r['cudnn']:.2f}", f"{r['persistent'] / r['cudnn']:.2f}",
+                      f"{r['tuned'] / r['cudnn']:.2f}", f"{r['gflop'] / r['total'] / 1e3:.2f}",
                       f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
     print_table(lines)
+    print_table([("config", "mode", "tuned choice (forward / backward)")]
+                + [(r["config"], r["mode"], r["choice"]) for r in rows])
     block_counts = list(sweep[0]["times"]) if sweep else []
     lines = [("config", "mode", *(f"<={n} blocks ms" for n in block_counts))]
     for r in sweep:

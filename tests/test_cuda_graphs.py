@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cuda_emulation import host_kernels
 from cuda_emulation.fake_cupy import make_fake_cupy
-from lstm_testing import assert_close, random_problem
+from lstm_testing import assert_close, forward_backward, random_problem
 
 import fastlstm
 from fastlstm.backends import cublas_api, cupy_backend
@@ -280,15 +280,10 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
     backend.persistent = False
     assert backend.graphs.enabled
     for step in range(4):
-        x, state, _, dy, dstate = random_problem(cpu, 6, 4, seed=step)
-        lengths = np.array([6, 3, 1, 5])
-        out_gpu, out_cpu = gpu(x, state, lengths), cpu(x, state, lengths)
-        grads_gpu, grads_cpu = gpu.backward(dy, dstate), cpu.backward(dy, dstate)
-        for a, b in zip((out_gpu[0], *out_gpu[1], grads_gpu[0], *grads_gpu[1]),
-                        (out_cpu[0], *out_cpu[1], grads_cpu[0], *grads_cpu[1])):
-            assert_close(a, b, 1e-12, f"step {step}")
-        for name in cpu.grads:
-            assert_close(np.asarray(gpu.grads[name]), cpu.grads[name], 1e-12, f"step {step}: {name}")
+        problem = random_problem(cpu, 6, 4, seed=step, lengths=np.array([6, 3, 1, 5]))
+        expected, actual = forward_backward(cpu, *problem), forward_backward(gpu, *problem)
+        for name in expected:
+            assert_close(actual[name], expected[name], 1e-12, f"step {step}: {name}")
     # Both layers' loops have the same shapes (the input size is not the loop's): one graph
     # each for forward and backward in each direction, 8 loops a training step.
     assert backend.graphs.counts == {"eager": 4, "captured": 4, "replayed": 24}

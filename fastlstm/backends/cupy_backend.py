@@ -37,6 +37,7 @@ from .._arrays import is_cupy_array, is_torch_tensor, to_numpy
 from . import cublas_api
 from .base import ReferenceBackend, step_order
 from .cuda_graphs import GraphCache
+from .cuda_tuning import TUNE_ENV_VAR, LoopTuner, device_timer
 
 THREADS_PER_BLOCK = 256
 ROWS_PER_CHUNK = 256  # bias gradient: rows each thread sums before the second pass
@@ -55,6 +56,9 @@ MIN_TILE_K = 16
 # Measured on an H200: bench/results/2026-11-27-gpu-h200.md.
 PERSISTENT_MAX_STATE = 16384
 GRAPHS_ENV_VAR = "FASTLSTM_CUDA_GRAPHS"  # "0": launch every step of the per-step loop from Python
+# Block counts a tuner tries for the persistent kernels, besides one per multiprocessor: for
+# small H a step is bound by the grid barrier and L2 round trips, which fewer blocks may cut.
+TUNE_BLOCKS = (64, 32, 16, 8, 4, 2, 1)
 
 
 def cublas_workspace_bytes(compute_major: int) -> int:
@@ -144,16 +148,20 @@ class CudaSequenceBackend(ReferenceBackend):
     graphs: a GraphCache that replays the per-step loops, or None (always launched from
     Python; needed where arrays have no device address, as NumPy's). A cache that keeps
     cuBLAS workspaces needs a gemm with workspace(array) (CublasGemm).
+    tuner: a cuda_tuning.LoopTuner that chooses the time loop of each shape by timing the
+    candidates (loop_candidates), or None: the fixed rule. Only while `persistent` is None.
     """
 
     name = "cupy"
 
-    def __init__(self, xp, gemm, kernels, persistent: bool | None = None, graphs: GraphCache | None = None):
+    def __init__(self, xp, gemm, kernels, persistent: bool | None = None, graphs: GraphCache | None = None,
+                 tuner: LoopTuner | None = None):
         self.xp = xp
         self._gemm = gemm
         self._kernels = kernels
         self.persistent = persistent
         self.graphs = graphs
+        self.tuner = tuner
 
     def _plan(self, batch, hidden, dtype) -> PersistentPlan | None:
         if self.persistent is False or (self.persistent is None and batch * hidden > PERSISTENT_MAX_STATE):
@@ -162,8 +170,38 @@ class CudaSequenceBackend(ReferenceBackend):
         return persistent_plan(batch, hidden, itemsize, kernels.persistent_blocks,
                                kernels.persistent_threads[itemsize], kernels.persistent_shared_limit)
 
+    def loop_candidates(self, batch, hidden, dtype) -> dict:
+        """{label: time loop} a tuner chooses from: the per-step loop (None), then each
+        distinct plan of the persistent kernels on at most N blocks (one per multiprocessor,
+        then TUNE_BLOCKS), where they apply."""
+        kernels, itemsize = self._kernels, np.dtype(dtype).itemsize
+        every = kernels.persistent_blocks
+        candidates = {"per-step": None}
+        for blocks in (every, *(n for n in TUNE_BLOCKS if n < every)):
+            plan = persistent_plan(batch, hidden, itemsize, blocks, kernels.persistent_threads[itemsize],
+                                   kernels.persistent_shared_limit)
+            if plan is not None and plan not in candidates.values():
+                candidates[f"persistent on {plan.blocks} blocks"] = plan
+        return candidates
+
+    def _time_loop(self, key, batch, hidden, dtype, run) -> PersistentPlan | None:
+        """The time loop for a call: the tuner's choice for `key` (run(loop) makes the call
+        with `loop`), or the fixed rule."""
+        if self.tuner is None or self.persistent is not None:
+            return self._plan(batch, hidden, dtype)
+        return self.tuner.choose(key, self.loop_candidates(batch, hidden, dtype), run)
+
     # -- primitives -------------------------------------------------------------------
     def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
+        num_steps, batch, _ = x.shape
+        hidden = w_hh.shape[1]
+        args = (x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training)
+        key = ("forward", training, num_steps, batch, hidden, x.dtype.str)
+        plan = self._time_loop(key, batch, hidden, x.dtype, lambda loop: self._forward(loop, *args))
+        return self._forward(plan, *args)
+
+    def _forward(self, plan: PersistentPlan | None, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
+        """forward_sequence with the persistent kernels on `plan`, or the per-step loop (None)."""
         xp = self.xp
         num_steps, batch, input_size = x.shape
         hidden = w_hh.shape[1]
@@ -176,7 +214,6 @@ class CudaSequenceBackend(ReferenceBackend):
         if training:
             h_states = xp.empty_like(y)
             c_states = xp.empty_like(y)
-        plan = self._plan(batch, hidden, x.dtype)
         if plan is not None:
             h_n, c_n = xp.empty_like(h0), xp.empty_like(c0)
             if not training:  # h ping-pongs between two buffers (other blocks still read the older)
@@ -250,11 +287,18 @@ class CudaSequenceBackend(ReferenceBackend):
                 array[...] = staged.arrays[name]
 
     def backward_sequence(self, saved: _CudaSaved, dy, dh_n, dc_n):
+        num_steps, batch, hidden = saved.h_states.shape
+        key = ("backward", num_steps, batch, hidden, dy.dtype.str)
+        plan = self._time_loop(key, batch, hidden, dy.dtype, lambda loop: self._backward(loop, saved, dy, dh_n, dc_n))
+        return self._backward(plan, saved, dy, dh_n, dc_n)
+
+    def _backward(self, plan: PersistentPlan | None, saved: _CudaSaved, dy, dh_n, dc_n):
+        """backward_sequence with the persistent kernels on `plan`, or the per-step loop (None).
+        Reads `saved` and the gradients, writes only arrays of its own."""
         xp = self.xp
         num_steps, batch, hidden = saved.h_states.shape
         rows, input_size = saved.x2.shape
         d_gates = xp.empty_like(saved.gates)
-        plan = self._plan(batch, hidden, dy.dtype)
         if plan is not None:
             dh0, dc0 = xp.empty_like(dh_n), xp.empty_like(dc_n)
             w_hh_t = xp.ascontiguousarray(saved.w_hh.T)  # each block reads its units' columns as rows
@@ -524,14 +568,17 @@ class CupyBackend(CudaSequenceBackend):
         kernels = CupyKernels(cupy)
         workspace = cublas_workspace_bytes(kernels.device_property("major"))  # this device's; ample for older ones
         graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=workspace)
-        super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs)
+        tuner = LoopTuner(device_timer(cupy.cuda)) if os.environ.get(TUNE_ENV_VAR, "0") == "1" else None
+        super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs, tuner=tuner)
 
     def describe(self) -> str:
         device = self._cupy.cuda.Device()
         props = self._cupy.cuda.runtime.getDeviceProperties(device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         graphs = "on" if self.graphs.enabled else f"off: {self.graphs.disabled_reason}"
-        return f"cupy {self._cupy.__version__} on GPU {device.id}: {name} (CUDA graphs for the per-step loop {graphs})"
+        loops = f"; time loops tuned by timing ({TUNE_ENV_VAR}=1)" if self.tuner is not None else ""
+        return (f"cupy {self._cupy.__version__} on GPU {device.id}: {name} "
+                f"(CUDA graphs for the per-step loop {graphs}{loops})")
 
     # -- data movement ------------------------------------------------------------------
     def from_user(self, value, name: str):

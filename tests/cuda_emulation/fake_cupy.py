@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import time
 import types
 import weakref
 from collections import defaultdict
@@ -102,6 +103,27 @@ class Graph:
         target = stream if stream is not None else self._streams.current()
         for item in self._work:
             self._streams.submit(target.ptr, item)
+
+
+class Event:
+    """A CUDA event: record() queues taking the host clock on the current stream (the fake
+    runs work as it is queued, so that is when the work before it has finished)."""
+
+    def __init__(self, streams):
+        self._streams = streams
+        self.time = None
+
+    def record(self, stream=None):
+        target = stream if stream is not None else self._streams.current()
+        self._streams.submit(target.ptr, lambda: setattr(self, "time", time.perf_counter()))
+
+    def synchronize(self):
+        assert self.time is not None, "synchronized on an event never recorded"
+
+
+def get_elapsed_time(start: Event, stop: Event) -> float:
+    """Milliseconds between two recorded events, as cupy.cuda.get_elapsed_time."""
+    return (stop.time - start.time) * 1e3
 
 
 class Streams:
@@ -233,6 +255,8 @@ def make_fake_cupy(library_path) -> types.ModuleType:
         get_cublas_handle=lambda: FakeCublas.HANDLE,
         get_current_stream=streams.current,
         Stream=streams.new_stream,
+        Event=lambda: Event(streams),
+        get_elapsed_time=get_elapsed_time,
         streams=streams,
     )
     cupy.cuda = cuda
