@@ -41,7 +41,7 @@ class LoopTuner:
             try:
                 for _ in range(self.warmup):
                     run(candidate)
-                results[label] = min(self._timer(lambda: run(candidate)) for _ in range(self.repeats))
+                results[label] = min(self._timer(lambda chosen=candidate: run(chosen)) for _ in range(self.repeats))
             except Exception as error:  # noqa: BLE001 - a candidate that cannot run (resources) is not chosen
                 results[label] = f"{type(error).__name__}: {error}"
         timed = [label for label in candidates if not isinstance(results[label], str)]
