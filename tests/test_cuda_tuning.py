@@ -146,7 +146,7 @@ def test_tuning_is_switched_on_from_the_environment(fake_cupy, monkeypatch):
     lstm = fastlstm.LSTM(3, 4, backend="cupy", dtype="float64", seed=0)
     backend = lstm._current_backend()
     assert isinstance(backend.tuner, LoopTuner)
-    assert f"time loops tuned by timing ({TUNE_ENV_VAR}=1)" in fastlstm.available_backends()["cupy"].reason
+    assert f"time loops chosen by timing ({TUNE_ENV_VAR})" in fastlstm.available_backends()["cupy"].reason
     x = np.random.default_rng(0).standard_normal((4, 2, 3))
     reference = fastlstm.LSTM(3, 4, backend="numpy", dtype="float64")
     reference.load_state_dict(lstm.state_dict())
@@ -155,7 +155,18 @@ def test_tuning_is_switched_on_from_the_environment(fake_cupy, monkeypatch):
     assert key[0] == "forward" and label in results and all(isinstance(t, float) for t in results.values())
 
 
-def test_without_the_switch_there_is_no_tuner(fake_cupy, monkeypatch):
-    monkeypatch.delenv(TUNE_ENV_VAR, raising=False)
+@pytest.mark.parametrize("value", [None, "", "0", "off", "False"])
+def test_without_the_switch_there_is_no_tuner(fake_cupy, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(TUNE_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(TUNE_ENV_VAR, value)
     backend = fastlstm.LSTM(3, 4, backend="cupy")._current_backend()
-    assert backend.tuner is None and "tuned" not in fastlstm.available_backends()["cupy"].reason
+    assert backend.tuner is None and "timing" not in fastlstm.available_backends()["cupy"].reason
+
+
+def test_a_bad_switch_value_makes_the_backend_unavailable_and_says_why(fake_cupy, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV_VAR, "maybe")
+    status = fastlstm.available_backends()["cupy"]
+    assert not status.available
+    assert f"{TUNE_ENV_VAR}: expected 1 or 0" in status.reason and "'maybe'" in status.reason

@@ -61,6 +61,20 @@ GRAPHS_ENV_VAR = "FASTLSTM_CUDA_GRAPHS"  # "0": launch every step of the per-ste
 TUNE_BLOCKS = (64, 32, 16, 8, 4, 2, 1)
 
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: unset or empty gives `default`; 1 / 0, true / false,
+    yes / no, on / off in any case; anything else is an error naming the variable."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if value.lower() not in _SWITCH:
+        raise ValueError(f"{name}: expected 1 or 0 (or true / false, yes / no, on / off), got {value!r}")
+    return _SWITCH[value.lower()]
+
+
 def cublas_workspace_bytes(compute_major: int) -> int:
     """cuBLAS's recommended workspace (cublasSetWorkspace): 32 MiB on Hopper (compute
     capability 9) and later, 4 MiB before."""
@@ -555,12 +569,14 @@ class CupyBackend(CudaSequenceBackend):
     """CudaSequenceBackend on CuPy arrays, cuBLAS GEMMs and the compiled CUDA kernels."""
 
     def __init__(self, cupy):
+        graphs_on = env_switch(GRAPHS_ENV_VAR, default=True)  # a bad value fails before the device is touched
+        tuning = env_switch(TUNE_ENV_VAR, default=False)
         self._cupy = cupy
         # cupy.cuda.cublas loads libcublas: only once a device is known to work (DESIGN.md)
         cupy.cuda.get_cublas_handle()
         api, why_not = cublas_api.load(cupy.cuda.cublas)
-        if os.environ.get(GRAPHS_ENV_VAR, "1") == "0":
-            off = f"{GRAPHS_ENV_VAR}=0"
+        if not graphs_on:
+            off = f"{GRAPHS_ENV_VAR}={os.environ[GRAPHS_ENV_VAR].strip()}"
         elif api is None:
             off = f"cuBLAS through CuPy's binding ({why_not}), which refuses stream capture"
         else:
@@ -568,7 +584,7 @@ class CupyBackend(CudaSequenceBackend):
         kernels = CupyKernels(cupy)
         workspace = cublas_workspace_bytes(kernels.device_property("major"))  # this device's; ample for older ones
         graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=workspace)
-        tuner = LoopTuner(device_timer(cupy.cuda)) if os.environ.get(TUNE_ENV_VAR, "0") == "1" else None
+        tuner = LoopTuner(device_timer(cupy.cuda)) if tuning else None
         super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs, tuner=tuner)
 
     def describe(self) -> str:
@@ -576,7 +592,7 @@ class CupyBackend(CudaSequenceBackend):
         props = self._cupy.cuda.runtime.getDeviceProperties(device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         graphs = "on" if self.graphs.enabled else f"off: {self.graphs.disabled_reason}"
-        loops = f"; time loops tuned by timing ({TUNE_ENV_VAR}=1)" if self.tuner is not None else ""
+        loops = f"; time loops chosen by timing ({TUNE_ENV_VAR})" if self.tuner is not None else ""
         return (f"cupy {self._cupy.__version__} on GPU {device.id}: {name} "
                 f"(CUDA graphs for the per-step loop {graphs}{loops})")
 
