@@ -175,6 +175,36 @@ def test_per_step_loops_replayed_from_cuda_graphs_match_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_time_loops_chosen_by_timing_match_numpy(dtype):
+    """FASTLSTM_CUDA_TUNE's tuner on the card: every candidate (the per-step loop, the
+    persistent kernels on each block count) runs and is timed, and the chosen loops give
+    NumPy's results."""
+    import cupy
+
+    from fastlstm.backends.cuda_tuning import LoopTuner, device_timer
+
+    kwargs = dict(num_layers=2, bidirectional=True, dtype=dtype, seed=11)
+    gpu = fastlstm.LSTM(16, 64, backend="cupy", **kwargs)
+    cpu = fastlstm.LSTM(16, 64, backend="numpy", **kwargs)
+    cpu.load_state_dict(gpu.state_dict())
+    backend = fastlstm.registry.backend_object("cupy")
+    backend.tuner = tuner = LoopTuner(device_timer(cupy.cuda))
+    try:
+        for step in range(2):
+            x, state, lengths, dy, dstate = random_problem(cpu, 12, 8, seed=step, lengths=np.arange(8) % 12 + 5)
+            expected = forward_backward(cpu, x, state, lengths, dy, dstate)
+            actual = forward_backward(gpu, x, state, lengths, dy, dstate)
+            for name in expected:
+                assert_close(actual[name], expected[name], TOL[dtype], f"step {step}: {name}")
+    finally:
+        backend.tuner = None
+    assert {key[0] for key in tuner.choices} == {"forward", "backward"}
+    for key, (label, results) in tuner.choices.items():
+        assert len(results) > 2, (key, results)  # the per-step loop and several block counts
+        assert all(isinstance(t, float) for t in results.values()), (key, results)  # every candidate ran
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cupy_matches_numpy_reference_at_a_realistic_size(dtype, time_loop):
     """Large enough that cuBLAS picks its multi-block (split) kernels, which use its
     workspace. Three calls on new data: the per-step loop runs from Python, is captured
