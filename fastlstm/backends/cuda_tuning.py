@@ -14,6 +14,8 @@ so round differently.
 
 from __future__ import annotations
 
+import threading
+
 TUNE_ENV_VAR = "FASTLSTM_CUDA_TUNE"  # "1": time the candidates on the first call of each shape
 
 
@@ -31,11 +33,17 @@ class LoopTuner:
         self.warmup = warmup
         self.repeats = repeats
         self.choices = {}  # key -> (label chosen, {label: seconds, or why it could not run})
+        self._lock = threading.Lock()  # one shape timed at a time: two timings at once would skew both
 
     def choose(self, key, candidates: dict, run):
         """candidates: {label: candidate}, in order of preference on a tie."""
-        if key in self.choices:
-            return candidates[self.choices[key][0]]
+        if key not in self.choices:
+            with self._lock:
+                if key not in self.choices:
+                    self.choices[key] = self._time(key, candidates, run)
+        return candidates[self.choices[key][0]]
+
+    def _time(self, key, candidates: dict, run):
         results = {}
         for label, candidate in candidates.items():
             try:
@@ -47,9 +55,7 @@ class LoopTuner:
         timed = [label for label in candidates if not isinstance(results[label], str)]
         if not timed:
             raise RuntimeError(f"no time loop could run for {key}: {results}")
-        best = min(timed, key=lambda label: results[label])
-        self.choices[key] = (best, results)
-        return candidates[best]
+        return min(timed, key=lambda label: results[label]), results
 
 
 def device_timer(cuda):
