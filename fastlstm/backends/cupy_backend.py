@@ -582,7 +582,7 @@ class CupyBackend(CudaSequenceBackend):
         else:
             off = ""
         kernels = CupyKernels(cupy)
-        workspace = cublas_workspace_bytes(kernels.device_property("major"))  # this device's; ample for older ones
+        workspace = cublas_workspace_bytes(kernels.device_property("major"))  # the current device's size, for all
         graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=workspace)
         tuner = LoopTuner(device_timer(cupy.cuda)) if tuning else None
         super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs, tuner=tuner)
