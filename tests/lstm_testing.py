@@ -86,6 +86,14 @@ def forward_backward(lstm, x, state, lengths, dy, dstate) -> dict:
     return {k: np.asarray(lstm._storage.to_host(v)) for k, v in out.items()}
 
 
+def assert_layers_agree(layer, reference, problem, rtol: float, what: str = "") -> None:
+    """One forward + backward of `problem` (x, state, lengths, dy, dstate) on both layers:
+    outputs, final states and every gradient of `layer` against `reference`'s."""
+    expected, actual = forward_backward(reference, *problem), forward_backward(layer, *problem)
+    for name in expected:
+        assert_close(actual[name], expected[name], rtol, f"{what}{name}")
+
+
 def torch_forward_backward(module, x, state, lengths, dy, dstate, batch_first, dtype, device="cpu") -> dict:
     """torch.nn.LSTM's counterpart of forward_backward (same loss), as host arrays; lengths go
     through pack_padded_sequence(enforce_sorted=False). `module` is already on `device`."""

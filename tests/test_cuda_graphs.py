@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cuda_emulation import host_kernels
 from cuda_emulation.fake_cupy import make_fake_cupy
-from lstm_testing import assert_close, forward_backward, random_problem
+from lstm_testing import assert_close, assert_layers_agree, random_problem
 
 import fastlstm
 from fastlstm.backends import cublas_api, cupy_backend
@@ -281,9 +281,7 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
     assert backend.graphs.enabled
     for step in range(4):
         problem = random_problem(cpu, 6, 4, seed=step, lengths=np.array([6, 3, 1, 5]))
-        expected, actual = forward_backward(cpu, *problem), forward_backward(gpu, *problem)
-        for name in expected:
-            assert_close(actual[name], expected[name], 1e-12, f"step {step}: {name}")
+        assert_layers_agree(gpu, cpu, problem, 1e-12, f"step {step}: ")
     # Both layers' loops have the same shapes (the input size is not the loop's): one graph
     # each for forward and backward in each direction, 8 loops a training step.
     assert backend.graphs.counts == {"eager": 4, "captured": 4, "replayed": 24}

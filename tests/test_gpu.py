@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import assert_close, forward_backward, random_problem, torch_forward_backward
+from lstm_testing import (
+    assert_close, assert_layers_agree, forward_backward, random_problem, torch_forward_backward,
+)
 
 STATUS = fastlstm.available_backends()["cupy"]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.available, reason=f"no usable GPU: {STATUS.reason}")]
@@ -48,10 +50,7 @@ def test_cupy_matches_numpy_reference(layers, bidirectional, batch_first, with_l
     cpu = fastlstm.LSTM(6, 40, backend="numpy", **kwargs)
     cpu.load_state_dict(gpu.state_dict())
     lengths = np.array([9, 3, 7, 1, 9]) if with_lengths else None
-    x, state, lengths, dy, dstate = random_problem(cpu, 9, 5, seed=3, lengths=lengths)
-    expected, actual = forward_backward(cpu, x, state, lengths, dy, dstate), forward_backward(gpu, x, state, lengths, dy, dstate)
-    for name in expected:
-        assert_close(actual[name], expected[name], TOL[dtype], name)
+    assert_layers_agree(gpu, cpu, random_problem(cpu, 9, 5, seed=3, lengths=lengths), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -162,11 +161,8 @@ def test_per_step_loops_replayed_from_cuda_graphs_match_numpy(dtype):
         assert backend.graphs.enabled, backend.graphs.disabled_reason
         before = backend.graphs.counts.copy()
         for step in range(4):
-            x, state, lengths, dy, dstate = random_problem(cpu, 15, 8, seed=step, lengths=np.arange(8) % 15 + 8)
-            expected = forward_backward(cpu, x, state, lengths, dy, dstate)
-            actual = forward_backward(gpu, x, state, lengths, dy, dstate)
-            for name in expected:
-                assert_close(actual[name], expected[name], TOL[dtype], f"step {step}: {name}")
+            problem = random_problem(cpu, 15, 8, seed=step, lengths=np.arange(8) % 15 + 8)
+            assert_layers_agree(gpu, cpu, problem, TOL[dtype], f"step {step}: ")
         assert backend.graphs.enabled, backend.graphs.disabled_reason
         counts = backend.graphs.counts - before
         assert counts["captured"] >= 4 and counts["replayed"] >= 8, counts
@@ -191,11 +187,8 @@ def test_time_loops_chosen_by_timing_match_numpy(dtype):
     backend.tuner = tuner = LoopTuner(device_timer(cupy.cuda))
     try:
         for step in range(2):
-            x, state, lengths, dy, dstate = random_problem(cpu, 12, 8, seed=step, lengths=np.arange(8) % 12 + 5)
-            expected = forward_backward(cpu, x, state, lengths, dy, dstate)
-            actual = forward_backward(gpu, x, state, lengths, dy, dstate)
-            for name in expected:
-                assert_close(actual[name], expected[name], TOL[dtype], f"step {step}: {name}")
+            problem = random_problem(cpu, 12, 8, seed=step, lengths=np.arange(8) % 12 + 5)
+            assert_layers_agree(gpu, cpu, problem, TOL[dtype], f"step {step}: ")
     finally:
         backend.tuner = None
     assert {key[0] for key in tuner.choices} == {"forward", "backward"}
@@ -213,8 +206,4 @@ def test_cupy_matches_numpy_reference_at_a_realistic_size(dtype, time_loop):
     cpu = fastlstm.LSTM(128, 256, backend="numpy", dtype=dtype)
     cpu.load_state_dict(gpu.state_dict())
     for call in range(3):
-        x, state, lengths, dy, dstate = random_problem(cpu, 20, 64, seed=4 + call)
-        expected = forward_backward(cpu, x, state, lengths, dy, dstate)
-        actual = forward_backward(gpu, x, state, lengths, dy, dstate)
-        for name in expected:
-            assert_close(actual[name], expected[name], TOL[dtype], f"call {call}: {name}")
+        assert_layers_agree(gpu, cpu, random_problem(cpu, 20, 64, seed=4 + call), TOL[dtype], f"call {call}: ")

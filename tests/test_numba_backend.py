@@ -16,7 +16,7 @@ import threadpoolctl  # noqa: E402
 
 from fastlstm.backends import numba_backend  # noqa: E402
 from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
-from lstm_testing import assert_close, forward_backward  # noqa: E402
+from lstm_testing import assert_close, assert_layers_agree, forward_backward  # noqa: E402
 
 PARITY = {"float32": 1e-5, "float64": 1e-9}
 
@@ -108,11 +108,7 @@ def assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, dtype)
 @given(problems())
 def test_matches_numpy_on_every_feature(problem):
     (numba_layer, numpy_layer), x, state, lengths, dy, dstate = problem_setup(problem)
-    dtype = problem[5]
-    expected = forward_backward(numpy_layer, x, state, lengths, dy, dstate)
-    actual = forward_backward(numba_layer, x, state, lengths, dy, dstate)
-    for name in expected:
-        assert_close(actual[name], expected[name], PARITY[dtype], name)
+    assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), PARITY[problem[5]])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -356,7 +352,4 @@ def test_weight_gradients_through_the_micro_kernel_match_numpy():
     state = tuple(0.5 * rng.standard_normal((2, 16, 96)) for _ in range(2))
     lengths = rng.integers(1, 31, size=16)
     dy, dstate = rng.standard_normal((30, 16, 192)), tuple(rng.standard_normal((2, 16, 96)) for _ in range(2))
-    expected = forward_backward(numpy_layer, x, state, lengths, dy, dstate)
-    actual = forward_backward(numba_layer, x, state, lengths, dy, dstate)
-    for name in expected:
-        assert_close(actual[name], expected[name], PARITY["float32"], name)
+    assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), PARITY["float32"])
