@@ -37,14 +37,18 @@ class Config:
     layers: int = 1
     bidirectional: bool = False
 
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def layer_inputs(self) -> list[int]:
+        """Each layer's input size: I, then the previous layer's output (H per direction)."""
+        return [self.I if layer == 0 else self.H * self.directions for layer in range(self.layers)]
+
     def forward_flops(self) -> float:
         """2 * T * B * (I + H) * 4H per layer and direction (the two GEMMs)."""
-        directions = 2 if self.bidirectional else 1
-        total = 0.0
-        for layer in range(self.layers):
-            inputs = self.I if layer == 0 else self.H * directions
-            total += directions * 2.0 * self.T * self.B * (inputs + self.H) * 4 * self.H
-        return total
+        return sum(self.directions * 2.0 * self.T * self.B * (inputs + self.H) * 4 * self.H
+                   for inputs in self.layer_inputs())
 
     def flops(self, mode: str) -> float:
         # backward: dh = dA W_hh per step, then dx, dW_ih, dW_hh: twice the forward's GEMMs
@@ -56,11 +60,9 @@ class Config:
         h_n and c_n; forward + backward also dy, dx, the parameter gradients, dh0 and dc0.
         Activations kept for backward and the outputs of inner layers are not counted (an
         implementation could recompute them or keep them on chip): a floor, not our count."""
-        directions = 2 if self.bidirectional else 1
-        params = 0
-        for layer in range(self.layers):
-            inputs = self.I if layer == 0 else self.H * directions
-            params += directions * 4 * self.H * (inputs + self.H + 2)  # W_ih, W_hh, b_ih, b_hh
+        directions = self.directions
+        # W_ih, W_hh, b_ih and b_hh of every layer and direction
+        params = sum(directions * 4 * self.H * (inputs + self.H + 2) for inputs in self.layer_inputs())
         sequence_in, sequence_out = self.T * self.B * self.I, self.T * self.B * self.H * directions
         states = 2 * self.layers * directions * self.B * self.H  # h_n and c_n (dh0 and dc0)
         elements = sequence_in + params + sequence_out + states
