@@ -121,7 +121,7 @@ def available_runners() -> list[str]:
 def _inputs(config: Config, dtype: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((config.T, config.B, config.I)).astype(dtype)
-    out_features = config.H * (2 if config.bidirectional else 1)
+    out_features = config.H * config.directions
     dy = rng.standard_normal((config.T, config.B, out_features)).astype(dtype)
     return x, dy
 
