@@ -422,19 +422,21 @@ class CupyKernels:
         self.persistent_threads = PERSISTENT_THREADS
         self.persistent_shared_limit = SHARED_LIMIT
 
-    def device_property(self, name: str) -> int:
-        """A property of the current device (getDeviceProperties), looked up once per device."""
+    def device_properties(self) -> dict:
+        """The current device's properties (getDeviceProperties), looked up once per device."""
         device = self._cuda.Device().id
         if device not in self._properties:
             self._properties[device] = self._cuda.runtime.getDeviceProperties(device)
-        return int(self._properties[device][name])
+        return self._properties[device]
 
     @property
     def persistent_blocks(self) -> int:
         """The most blocks a persistent kernel launches: one per multiprocessor of the current
         device, so that all are resident at once (the grid barrier waits for every block;
         a count from another device with more multiprocessors could wait forever)."""
-        return self._blocks if self._blocks is not None else self.device_property("multiProcessorCount")
+        if self._blocks is not None:
+            return self._blocks
+        return int(self.device_properties()["multiProcessorCount"])
 
     @persistent_blocks.setter
     def persistent_blocks(self, blocks: int | None):  # None: the current device's count again
@@ -582,15 +584,16 @@ class CupyBackend(CudaSequenceBackend):
         else:
             off = ""
         kernels = CupyKernels(cupy)
-        workspace = cublas_workspace_bytes(kernels.device_property("major"))  # the current device's size, for all
+        # the current device's recommended size, for every device
+        workspace = cublas_workspace_bytes(int(kernels.device_properties()["major"]))
         graphs = GraphCache(cupy.cuda, disabled_reason=off, workspace_bytes=workspace)
         tuner = LoopTuner(device_timer(cupy.cuda)) if tuning else None
         super().__init__(cupy, CublasGemm(cupy.cuda, api), kernels, graphs=graphs, tuner=tuner)
 
     def describe(self) -> str:
         device = self._cupy.cuda.Device()
-        props = self._cupy.cuda.runtime.getDeviceProperties(device.id)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        name = self._kernels.device_properties()["name"]
+        name = name.decode() if isinstance(name, bytes) else name
         graphs = "on" if self.graphs.enabled else f"off: {self.graphs.disabled_reason}"
         loops = f"; time loops chosen by timing ({TUNE_ENV_VAR})" if self.tuner is not None else ""
         return (f"cupy {self._cupy.__version__} on GPU {device.id}: {name} "
