@@ -1,7 +1,7 @@
 """Where the cupy backend's time goes on a GPU; run by bench/gpu_check.sh after the parity tests.
 
 For each configuration and mode, in one process and on one card:
-  path      the time loop the backend chose: persistent kernels or per step
+  path      the time loop the backend chose: resident kernels, persistent kernels or per step
   floor     METHOD.md's floor: the larger of the GEMM flops at the measured GEMM ceiling
             and the fewest bytes (bench.Config.min_bytes) at the measured copy rate
   total     one whole call, synchronized (what `fastlstm bench` reports)
@@ -11,6 +11,7 @@ For each configuration and mode, in one process and on one card:
             replayed from a CUDA graph: cuda_graphs.py)
   launched  the same loop launched from Python every step (no graphs)
   persistent `total` with the persistent kernels wherever they apply, whatever the size
+  resident  `total` with the resident kernels (lstm_resident.cu), where W_hh fits a block
   tuned     `total` with the time loop chosen by timing (FASTLSTM_CUDA_TUNE=1,
             cuda_tuning.py), and `choice`: what it chose, forward / backward
   cudnn     torch.nn.LSTM on cuDNN, IEEE float32, same shapes (the bench's torch-cuda)
@@ -40,7 +41,7 @@ import cupy
 from fastlstm import bench, registry
 from fastlstm.backends.cuda_tuning import LoopTuner, device_timer
 
-CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
+CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-1", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
 # Between stream-b8 (8 x 256) and train-m (64 x 256): where the two time loops cross.
 SWEEP = {name: bench.Config(name, 100, batch, 256, 256) for name, batch in (("sweep-b16", 16), ("sweep-b32", 32))}
 CONFIG_BY_NAME = {**bench.CONFIGS, **bench.EXTRA_CONFIGS, **SWEEP}
@@ -122,20 +123,23 @@ def probe(config: bench.Config, mode: str) -> dict:
     call()
     row = {"config": config.name, "mode": mode, "gflop": config.flops(mode) / 1e9,
            "min_mb": config.min_bytes(mode, 4) / 1e6}
-    row["path"] = "persistent" if backend._plan(config.B, config.H, "float32") else "per-step"
+    row["path"] = loop_name(backend._plan(config.B, config.H, "float32"))
     row["total"] = median_s(call)
     row["host"] = median_s(call, until_done=False)
     graphs = backend.graphs
     try:
-        for path, flag in (("per-step", False), ("persistent", True)):
-            backend.persistent = flag
+        for loop in ("per-step", "persistent", "resident"):
+            backend.loop = loop
+            if loop != "per-step" and backend._plan(config.B, config.H, "float32") is None:
+                row[loop] = None  # does not apply: it would run the per-step loop
+                continue
             call()
             call()  # a per-step loop is captured the second time
-            row[path] = median_s(call)
-        backend.persistent, backend.graphs = False, None
+            row[loop] = median_s(call)
+        backend.loop, backend.graphs = "per-step", None
         call()
         row["launched"] = median_s(call)
-        backend.persistent, backend.graphs = None, graphs
+        backend.loop, backend.graphs = None, graphs
         backend.tuner = LoopTuner(device_timer(cupy.cuda))
         call()  # times every candidate of each loop of the call, then runs the chosen ones
         row["tuned"] = median_s(call)
@@ -143,11 +147,15 @@ def probe(config: bench.Config, mode: str) -> dict:
         row["candidates_ms"] = {str(key): {label: t * 1e3 if isinstance(t, float) else t for label, t in times.items()}
                                 for key, (_, times) in backend.tuner.choices.items()}
     finally:
-        backend.persistent, backend.graphs, backend.tuner = None, graphs, None
+        backend.loop, backend.graphs, backend.tuner = None, graphs, None
     torch_call = bench.make_runner("torch-cuda", config, mode)
     torch_call()
     row["cudnn"] = median_s(torch_call)
     return row
+
+
+def loop_name(plan) -> str:
+    return "per-step" if plan is None else "resident" if hasattr(plan, "rows") else "persistent"
 
 
 def blocks_sweep() -> list[dict]:
@@ -158,7 +166,7 @@ def blocks_sweep() -> list[dict]:
     every = kernels.persistent_blocks
     rows = []
     try:
-        backend.persistent = True
+        backend.loop = "persistent"
         for name in BLOCK_SWEEP_CONFIGS:
             config = CONFIG_BY_NAME[name]
             for mode in bench.MODES:
@@ -174,7 +182,7 @@ def blocks_sweep() -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        kernels.persistent_blocks, backend.persistent = None, None  # the device's own count again
+        kernels.persistent_blocks, backend.loop = None, None  # the device's own count again
     return rows
 
 
@@ -205,20 +213,24 @@ def main(out_dir: str) -> int:
     Path(out_dir, "gpu_probe.json").write_text(json.dumps(results, indent=1))
 
     def ms(value):
-        return f"{value * 1e3:.3f}"
+        return "-" if value is None else f"{value * 1e3:.3f}"
+
+    def ratio(value, base):
+        return "-" if value is None else f"{value / base:.2f}"
 
     def floor_s(row):  # METHOD.md's two times: GEMM flops at the GEMM ceiling, fewest bytes at the copy rate
         return max(row["gflop"] / ceilings["sgemm_gflops"], row["min_mb"] / 1e3 / ceilings["copy_gbs"])
 
     header = ("config", "mode", "default path", "floor ms", "total ms", "host ms", "per-step ms", "launched ms",
-              "persistent ms", "tuned ms", "cudnn ms", "per-step/cudnn", "persistent/cudnn", "tuned/cudnn",
-              "TFLOP/s total", "TFLOP/s cudnn")
+              "persistent ms", "resident ms", "tuned ms", "cudnn ms", "total/cudnn", "per-step/cudnn",
+              "persistent/cudnn", "resident/cudnn", "tuned/cudnn", "TFLOP/s total", "TFLOP/s cudnn")
     lines = [header]
     for r in rows:
         lines.append((r["config"], r["mode"], r["path"], ms(floor_s(r)), ms(r["total"]), ms(r["host"]), ms(r["per-step"]),
-                      ms(r["launched"]), ms(r["persistent"]), ms(r["tuned"]), ms(r["cudnn"]),
-                      f"{r['per-step'] / r['cudnn']:.2f}", f"{r['persistent'] / r['cudnn']:.2f}",
-                      f"{r['tuned'] / r['cudnn']:.2f}", f"{r['gflop'] / r['total'] / 1e3:.2f}",
+                      ms(r["launched"]), ms(r["persistent"]), ms(r["resident"]), ms(r["tuned"]), ms(r["cudnn"]),
+                      ratio(r["total"], r["cudnn"]), ratio(r["per-step"], r["cudnn"]),
+                      ratio(r["persistent"], r["cudnn"]), ratio(r["resident"], r["cudnn"]),
+                      ratio(r["tuned"], r["cudnn"]), f"{r['gflop'] / r['total'] / 1e3:.2f}",
                       f"{r['gflop'] / r['cudnn'] / 1e3:.2f}"))
     print_table(lines)
     print_table([("config", "mode", "tuned choice (forward / backward)")]
@@ -239,7 +251,7 @@ def print_table(lines):
 def once(config_name: str) -> int:
     """One forward with the persistent kernels forced, for a profiler (ncu) to catch."""
     call, lstm = bench.fastlstm_call("cupy", CONFIG_BY_NAME[config_name], "forward")
-    lstm._current_backend().persistent = True
+    lstm._current_backend().loop = "persistent"
     call()
     cupy.cuda.Device().synchronize()
     return 0

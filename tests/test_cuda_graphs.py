@@ -30,7 +30,7 @@ def fake(library):
 def per_step_backend(fake, graphs=True, workspace_bytes=0):
     kernels = cupy_backend.CupyKernels(fake)
     cache = GraphCache(fake.cuda, workspace_bytes=workspace_bytes) if graphs else None
-    return cupy_backend.CudaSequenceBackend(fake, cupy_backend.CublasGemm(fake.cuda), kernels, persistent=False,
+    return cupy_backend.CudaSequenceBackend(fake, cupy_backend.CublasGemm(fake.cuda), kernels, loop="per-step",
                                             graphs=cache)
 
 
@@ -277,7 +277,7 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
     cpu = fastlstm.LSTM(3, 5, backend="numpy", **kwargs)
     cpu.load_state_dict(gpu.state_dict())
     backend = gpu._current_backend()
-    backend.persistent = False
+    backend.loop = "per-step"
     assert backend.graphs.enabled
     for step in range(4):
         problem = random_problem(cpu, 6, 4, seed=step, lengths=np.array([6, 3, 1, 5]))
@@ -339,7 +339,7 @@ def test_graphs_can_be_switched_off_from_the_environment(fake_cupy, monkeypatch,
     cpu = fastlstm.LSTM(3, 5, backend="numpy", dtype="float64", seed=1)
     cpu.load_state_dict(gpu.state_dict())
     backend = gpu._current_backend()
-    backend.persistent = False
+    backend.loop = "per-step"
     reason = fastlstm.available_backends()["cupy"].reason
     assert f"CUDA graphs for the per-step loop off: FASTLSTM_CUDA_GRAPHS={value}" in reason
     for step in range(3):

@@ -33,14 +33,22 @@ pytestmark = pytest.mark.skipif(host_kernels.compiler() is None, reason="no C++ 
 def emulated(library):
     """CudaSequenceBackend over NumPy, NumPy GEMMs and the host-built kernels: the per-step loop."""
     return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, host_kernels.emulated_kernels(library),
-                                            persistent=False)
+                                            loop="per-step")
 
 
 @pytest.fixture(scope="module")
 def emulated_persistent(library):
     """The same with the persistent kernels, every CUDA thread a host thread."""
     kernels = host_kernels.emulated_kernels(library, shared_limit=8192)
-    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, loop="persistent")
+
+
+@pytest.fixture(scope="module")
+def emulated_resident(library):
+    """The same with the resident kernels (3 multiprocessors: blocks of several sequences
+    from 4 sequences on)."""
+    kernels = host_kernels.emulated_kernels(library)
+    return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, loop="resident")
 
 
 def sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths):
@@ -78,6 +86,97 @@ def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_step
     check_against_numpy(emulated_persistent, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    num_steps=st.integers(1, 5), batch=st.integers(1, 20), input_size=st.integers(1, 4), hidden=st.integers(1, 10),
+    dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_host_built_resident_kernels_match_numpy(emulated_resident, num_steps, batch, input_size, hidden, dtype,
+                                                 reverse, with_lengths, seed):
+    """1-7 sequences a block (one or two groups of four), the last block partly filled."""
+    assert emulated_resident._plan(batch, hidden, dtype) is not None
+    check_against_numpy(emulated_resident, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
+
+
+@pytest.mark.parametrize("batch, hidden, dtype, shared_limit, path", [
+    (3, 5, "float32", None, "one sequence a block"),
+    (14, 3, "float64", None, "a group of four sequences a block and one left over, the last block partly filled"),
+    (15, 6, "float32", None, "more threads for the cells than for the gate rows"),
+    (24, 4, "float32", 1000, "sequences a block cut to fit shared memory"),
+    (2, 64, "float32", None, "more than 48 KiB of shared memory (opted in)"),
+])
+def test_each_path_of_the_resident_kernels(library, batch, hidden, dtype, shared_limit, path):
+    kernels = host_kernels.emulated_kernels(library)
+    kernels.resident_shared_limit = shared_limit
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, loop="resident")
+    plan = backend._plan(batch, hidden, dtype)
+    shown = {
+        "one sequence a block": plan.rows == 1 and plan.blocks == batch,
+        "a group of four sequences a block and one left over, the last block partly filled":
+            plan.rows > cupy_backend.RESIDENT_GROUP and batch % plan.rows != 0,
+        "more threads for the cells than for the gate rows": plan.rows * hidden > 4 * hidden,
+        "sequences a block cut to fit shared memory": plan.rows < -(-batch // kernels.multiprocessors),
+        "more than 48 KiB of shared memory (opted in)": plan.shared_forward > cupy_backend.SHARED_LIMIT,
+    }
+    assert shown[path], plan
+    for reverse in (False, True):
+        check_against_numpy(backend, 4, batch, 3, hidden, dtype, reverse, True, seed=batch + hidden)
+
+
+def test_resident_plan_spreads_sequences_and_fits_threads_and_shared_memory():
+    limit = 227 * 1024  # an H100's / H200's opt-in shared memory a block
+    small = cupy_backend.resident_plan(16, 64, 4, 132, limit)  # DESIGN.md's `small`: a sequence a block
+    assert (small.blocks, small.rows, small.threads) == (16, 1, 256)
+    assert small.shared_forward == 8 * 4 + 4 * (4 * 64 * 64 + 4 * 64 * 2 + 4 * 256)
+    spread = cupy_backend.resident_plan(1000, 32, 4, 132, limit)
+    assert (spread.rows, spread.blocks, spread.threads) == (8, 125, 256)  # ceil(1000 / 132) a block
+    by_threads = cupy_backend.resident_plan(4096, 100, 4, 132, limit)  # 32 a block would need 3200 threads
+    assert by_threads.rows == 10 and by_threads.threads == 1024 and by_threads.blocks == 410
+    assert max(cupy_backend.resident_shared_bytes(by_threads.rows, 100, 4)) <= limit
+    assert cupy_backend.resident_plan(1, 112, 4, 132, limit) is not None  # W_hh 196 KiB in float32
+    assert cupy_backend.resident_plan(1, 120, 4, 132, limit) is None  # 225 KiB and the state: too much
+    assert cupy_backend.resident_plan(1, 80, 8, 132, limit) is not None
+    assert cupy_backend.resident_plan(1, 90, 8, 132, limit) is None
+    assert cupy_backend.resident_plan(1, 257, 4, 132, 10**9) is None  # 4H threads a block at most
+    assert cupy_backend.resident_plan(1, 8, 4, 132, 100) is None  # not even one sequence fits
+
+
+def test_default_rule_resident_then_per_step_with_graphs_then_persistent(library):
+    kernels = host_kernels.emulated_kernels(library, blocks=132, threads=256, shared_limit=cupy_backend.SHARED_LIMIT)
+    graphs = types.SimpleNamespace(enabled=True)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, graphs=graphs)
+    assert isinstance(backend._plan(3, 8, np.float32), cupy_backend.ResidentPlan)  # 3 blocks, 3 multiprocessors
+    assert backend._plan(1, 256, np.float32) is None  # W_hh beyond shared memory: per step, replayed
+    assert backend._plan(kernels.multiprocessors * 1024 // 8 + 1, 8, np.float32) is None  # more than a wave
+    graphs.enabled = False
+    assert isinstance(backend._plan(1, 256, np.float32), cupy_backend.PersistentPlan)
+    backend.loop = "resident"
+    assert isinstance(backend._plan(1000, 8, np.float32), cupy_backend.ResidentPlan)  # forced: whatever the waves
+    with pytest.raises(ValueError, match="loop: expected None or one of per-step, persistent, resident, got 'fast'"):
+        backend.loop = "fast"
+    assert backend.loop == "resident"
+
+
+def test_resident_launch_asks_for_shared_memory_beyond_the_default_once(library):
+    kernels = host_kernels.emulated_kernels(library)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, loop="resident")
+    plan = backend._plan(1, 64, np.float32)
+    assert plan.shared_forward > cupy_backend.SHARED_LIMIT
+    args = sequence_inputs(np.random.default_rng(0), 2, 1, 2, 64, "float32", False)
+    backend.forward_sequence(*args, False, False)
+    function = kernels._function("lstm_forward_resident<float, false>")
+    assert function.max_dynamic_shared_size_bytes == plan.shared_forward
+    small = backend._plan(1, 8, np.float32)
+    backend.forward_sequence(*sequence_inputs(np.random.default_rng(0), 2, 1, 2, 8, "float32", False), False, False)
+    assert function.max_dynamic_shared_size_bytes == plan.shared_forward > small.shared_forward  # never lowered
+    kernels._shared_allowed.clear()  # as a new process would: without asking, the launch fails
+    function.max_dynamic_shared_size_bytes = cupy_backend.SHARED_LIMIT
+    kernels._shared_allowed[("lstm_forward_resident<float, false>", 0)] = plan.shared_forward  # a stale record
+    with pytest.raises(RuntimeError, match="dynamic shared memory"):
+        backend.forward_sequence(*args, False, False)
+
+
 @pytest.mark.parametrize("batch, hidden, dtype, shared_limit, threads, blocks, path", [
     (2, 3, "float32", 3072, 32, 3, "split-k"),  # 1 register tile per block, 32 threads: 32 k-slices
     (1, 3, "float64", 16384, 128, 3, "split-k capped"),  # 128 threads, 1 tile: 64 slices, 64 threads idle
@@ -89,7 +188,7 @@ def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_step
 ])
 def test_each_path_of_the_persistent_kernels(library, batch, hidden, dtype, shared_limit, threads, blocks, path):
     kernels = host_kernels.emulated_kernels(library, blocks=blocks, threads=threads, shared_limit=shared_limit)
-    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, persistent=True)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels, loop="persistent")
     plan = backend._plan(batch, hidden, dtype)
     tiles = -(-batch // 4) * -(-4 * plan.units // 4)  # forward's register tiles
     shown = {
@@ -172,6 +271,9 @@ def test_cupy_backend_end_to_end_on_the_fake_device(fake_cupy):
         ("lstm_forward_persistent<float, true>", "lstm_forward_persistent<float, false>",
          "lstm_forward_persistent<double, true>", "lstm_forward_persistent<double, false>",
          "lstm_backward_persistent<float>", "lstm_backward_persistent<double>"),
+        ("lstm_forward_resident<float, true>", "lstm_forward_resident<float, false>",
+         "lstm_forward_resident<double, true>", "lstm_forward_resident<double, false>",
+         "lstm_backward_resident<float>", "lstm_backward_resident<double>"),
     }
 
 
@@ -353,7 +455,7 @@ def test_default_time_loop_depends_on_the_state_size(library):
     assert backend._plan(1, 256, np.float32) is not None
     assert backend._plan(limit // 256, 256, np.float32) is not None
     assert backend._plan(limit // 256 + 1, 256, np.float32) is None
-    backend.persistent = True
+    backend.loop = "persistent"
     assert backend._plan(limit // 256 + 1, 256, np.float32) is not None
-    backend.persistent = False
+    backend.loop = "per-step"
     assert backend._plan(1, 256, np.float32) is None

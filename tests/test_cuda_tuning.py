@@ -79,17 +79,20 @@ def backend_on(library, blocks):
     return cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels)
 
 
-def test_candidates_are_the_per_step_loop_and_each_distinct_persistent_plan(library):
+def test_candidates_are_the_per_step_loop_the_resident_kernels_and_each_distinct_persistent_plan(library):
     backend = backend_on(library, blocks=6)
     candidates = backend.loop_candidates(batch=2, hidden=8, dtype=np.float64)
-    assert list(candidates)[0] == "per-step" and candidates["per-step"] is None
+    assert list(candidates)[:2] == ["per-step", "resident, 1 sequences a block"]
+    assert candidates["per-step"] is None
+    assert candidates.pop("resident, 1 sequences a block") == backend._resident_plan(2, 8, 8)
     plans = [plan for plan in candidates.values() if plan is not None]
     assert len(plans) == len(set(plans)) >= 3  # e.g. 4 blocks of 2 units, 2 of 4, 1 of 8
     for label, plan in candidates.items():
         if plan is not None:
             assert plan.blocks <= 6 and plan.blocks * plan.units >= 8 and label == f"persistent on {plan.blocks} blocks"
     assert any(plan.blocks == 1 for plan in plans)
-    # where the persistent kernels never fit (more register tiles than threads), only the per-step loop
+    # where neither kernel set fits (more register tiles than threads, W_hh beyond shared memory),
+    # only the per-step loop
     assert list(backend.loop_candidates(batch=64, hidden=512, dtype=np.float64)) == ["per-step"]
 
 

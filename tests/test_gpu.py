@@ -31,14 +31,14 @@ TOL_VS_CUDNN = {"float32": 2e-5, "float64": 1e-10}
 CASES = list(itertools.product((1, 2), (False, True), (False, True), (False, True)))
 
 
-@pytest.fixture(params=["persistent", "per-step"])
+@pytest.fixture(params=["persistent", "per-step", "resident"])
 def time_loop(request):
-    """Run the test with the persistent kernels (where they apply: all shapes here) and
-    with the per-step loop."""
+    """Run the test with each time loop, forced wherever it applies, whatever the size (the
+    resident kernels: where W_hh fits a block's shared memory)."""
     backend = fastlstm.registry.backend_object("cupy")
-    backend.persistent = request.param == "persistent"  # True: wherever they apply, whatever the size
+    backend.loop = request.param
     yield request.param
-    backend.persistent = None
+    backend.loop = None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -156,7 +156,7 @@ def test_per_step_loops_replayed_from_cuda_graphs_match_numpy(dtype):
     cpu = fastlstm.LSTM(24, 64, backend="numpy", **kwargs)
     cpu.load_state_dict(gpu.state_dict())
     backend = fastlstm.registry.backend_object("cupy")
-    backend.persistent = False
+    backend.loop = "per-step"
     try:
         assert backend.graphs.enabled, backend.graphs.disabled_reason
         before = backend.graphs.counts.copy()
@@ -167,14 +167,14 @@ def test_per_step_loops_replayed_from_cuda_graphs_match_numpy(dtype):
         counts = backend.graphs.counts - before
         assert counts["captured"] >= 4 and counts["replayed"] >= 8, counts
     finally:
-        backend.persistent = None
+        backend.loop = None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_time_loops_chosen_by_timing_match_numpy(dtype):
     """FASTLSTM_CUDA_TUNE's tuner on the card: every candidate (the per-step loop, the
-    persistent kernels on each block count) runs and is timed, and the chosen loops give
-    NumPy's results."""
+    resident kernels, the persistent kernels on each block count) runs and is timed, and
+    the chosen loops give NumPy's results."""
     import cupy
 
     from fastlstm.backends.cuda_tuning import LoopTuner, device_timer
@@ -193,7 +193,8 @@ def test_time_loops_chosen_by_timing_match_numpy(dtype):
         backend.tuner = None
     assert {key[0] for key in tuner.choices} == {"forward", "backward"}
     for key, (label, results) in tuner.choices.items():
-        assert len(results) > 2, (key, results)  # the per-step loop and several block counts
+        assert len(results) > 3, (key, results)  # the per-step loop, the resident kernels, several block counts
+        assert any(label.startswith("resident") for label in results), (key, results)
         assert all(isinstance(t, float) for t in results.values()), (key, results)  # every candidate ran
 
 
@@ -202,8 +203,29 @@ def test_cupy_matches_numpy_reference_at_a_realistic_size(dtype, time_loop):
     """Large enough that cuBLAS picks its multi-block (split) kernels, which use its
     workspace. Three calls on new data: the per-step loop runs from Python, is captured
     into CUDA graphs, then replayed (with the workspace the graph cache gives cuBLAS)."""
+    if time_loop == "resident":
+        pytest.skip("H=256: W_hh does not fit a block's shared memory (the resident kernels' own size test follows)")
     gpu = fastlstm.LSTM(128, 256, backend="cupy", dtype=dtype, seed=2)
     cpu = fastlstm.LSTM(128, 256, backend="numpy", dtype=dtype)
     cpu.load_state_dict(gpu.state_dict())
     for call in range(3):
         assert_layers_agree(gpu, cpu, random_problem(cpu, 20, 64, seed=4 + call), TOL[dtype], f"call {call}: ")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_resident_kernels_match_numpy_at_a_realistic_size(dtype):
+    """The resident kernels with their shared memory opted in beyond 48 KiB (W_hh of H=64:
+    64 KiB in float32, 128 KiB in float64), 1000 sequences: more than four a block (two
+    groups; 8 on 132 multiprocessors)."""
+    gpu = fastlstm.LSTM(128, 64, backend="cupy", dtype=dtype, seed=6)
+    cpu = fastlstm.LSTM(128, 64, backend="numpy", dtype=dtype)
+    cpu.load_state_dict(gpu.state_dict())
+    backend = fastlstm.registry.backend_object("cupy")
+    backend.loop = "resident"
+    try:
+        plan = backend._plan(1000, 64, dtype)
+        assert plan is not None and plan.rows > 4 and plan.shared_forward > 48 * 1024, plan
+        lengths = np.arange(1000) % 30 + 1
+        assert_layers_agree(gpu, cpu, random_problem(cpu, 30, 1000, seed=8, lengths=lengths), TOL[dtype])
+    finally:
+        backend.loop = None

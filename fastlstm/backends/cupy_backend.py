@@ -1,8 +1,11 @@
 """The CuPy backend: CUDA kernels (``kernels/lstm_forward.cu``, ``lstm_backward.cu``) plus cuBLAS.
 
 Per layer and direction: the input projection of all steps is one GEMM; then the
-time loop runs either
+time loop runs one of three ways (``LOOPS``; the default rule is ``_plan``):
 
+- resident (``kernels/lstm_resident.cu``), when W_hh fits one block's shared memory:
+  one launch runs every step, each block holding the weights and the state of a few
+  sequences, with only block barriers between steps;
 - persistent (``kernels/lstm_persistent.cu``), when the shapes fit one resident block
   per multiprocessor: one launch runs every step, each block computing the recurrent
   products and the cell update of its own hidden units, with a grid-wide barrier per
@@ -48,14 +51,19 @@ MAX_SLICES = 64  # FL_MAX_SLICES in lstm_persistent.cu
 PERSISTENT_THREADS = {4: 512, 8: 256}
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in to more
 MIN_TILE_K = 16
-# The persistent kernels win where the per-step loop is bound by its host work (20-33 us
-# per kernel launch or cuBLAS call on the H200 measured): up to 64 x 256 and 32 x 512
-# sequences x units they beat the per-step loop 2-6x. At 64 x 512 the two were level
-# within the per-step loop's run-to-run noise (each block of a persistent kernel reads
-# the whole state every step), so the per-step loop keeps that size for now.
+# Without CUDA graphs the per-step loop is bound by its host work (20-33 us per kernel
+# launch or cuBLAS call on the H200 measured), and the persistent kernels beat it 2-6x up
+# to 64 x 256 and 32 x 512 sequences x units; at 64 x 512 the two were level within the
+# noise. (Replayed from graphs, the per-step loop beats them: see _plan.)
 # Measured on an H200: bench/results/2026-11-27-gpu-h200.md.
 PERSISTENT_MAX_STATE = 16384
 GRAPHS_ENV_VAR = "FASTLSTM_CUDA_GRAPHS"  # "0": launch every step of the per-step loop from Python
+# The resident kernels: sequences per pass of a product thread (FL_RESIDENT_GROUP in
+# lstm_resident.cu) and the most threads a block may have.
+RESIDENT_GROUP = 4
+MAX_BLOCK_THREADS = 1024
+WARP = 32
+LOOPS = ("per-step", "persistent", "resident")  # CudaSequenceBackend.loop: one forced, or None
 # Block counts a tuner tries for the persistent kernels, besides one per multiprocessor: for
 # small H a step is bound by the grid barrier and L2 round trips, which fewer blocks may cut.
 TUNE_BLOCKS = (64, 32, 16, 8, 4, 2, 1)
@@ -92,6 +100,42 @@ class PersistentPlan:
     tile_backward: int
     shared_forward: int  # bytes of dynamic shared memory
     shared_backward: int
+
+
+@dataclass(frozen=True)
+class ResidentPlan:
+    """Launch shape of the resident kernels for one (batch, hidden, dtype)."""
+
+    blocks: int
+    threads: int
+    rows: int  # sequences per block
+    shared_forward: int  # bytes of dynamic shared memory
+    shared_backward: int
+
+
+def resident_shared_bytes(rows, hidden, itemsize) -> tuple[int, int]:
+    """(forward, backward) bytes of the layouts at the top of lstm_resident.cu."""
+    padded = -(-rows // RESIDENT_GROUP) * RESIDENT_GROUP
+    weights = 4 * hidden * hidden
+    forward = 8 * padded + itemsize * (weights + padded * hidden * 2 + padded * 4 * hidden)  # w, h, c, pre
+    backward = 8 * padded + itemsize * (weights + padded * 4 * hidden + padded * hidden * 6)  # w, da, partial, dh, dc
+    return forward, backward
+
+
+def resident_plan(batch, hidden, itemsize, multiprocessors, shared_limit) -> ResidentPlan | None:
+    """The resident kernels' plan, or None where W_hh does not fit a block's shared memory
+    (or 4H threads a block). Sequences are spread over the multiprocessors, at most as many
+    a block as there are threads for their cells and shared memory for their state."""
+    if 4 * hidden > MAX_BLOCK_THREADS:
+        return None
+    rows = min(-(-batch // multiprocessors), MAX_BLOCK_THREADS // hidden)
+    while rows > 1 and max(resident_shared_bytes(rows, hidden, itemsize)) > shared_limit:
+        rows -= 1
+    forward, backward = resident_shared_bytes(rows, hidden, itemsize)
+    if max(forward, backward) > shared_limit:
+        return None
+    threads = -(-max(4 * hidden, rows * hidden) // WARP) * WARP
+    return ResidentPlan(-(-batch // rows), threads, rows, forward, backward)
 
 
 def _register_tiles(batch, rows) -> int:
@@ -154,43 +198,80 @@ class CudaSequenceBackend(ReferenceBackend):
 
     gemm(transa, transb, a, b, out, beta): out = op(a) @ op(b) + beta * out.
     kernels: forward_step, backward_step, column_sum, forward_persistent,
-    backward_persistent, and persistent_blocks / _threads / _shared_limit: the most blocks
-    resident at once, threads per block by itemsize and shared memory per block (see
-    CupyKernels).
-    persistent: None (default) uses the persistent kernels where they apply and batch x
-    hidden <= PERSISTENT_MAX_STATE; True wherever they apply; False never.
+    backward_persistent, forward_resident, backward_resident, and persistent_blocks /
+    _threads / _shared_limit (the most blocks resident at once, threads per block by
+    itemsize and shared memory per block of the persistent kernels), multiprocessors and
+    resident_shared_limit (see CupyKernels).
+    loop: None (default) chooses the time loop by the rule in `_plan`; one of LOOPS forces
+    that loop wherever it applies (the per-step loop elsewhere).
     graphs: a GraphCache that replays the per-step loops, or None (always launched from
     Python; needed where arrays have no device address, as NumPy's). A cache that keeps
     cuBLAS workspaces needs a gemm with workspace(array) (CublasGemm).
     tuner: a cuda_tuning.LoopTuner that chooses the time loop of each shape by timing the
-    candidates (loop_candidates), or None: the fixed rule. Only while `persistent` is None.
+    candidates (loop_candidates), or None: the fixed rule. Only while `loop` is None.
     """
 
     name = "cupy"
 
-    def __init__(self, xp, gemm, kernels, persistent: bool | None = None, graphs: GraphCache | None = None,
+    def __init__(self, xp, gemm, kernels, loop: str | None = None, graphs: GraphCache | None = None,
                  tuner: LoopTuner | None = None):
         self.xp = xp
         self._gemm = gemm
         self._kernels = kernels
-        self.persistent = persistent
+        self.loop = loop
         self.graphs = graphs
         self.tuner = tuner
 
-    def _plan(self, batch, hidden, dtype) -> PersistentPlan | None:
-        if self.persistent is False or (self.persistent is None and batch * hidden > PERSISTENT_MAX_STATE):
-            return None
-        kernels, itemsize = self._kernels, np.dtype(dtype).itemsize
+    @property
+    def loop(self) -> str | None:
+        return self._loop
+
+    @loop.setter
+    def loop(self, loop: str | None):
+        if loop is not None and loop not in LOOPS:
+            raise ValueError(f"loop: expected None or one of {', '.join(LOOPS)}, got {loop!r}")
+        self._loop = loop
+
+    def _persistent_plan(self, batch, hidden, itemsize) -> PersistentPlan | None:
+        kernels = self._kernels
         return persistent_plan(batch, hidden, itemsize, kernels.persistent_blocks,
                                kernels.persistent_threads[itemsize], kernels.persistent_shared_limit)
 
+    def _resident_plan(self, batch, hidden, itemsize) -> ResidentPlan | None:
+        kernels = self._kernels
+        return resident_plan(batch, hidden, itemsize, kernels.multiprocessors, kernels.resident_shared_limit)
+
+    def _plan(self, batch, hidden, dtype) -> PersistentPlan | ResidentPlan | None:
+        """The time loop of a call: a plan of the resident or the persistent kernels, or None
+        (per step). The rule, from the H200 runs in bench/results: the resident kernels where
+        W_hh fits a block and the sequences fit one wave of blocks; else the per-step loop
+        where CUDA graphs replay it (it beat the persistent kernels in 13 of 16 of run 8's
+        cases, by up to 1.7x); else, without graphs, the persistent kernels up to
+        PERSISTENT_MAX_STATE sequences x units."""
+        itemsize = np.dtype(dtype).itemsize
+        if self.loop == "per-step":
+            return None
+        if self.loop == "persistent":
+            return self._persistent_plan(batch, hidden, itemsize)
+        if self.loop == "resident":
+            return self._resident_plan(batch, hidden, itemsize)
+        resident = self._resident_plan(batch, hidden, itemsize)
+        if resident is not None and resident.blocks <= self._kernels.multiprocessors:
+            return resident
+        if (self.graphs is not None and self.graphs.enabled) or batch * hidden > PERSISTENT_MAX_STATE:
+            return None
+        return self._persistent_plan(batch, hidden, itemsize)
+
     def loop_candidates(self, batch, hidden, dtype) -> dict:
-        """{label: time loop} a tuner chooses from: the per-step loop (None), then each
-        distinct plan of the persistent kernels on at most N blocks (one per multiprocessor,
-        then TUNE_BLOCKS), where they apply."""
+        """{label: time loop} a tuner chooses from: the per-step loop (None), the resident
+        kernels where they apply, then each distinct plan of the persistent kernels on at
+        most N blocks (one per multiprocessor, then TUNE_BLOCKS), where they apply."""
         kernels, itemsize = self._kernels, np.dtype(dtype).itemsize
         every = kernels.persistent_blocks
         candidates = {"per-step": None}
+        resident = self._resident_plan(batch, hidden, itemsize)
+        if resident is not None:
+            candidates[f"resident, {resident.rows} sequences a block"] = resident
         for blocks in (every, *(n for n in TUNE_BLOCKS if n < every)):
             plan = persistent_plan(batch, hidden, itemsize, blocks, kernels.persistent_threads[itemsize],
                                    kernels.persistent_shared_limit)
@@ -198,10 +279,10 @@ class CudaSequenceBackend(ReferenceBackend):
                 candidates[f"persistent on {plan.blocks} blocks"] = plan
         return candidates
 
-    def _time_loop(self, key, batch, hidden, dtype, run) -> PersistentPlan | None:
+    def _time_loop(self, key, batch, hidden, dtype, run) -> PersistentPlan | ResidentPlan | None:
         """The time loop for a call: the tuner's choice for `key` (run(loop) makes the call
         with `loop`), or the fixed rule."""
-        if self.tuner is None or self.persistent is not None:
+        if self.tuner is None or self.loop is not None:
             return self._plan(batch, hidden, dtype)
         return self.tuner.choose(key, self.loop_candidates(batch, hidden, dtype), run)
 
@@ -214,8 +295,9 @@ class CudaSequenceBackend(ReferenceBackend):
         plan = self._time_loop(key, batch, hidden, x.dtype, lambda loop: self._forward(loop, *args))
         return self._forward(plan, *args)
 
-    def _forward(self, plan: PersistentPlan | None, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
-        """forward_sequence with the persistent kernels on `plan`, or the per-step loop (None)."""
+    def _forward(self, plan: PersistentPlan | ResidentPlan | None, x, w_ih, w_hh, bias, h0, c0, lengths, reverse,
+                 training):
+        """forward_sequence with the kernels of `plan`, or the per-step loop (None)."""
         xp = self.xp
         num_steps, batch, input_size = x.shape
         hidden = w_hh.shape[1]
@@ -228,7 +310,12 @@ class CudaSequenceBackend(ReferenceBackend):
         if training:
             h_states = xp.empty_like(y)
             c_states = xp.empty_like(y)
-        if plan is not None:
+        if isinstance(plan, ResidentPlan):
+            h_n, c_n = xp.empty_like(h0), xp.empty_like(c0)
+            self._kernels.forward_resident(plan, training, reverse, gates, bias, w_hh, h0, c0,
+                                           y if h_states is None else h_states,  # y: not written when not training
+                                           y if c_states is None else c_states, y, h_n, c_n, step_lengths)
+        elif plan is not None:
             h_n, c_n = xp.empty_like(h0), xp.empty_like(c0)
             if not training:  # h ping-pongs between two buffers (other blocks still read the older)
                 h_states = xp.empty((2, batch, hidden), dtype=x.dtype)
@@ -306,14 +393,18 @@ class CudaSequenceBackend(ReferenceBackend):
         plan = self._time_loop(key, batch, hidden, dy.dtype, lambda loop: self._backward(loop, saved, dy, dh_n, dc_n))
         return self._backward(plan, saved, dy, dh_n, dc_n)
 
-    def _backward(self, plan: PersistentPlan | None, saved: _CudaSaved, dy, dh_n, dc_n):
-        """backward_sequence with the persistent kernels on `plan`, or the per-step loop (None).
+    def _backward(self, plan: PersistentPlan | ResidentPlan | None, saved: _CudaSaved, dy, dh_n, dc_n):
+        """backward_sequence with the kernels of `plan`, or the per-step loop (None).
         Reads `saved` and the gradients, writes only arrays of its own."""
         xp = self.xp
         num_steps, batch, hidden = saved.h_states.shape
         rows, input_size = saved.x2.shape
         d_gates = xp.empty_like(saved.gates)
-        if plan is not None:
+        if isinstance(plan, ResidentPlan):
+            dh0, dc0 = xp.empty_like(dh_n), xp.empty_like(dc_n)
+            self._kernels.backward_resident(plan, saved.reverse, saved.gates, saved.c_states, saved.c0, dy,
+                                            saved.w_hh, dh_n, dc_n, d_gates, dh0, dc0, saved.lengths)
+        elif plan is not None:
             dh0, dc0 = xp.empty_like(dh_n), xp.empty_like(dc_n)
             w_hh_t = xp.ascontiguousarray(saved.w_hh.T)  # each block reads its units' columns as rows
             self._kernels.backward_persistent(plan, saved.reverse, saved.gates, saved.c_states, saved.c0, dy,
@@ -395,6 +486,8 @@ def kernel_sources() -> dict[str, list[str]]:
         "lstm_backward.cu": [f"{k}<{t}>" for k in ("lstm_backward_step", "column_sum") for t in types],
         "lstm_persistent.cu": [f"lstm_forward_persistent<{t}, {flag}>" for t in types for flag in training]
         + [f"lstm_backward_persistent<{t}>" for t in types],
+        "lstm_resident.cu": [f"lstm_forward_resident<{t}, {flag}>" for t in types for flag in training]
+        + [f"lstm_backward_resident<{t}>" for t in types],
     }
 
 
@@ -421,6 +514,8 @@ class CupyKernels:
         self._blocks = None  # persistent_blocks set by hand (tests, the probe's sweep)
         self.persistent_threads = PERSISTENT_THREADS
         self.persistent_shared_limit = SHARED_LIMIT
+        self._resident_limit = None  # resident_shared_limit set by hand (tests)
+        self._shared_allowed = {}  # (kernel, device) -> dynamic shared memory it may use
 
     def device_properties(self) -> dict:
         """The current device's properties (getDeviceProperties), looked up once per device."""
@@ -441,6 +536,33 @@ class CupyKernels:
     @persistent_blocks.setter
     def persistent_blocks(self, blocks: int | None):  # None: the current device's count again
         self._blocks = blocks
+
+    @property
+    def multiprocessors(self) -> int:
+        """The current device's multiprocessors (one wave of the resident kernels' blocks)."""
+        return int(self.device_properties()["multiProcessorCount"])
+
+    @property
+    def resident_shared_limit(self) -> int:
+        """Dynamic shared memory a block of the resident kernels may use: the current device's
+        opt-in maximum (227 KiB on Hopper), which their launchers ask for."""
+        if self._resident_limit is not None:
+            return self._resident_limit
+        return int(self.device_properties().get("sharedMemPerBlockOptin", SHARED_LIMIT))
+
+    @resident_shared_limit.setter
+    def resident_shared_limit(self, limit: int | None):  # None: the current device's again
+        self._resident_limit = limit
+
+    def _launch_with_shared(self, name, grid, block, args, shared_bytes):
+        """Launch `name`, first letting it use `shared_bytes` of dynamic shared memory where
+        that is more than a kernel gets without asking (once per kernel and device)."""
+        function = self._function(name)
+        key = (name, self._cuda.Device().id)
+        if shared_bytes > SHARED_LIMIT and self._shared_allowed.get(key, 0) < shared_bytes:
+            function.max_dynamic_shared_size_bytes = shared_bytes
+            self._shared_allowed[key] = shared_bytes
+        function(grid, block, args, shared_mem=shared_bytes)
 
     def _function(self, name):
         if name not in self._functions:
@@ -496,6 +618,28 @@ class CupyKernels:
             (*map(np.int32, (steps, batch, hidden, plan.units, reverse, plan.tile_backward)),
              gates, c_states, c0, dy, w_hh_t, dh_n, dc_n, d_gates, dh0, dc0, lengths, barrier),
             shared_mem=plan.shared_backward,
+        )
+
+
+    def forward_resident(self, plan, training, reverse, gates, bias, w_hh, h0, c0, h_states, c_states, y, h_n, c_n,
+                         lengths):
+        steps, batch, hidden = y.shape
+        name = f"lstm_forward_resident<{self._ctype(y)}, {'true' if training else 'false'}>"
+        self._launch_with_shared(
+            name, (plan.blocks,), (plan.threads,),
+            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
+             gates, bias, w_hh, h0, c0, h_states, c_states, y, h_n, c_n, lengths),
+            plan.shared_forward,
+        )
+
+    def backward_resident(self, plan, reverse, gates, c_states, c0, dy, w_hh, dh_n, dc_n, d_gates, dh0, dc0,
+                          lengths):
+        steps, batch, hidden = dy.shape
+        self._launch_with_shared(
+            f"lstm_backward_resident<{self._ctype(dy)}>", (plan.blocks,), (plan.threads,),
+            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
+             gates, c_states, c0, dy, w_hh, dh_n, dc_n, d_gates, dh0, dc0, lengths),
+            plan.shared_backward,
         )
 
 

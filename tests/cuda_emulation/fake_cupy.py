@@ -24,6 +24,8 @@ from collections import defaultdict
 import numpy as np
 
 LEGACY_STREAM = 0
+DEFAULT_SHARED_BYTES = 48 * 1024  # dynamic shared memory a kernel gets without opting in
+OPTIN_SHARED_BYTES = 227 * 1024  # the most a kernel may opt in to (sharedMemPerBlockOptin, Hopper)
 _capturing = set()  # streams being captured, in every fake module
 
 
@@ -189,14 +191,28 @@ class _Function:
         entry = kernel.removeprefix("lstm_")
         self._fn = getattr(library, f"{entry}_{'f32' if ctype == 'float' else 'f64'}")
         self._training = training
-        self._persistent = entry.endswith("_persistent")  # host threads, shared memory
+        self._threads = entry.endswith(("_persistent", "_resident"))  # host threads, shared memory
         self._streams = streams
         self.launches = 0
+        self._shared_allowed = DEFAULT_SHARED_BYTES  # CUDA's default; a kernel may be allowed more
+
+    @property
+    def max_dynamic_shared_size_bytes(self):  # RawKernel's attribute: cuFuncSetAttribute
+        return self._shared_allowed
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, size):
+        if size > OPTIN_SHARED_BYTES:
+            raise RuntimeError(f"CUDA_ERROR_INVALID_VALUE: {size} bytes of dynamic shared memory > {OPTIN_SHARED_BYTES}")
+        self._shared_allowed = size
 
     def __call__(self, grid, block, args, shared_mem=0):
         self.launches += 1
         shape = [ctypes.c_uint(g) for g in grid] + [ctypes.c_uint(block[0])]
-        if self._persistent:
+        if shared_mem > self.max_dynamic_shared_size_bytes:  # cudaErrorInvalidValue on a GPU
+            raise RuntimeError(f"launch asks for {shared_mem} bytes of dynamic shared memory; the kernel may use "
+                               f"{self.max_dynamic_shared_size_bytes}")
+        if self._threads:
             shape.append(ctypes.c_ulonglong(shared_mem))
         else:
             assert shared_mem == 0
@@ -250,7 +266,8 @@ def make_fake_cupy(library_path) -> types.ModuleType:
     cuda = types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0),
         runtime=types.SimpleNamespace(
-            getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 3, "major": 9}),
+            getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 3, "major": 9,
+                                           "sharedMemPerBlockOptin": OPTIN_SHARED_BYTES}),
         cublas=FakeCublas(streams),
         get_cublas_handle=lambda: FakeCublas.HANDLE,
         get_current_stream=streams.current,

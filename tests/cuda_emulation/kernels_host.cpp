@@ -4,6 +4,7 @@
 #include "lstm_forward.cu"
 #include "lstm_backward.cu"
 #include "lstm_persistent.cu"
+#include "lstm_resident.cu"
 
 #define FL_ENTRY_POINTS(T, SUFFIX)                                                                 \
     extern "C" void forward_step_##SUFFIX(unsigned grid, unsigned block, int training, int batch,  \
@@ -55,6 +56,29 @@
         fl_launch_threads(grid, block, shared_bytes, lstm_backward_persistent<T>, steps, batch,    \
                           hidden, units, reverse, tile_k, gates, c_states, c0, dy, w_hh_t, dh_n,   \
                           dc_n, d_gates, dh0, dc0, lengths, barrier);                              \
+    }                                                                                              \
+    extern "C" void forward_resident_##SUFFIX(                                                     \
+        unsigned grid, unsigned block, unsigned long long shared_bytes, int training, int steps,   \
+        int batch, int hidden, int rows, int reverse, T* gates, const T* bias, const T* w_hh,      \
+        const T* h0, const T* c0, T* h_states, T* c_states, T* y, T* h_n, T* c_n,                  \
+        const long long* lengths) {                                                                \
+        if (training)                                                                              \
+            fl_launch_threads(grid, block, shared_bytes, lstm_forward_resident<T, true>, steps,    \
+                              batch, hidden, rows, reverse, gates, bias, w_hh, h0, c0, h_states,   \
+                              c_states, y, h_n, c_n, lengths);                                     \
+        else                                                                                       \
+            fl_launch_threads(grid, block, shared_bytes, lstm_forward_resident<T, false>, steps,   \
+                              batch, hidden, rows, reverse, gates, bias, w_hh, h0, c0, h_states,   \
+                              c_states, y, h_n, c_n, lengths);                                     \
+    }                                                                                              \
+    extern "C" void backward_resident_##SUFFIX(                                                    \
+        unsigned grid, unsigned block, unsigned long long shared_bytes, int steps, int batch,      \
+        int hidden, int rows, int reverse, const T* gates, const T* c_states, const T* c0,         \
+        const T* dy, const T* w_hh, const T* dh_n, const T* dc_n, T* d_gates, T* dh0, T* dc0,      \
+        const long long* lengths) {                                                                \
+        fl_launch_threads(grid, block, shared_bytes, lstm_backward_resident<T>, steps, batch,      \
+                          hidden, rows, reverse, gates, c_states, c0, dy, w_hh, dh_n, dc_n,        \
+                          d_gates, dh0, dc0, lengths);                                             \
     }
 
 FL_ENTRY_POINTS(float, f32)
