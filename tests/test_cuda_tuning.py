@@ -29,19 +29,25 @@ def scripted_timer(costs, calls):
 def test_the_fastest_candidate_is_chosen_once_per_key():
     calls = []
     tuner = LoopTuner(scripted_timer({"a": 3.0, "b": 1.0, "c": 2.0}, calls), warmup=2, repeats=2)
-    candidates = {"a": "a", "b": "b", "c": "c"}  # the timer knows a candidate by what run() was given
+    asked = []
+
+    def candidates():  # the timer knows a candidate by what run() was given
+        asked.append(1)
+        return {"a": "a", "b": "b", "c": "c"}
+
     assert tuner.choose("key", candidates, calls.append) == "b"
     assert calls == ["a"] * 4 + ["b"] * 4 + ["c"] * 4  # two untimed, two timed each
     assert tuner.choose("key", candidates, calls.append) == "b" and len(calls) == 12  # remembered
+    assert len(asked) == 1  # the candidates are worked out for a new key only
     label, results = tuner.choices["key"]
     assert label == "b" and results == {"a": 3.0, "b": 1.0, "c": 2.0}
-    assert tuner.choose("other", {"a": "a"}, calls.append) == "a" and len(calls) == 16  # another key: timed anew
+    assert tuner.choose("other", lambda: {"a": "a"}, calls.append) == "a" and len(calls) == 16  # timed anew
 
 
 def test_a_tie_goes_to_the_earlier_candidate_and_the_best_repeat_counts():
     calls, times = [], iter([5.0, 1.0, 1.0, 9.0])  # a: 5 then 1; b: 1 then 9
     tuner = LoopTuner(lambda run: (run(), next(times))[1], warmup=0, repeats=2)
-    assert tuner.choose("key", {"a": 1, "b": 2}, calls.append) == 1
+    assert tuner.choose("key", lambda: {"a": 1, "b": 2}, calls.append) == 1
 
 
 def test_a_candidate_that_cannot_run_is_skipped_with_its_reason():
@@ -53,10 +59,10 @@ def test_a_candidate_that_cannot_run_is_skipped_with_its_reason():
             raise RuntimeError("too many resources requested for launch")
 
     tuner = LoopTuner(scripted_timer({"small": 2.0, "big": 0.5}, calls), warmup=1, repeats=1)
-    assert tuner.choose("key", {"big": "big", "small": "small"}, run) == "small"
+    assert tuner.choose("key", lambda: {"big": "big", "small": "small"}, run) == "small"
     assert "too many resources" in tuner.choices["key"][1]["big"]
     with pytest.raises(RuntimeError, match="no time loop could run for other.*too many resources"):
-        tuner.choose("other", {"big": "big"}, run)
+        tuner.choose("other", lambda: {"big": "big"}, run)
 
 
 def test_the_device_timer_measures_the_work_between_its_events(fake):

@@ -21,7 +21,8 @@ TUNE_ENV_VAR = "FASTLSTM_CUDA_TUNE"  # "1": time the candidates on the first cal
 
 class LoopTuner:
     """choose(key, candidates, run): the candidate run(candidate) was fastest with, timed the
-    first time `key` is seen and remembered after that.
+    first time `key` is seen and remembered after that (candidates() is called only then:
+    working out the candidates costs host time that a remembered key need not pay).
 
     timer(run) -> seconds the device spent on run(). Each candidate runs `warmup` times
     untimed (kernels compile, a per-step loop is captured into a graph on its second run)
@@ -33,15 +34,18 @@ class LoopTuner:
         self.warmup = warmup
         self.repeats = repeats
         self.choices = {}  # key -> (label chosen, {label: seconds, or why it could not run})
+        self._chosen = {}  # key -> the candidate chosen
         self._lock = threading.Lock()  # one shape timed at a time: two timings at once would skew both
 
-    def choose(self, key, candidates: dict, run):
-        """candidates: {label: candidate}, in order of preference on a tie."""
-        if key not in self.choices:
+    def choose(self, key, candidates, run):
+        """candidates() -> {label: candidate}, in order of preference on a tie."""
+        if key not in self._chosen:
             with self._lock:
-                if key not in self.choices:
-                    self.choices[key] = self._time(key, candidates, run)
-        return candidates[self.choices[key][0]]
+                if key not in self._chosen:
+                    options = candidates()
+                    self.choices[key] = self._time(key, options, run)
+                    self._chosen[key] = options[self.choices[key][0]]
+        return self._chosen[key]
 
     def _time(self, key, candidates: dict, run):
         results = {}

@@ -284,7 +284,7 @@ class CudaSequenceBackend(ReferenceBackend):
         with `loop`), or the fixed rule."""
         if self.tuner is None or self.loop is not None:
             return self._plan(batch, hidden, dtype)
-        return self.tuner.choose(key, self.loop_candidates(batch, hidden, dtype), run)
+        return self.tuner.choose(key, lambda: self.loop_candidates(batch, hidden, dtype), run)
 
     # -- primitives -------------------------------------------------------------------
     def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
