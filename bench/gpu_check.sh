@@ -5,7 +5,7 @@
 # backend's time goes (bench/gpu_probe.py). Needs only the device image (CuPy, PyTorch
 # with cuDNN, pytest); no network, no install: the checkout goes on PYTHONPATH.
 # Results go under $OUT (default bench/results/gpu-local). Budget: about 4 minutes (each
-# step has a timeout: 240 + 200 + 240 s at most; FASTLSTM_NCU=1 adds a 90 s profile).
+# step has a timeout: 240 + 200 + 240 s at most; FASTLSTM_NCU=1 adds two profiles, 90 s each at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-local}
@@ -42,14 +42,20 @@ timeout 240 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: ${SECONDS}s so far"
 
-# 4. where the persistent forward's time goes at the largest config: only with
-#    FASTLSTM_NCU=1 and ncu on PATH (up to 90 s more; run 7's profile is in bench/results;
-#    --clock-control none: the card's clocks are left as they are)
+# 4. where the single-launch forwards' time goes: only with FASTLSTM_NCU=1 and ncu on PATH
+#    (up to 2 x 90 s more): the resident kernel at small, the persistent kernel at
+#    wide-512 (run 7's profile of that is in bench/results); --clock-control none: the
+#    card's clocks are left as they are
 if [ "${FASTLSTM_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
-  timeout 90 ncu --clock-control none --kernel-name regex:lstm_forward_persistent --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
-    "$PY" bench/gpu_probe.py --once wide-512 > "$OUT/ncu_wide512.txt" 2>&1 || echo "ncu failed (not counted)"
-  tail -n 60 "$OUT/ncu_wide512.txt"
+  for profile in "resident small" "persistent wide-512"; do
+    set -- $profile
+    timeout 90 ncu --clock-control none --kernel-name "regex:lstm_forward_$1" --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+      --section SchedulerStats "$PY" bench/gpu_probe.py --once "$2" "$1" > "$OUT/ncu_$1_$2.txt" 2>&1 \
+      || echo "ncu $1 $2 failed (not counted)"
+    tail -n 70 "$OUT/ncu_$1_$2.txt"
+    echo "gpu_check: ${SECONDS}s so far"
+  done
 fi
 
 echo "gpu_check: exit $status after ${SECONDS}s; results in $OUT"

@@ -25,7 +25,7 @@ during stream capture is currently unsupported": the backend calls cuBLAS throug
 ctypes instead, fastlstm/backends/cublas_api.py.)
 
 Usage: python bench/gpu_probe.py OUT_DIR   (writes gpu_probe.json there; prints a table)
-       python bench/gpu_probe.py --once CONFIG   (one persistent forward, for ncu)
+       python bench/gpu_probe.py --once CONFIG LOOP   (one forward on that time loop, for ncu)
 """
 
 from __future__ import annotations
@@ -248,16 +248,16 @@ def print_table(lines):
     print("\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines), flush=True)
 
 
-def once(config_name: str) -> int:
-    """One forward with the persistent kernels forced, for a profiler (ncu) to catch."""
+def once(config_name: str, loop: str) -> int:
+    """One forward with the time loop `loop` forced, for a profiler (ncu) to catch."""
     call, lstm = bench.fastlstm_call("cupy", CONFIG_BY_NAME[config_name], "forward")
-    lstm._current_backend().loop = "persistent"
+    lstm._current_backend().loop = loop
     call()
     cupy.cuda.Device().synchronize()
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--once":
-        sys.exit(once(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--once":
+        sys.exit(once(sys.argv[2], sys.argv[3]))
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "."))

@@ -22,13 +22,18 @@
 // a group's values of one k:
 //   forward:  long long length[padded]; T w[H][4H] (W_hh transposed: consecutive rows j
 //             are consecutive banks); T h[padded * H] interleaved; T c[padded][H];
-//             T pre[padded][4H] (pre-activations of the step)
+//             T pre[2][padded][4H]: the step's input projection, turned into its
+//             pre-activations in place, and the next step's projection, loaded while
+//             this step runs (its load latency is off the chain of steps)
 //   backward: long long length[padded]; T w[4H][H] (W_hh as it is: consecutive units k
 //             are consecutive banks); T da[padded * 4H] interleaved;
 //             T partial[4][padded][H]; T dh_carried[padded][H]; T dc[padded][H]
 #include "lstm_common.cuh"
 
 #define FL_RESIDENT_GROUP 4  // RESIDENT_GROUP in cupy_backend.py: sequences per product pass
+// Elements of the next step's projection a forward thread loads: a block has at least
+// rows * H threads (resident_plan), so rows * 4H elements are at most 4 a thread.
+#define FL_RESIDENT_PREFETCH 4
 
 // The FL_RESIDENT_GROUP values at p (16-byte aligned) into q.
 __device__ __forceinline__ void fl_load_group(const float* p, float* q) {
@@ -58,8 +63,8 @@ __device__ __forceinline__ int fl_interleaved(int r, int k, int width) {
 // then the sequences left over one at a time (a block of one sequence does a quarter of
 // the multiply-adds a group would). With an addend (forward: the step's input
 // projection), out = (addend[r * out_stride + o] + sum) + bias, the order the other time
-// loops add them in; its loads are issued before the sum, so that their latency hides
-// behind it.
+// loops add them in; its loads are issued before the sum (out may be the addend: each
+// thread reads its own elements before it writes them).
 template <typename T>
 __device__ __forceinline__ void fl_resident_products(const T* w, int w_stride, const T* v, int width, int m0,
                                                      int count, int o, int mine, T* out, int out_stride,
@@ -117,7 +122,11 @@ __global__ void __launch_bounds__(1024)
     T* w = reinterpret_cast<T*>(length + padded);
     T* h = w + four_h * hidden;
     T* c = h + padded * hidden;
-    T* pre = c + padded * hidden;
+    T* pre = c + padded * hidden;           // this step's
+    T* pre_next = pre + padded * four_h;  // the next step's
+    const int inputs = mine * four_h;       // projection elements of a step: the block's rows are contiguous
+    for (int e = threadIdx.x; e < inputs; e += blockDim.x)
+        pre[e] = gates[((long long)(reverse ? steps - 1 : 0) * batch + b0) * four_h + e];
     for (int i = threadIdx.x; i < four_h * hidden; i += blockDim.x)  // i = k * 4H + j
         w[i] = w_hh[(long long)(i % four_h) * hidden + i / four_h];
     for (int i = threadIdx.x; i < padded * hidden; i += blockDim.x) {
@@ -137,8 +146,18 @@ __global__ void __launch_bounds__(1024)
     for (int s = 0; s < steps; ++s) {
         const int t = reverse ? steps - 1 - s : s;
         T* step_gates = gates + ((long long)t * batch + b0) * four_h;  // row r of this block: + r * 4H
-        if (j < four_h)  // pre = (x W_ih^T + h W_hh^T) + b
-            fl_resident_products(w, four_h, h, hidden, 0, hidden, j, mine, pre, four_h, step_gates, bias_j);
+        // the next step's projection: loads issued now, stored to shared memory after the products
+        T next[FL_RESIDENT_PREFETCH];
+        const bool more = s + 1 < steps;
+        const int t_next = more ? (reverse ? t - 1 : t + 1) : t;
+        const T* next_gates = gates + ((long long)t_next * batch + b0) * four_h;
+#pragma unroll
+        for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
+            const int e = threadIdx.x + q * blockDim.x;
+            next[q] = more && e < inputs ? next_gates[e] : T(0);
+        }
+        if (j < four_h)  // pre = (x W_ih^T + h W_hh^T) + b, in place
+            fl_resident_products(w, four_h, h, hidden, 0, hidden, j, mine, pre, four_h, pre, bias_j);
         __syncthreads();
         if (updates) {
             const int i = r * hidden + u, hi = fl_interleaved(r, u, hidden);
@@ -169,7 +188,15 @@ __global__ void __launch_bounds__(1024)
                 c_states[t * plane + n] = c_new;
             }
         }
+#pragma unroll
+        for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
+            const int e = threadIdx.x + q * blockDim.x;
+            if (more && e < inputs) pre_next[e] = next[q];
+        }
         __syncthreads();
+        T* done = pre;
+        pre = pre_next;
+        pre_next = done;
     }
     if (updates) {
         h_n[n] = h[fl_interleaved(r, u, hidden)];

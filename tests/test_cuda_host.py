@@ -128,7 +128,7 @@ def test_resident_plan_spreads_sequences_and_fits_threads_and_shared_memory():
     limit = 227 * 1024  # an H100's / H200's opt-in shared memory a block
     small = cupy_backend.resident_plan(16, 64, 4, 132, limit)  # DESIGN.md's `small`: a sequence a block
     assert (small.blocks, small.rows, small.threads) == (16, 1, 256)
-    assert small.shared_forward == 8 * 4 + 4 * (4 * 64 * 64 + 4 * 64 * 2 + 4 * 256)
+    assert small.shared_forward == 8 * 4 + 4 * (4 * 64 * 64 + 4 * 64 * 2 + 2 * 4 * 256)  # w, h, c, pre x2
     spread = cupy_backend.resident_plan(1000, 32, 4, 132, limit)
     assert (spread.rows, spread.blocks, spread.threads) == (8, 125, 256)  # ceil(1000 / 132) a block
     by_threads = cupy_backend.resident_plan(4096, 100, 4, 132, limit)  # 32 a block would need 3200 threads
@@ -459,3 +459,26 @@ def test_default_time_loop_depends_on_the_state_size(library):
     assert backend._plan(limit // 256 + 1, 256, np.float32) is not None
     backend.loop = "per-step"
     assert backend._plan(1, 256, np.float32) is None
+
+
+def test_calls_without_lengths_share_one_kept_lengths_array_per_shape_and_stream(fake_cupy):
+    """No fill kernel per call: the all-full lengths are kept per (device, stream, shape),
+    read only, the least recently used dropped beyond FULL_LENGTHS_KEPT."""
+    backend = fastlstm.registry.backend_object("cupy")
+    first = backend._full_lengths(3, 7)
+    assert type(first) is fake_cupy.ndarray and first.tolist() == [7, 7, 7]
+    assert backend._full_lengths(3, 7) is first
+    with fake_cupy.cuda.Stream() as stream:
+        other = backend._full_lengths(3, 7)
+        assert other is not first and backend._full_lengths(3, 7) is other  # per stream
+    assert stream.ptr != fake_cupy.cuda.get_current_stream().ptr
+    lstm = fastlstm.LSTM(2, 3, backend="cupy", seed=0)
+    x = np.random.default_rng(0).standard_normal((7, 3, 2)).astype(np.float32)
+    y1, _ = lstm(x)
+    y2, _ = lstm(x)
+    np.testing.assert_array_equal(y1, y2)
+    assert first.tolist() == [7, 7, 7]  # nothing wrote to it
+    for steps in range(100, 100 + cupy_backend.FULL_LENGTHS_KEPT):
+        backend._full_lengths(3, steps)
+    assert len(backend._full) == cupy_backend.FULL_LENGTHS_KEPT
+    assert backend._full_lengths(3, 7) is not first  # dropped, made anew

@@ -63,6 +63,7 @@ GRAPHS_ENV_VAR = "FASTLSTM_CUDA_GRAPHS"  # "0": launch every step of the per-ste
 RESIDENT_GROUP = 4
 MAX_BLOCK_THREADS = 1024
 WARP = 32
+FULL_LENGTHS_KEPT = 16  # all-full lengths arrays kept (CudaSequenceBackend._full_lengths)
 LOOPS = ("per-step", "persistent", "resident")  # CudaSequenceBackend.loop: one forced, or None
 # Block counts a tuner tries for the persistent kernels, besides one per multiprocessor: for
 # small H a step is bound by the grid barrier and L2 round trips, which fewer blocks may cut.
@@ -117,7 +118,7 @@ def resident_shared_bytes(rows, hidden, itemsize) -> tuple[int, int]:
     """(forward, backward) bytes of the layouts at the top of lstm_resident.cu."""
     padded = -(-rows // RESIDENT_GROUP) * RESIDENT_GROUP
     weights = 4 * hidden * hidden
-    forward = 8 * padded + itemsize * (weights + padded * hidden * 2 + padded * 4 * hidden)  # w, h, c, pre
+    forward = 8 * padded + itemsize * (weights + padded * hidden * 2 + 2 * padded * 4 * hidden)  # w, h, c, pre x2
     backward = 8 * padded + itemsize * (weights + padded * 4 * hidden + padded * hidden * 6)  # w, da, partial, dh, dc
     return forward, backward
 
@@ -218,6 +219,8 @@ class CudaSequenceBackend(ReferenceBackend):
         self.xp = xp
         self._gemm = gemm
         self._kernels = kernels
+        self._full = {}  # (stream key, batch, steps) -> lengths all equal to steps, least recently used first
+        self._full_lock = threading.Lock()
         self.loop = loop
         self.graphs = graphs
         self.tuner = tuner
@@ -301,7 +304,7 @@ class CudaSequenceBackend(ReferenceBackend):
         xp = self.xp
         num_steps, batch, input_size = x.shape
         hidden = w_hh.shape[1]
-        step_lengths = xp.full(batch, num_steps, dtype=np.int64) if lengths is None else lengths
+        step_lengths = self._full_lengths(batch, num_steps) if lengths is None else lengths
         x2 = x.reshape(num_steps * batch, input_size)
         gates = xp.empty((num_steps, batch, 4 * hidden), dtype=x.dtype)
         self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 4 * hidden), 0.0)
@@ -444,6 +447,26 @@ class CudaSequenceBackend(ReferenceBackend):
         return (dh, dh_other)[len(order) % 2], dc  # after an even number of swaps, dh holds the last
 
     # -- helpers ------------------------------------------------------------------------
+    def _stream_key(self):
+        """The device and stream a call's work is queued on (None for arrays without one)."""
+        return None
+
+    def _full_lengths(self, batch, num_steps):
+        """Lengths for a call without them: every sequence num_steps long. Kept per shape,
+        device and stream (read only: kernels never write lengths; per stream, so that no
+        stream reads one before the stream that made it has written it), so that such
+        calls queue no fill kernel -- some 40 us of host time per launch through CuPy on
+        the H200's VM."""
+        key = (self._stream_key(), batch, num_steps)
+        with self._full_lock:
+            lengths = self._full.pop(key, None)
+            if lengths is None:
+                lengths = self.xp.asarray(np.full(batch, num_steps, dtype=np.int64))
+            self._full[key] = lengths
+            while len(self._full) > FULL_LENGTHS_KEPT:
+                del self._full[next(iter(self._full))]
+        return lengths
+
     def _recurrent_weight_grad(self, saved: _CudaSaved, d_gates):
         """sum_t d_gates[t]^T h_{t-1}: h_{t-1} is another step's state except at the first
         step, where it is h0 -- two GEMMs into one output, no shifted copy of the states."""
@@ -742,6 +765,10 @@ class CupyBackend(CudaSequenceBackend):
         loops = f"; time loops chosen by timing ({TUNE_ENV_VAR})" if self.tuner is not None else ""
         return (f"cupy {self._cupy.__version__} on GPU {device.id}: {name} "
                 f"(CUDA graphs for the per-step loop {graphs}{loops})")
+
+    def _stream_key(self):
+        cuda = self._cupy.cuda
+        return cuda.Device().id, cuda.get_current_stream().ptr
 
     # -- data movement ------------------------------------------------------------------
     def from_user(self, value, name: str):
