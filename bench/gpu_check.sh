@@ -4,7 +4,8 @@
 # IEEE float32, torch-cuda-tf32 with torch's default TF32) and a probe of where the cupy
 # backend's time goes (bench/gpu_probe.py). Needs only the device image (CuPy, PyTorch
 # with cuDNN, pytest); no network, no install: the checkout goes on PYTHONPATH.
-# Results go under $OUT (default bench/results/gpu-local). Budget: about 4 minutes (each
+# Results go under $OUT (default bench/results/gpu-local): 6 files, 8 with FASTLSTM_NCU=1
+# (the device tool returns at most 8: write nothing else there). Budget: about 4 minutes (each
 # step has a timeout: 240 + 200 + 240 s at most; FASTLSTM_NCU=1 adds two profiles, 90 s each at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
