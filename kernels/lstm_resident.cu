@@ -10,9 +10,8 @@
 // resident at once or not. Sums run in a fixed order: results are bit-identical run to run.
 //
 // Threads: one per gate row j (< 4H) computes its row's recurrent products for
-// FL_RESIDENT_GROUP sequences at a time, the rest one by one (backward: one per (quarter
-// of the rows, unit)),
-// and one per (sequence, unit) updates the cell; the host launches
+// FL_RESIDENT_GROUP sequences at a time, the rest one by one (backward: one per quarter
+// of the rows and unit), and one per (sequence, unit) updates the cell; the host launches
 // max(4H, rows * H) threads, rounded up to whole warps (resident_plan).
 //
 // Shared memory (dynamic, laid out identically by the host's resident_plan), with
@@ -248,7 +247,8 @@ __global__ void __launch_bounds__(1024)
                                  hidden);
         if (s < 0) break;
         const int t = reverse ? steps - 1 - s : s;
-        // this step's inputs do not wait for the products: loads in flight across the barrier
+        // this step's inputs do not depend on the products: loads in flight across the barrier
+        // (issued before the products they would hide more of their latency; not yet measured)
         T a[4], c_t = T(0), c_before = T(0), dy_t = T(0);
         if (updates) {
             const T* a_row = gates + ((long long)t * batch + b0 + r) * four_h;
