@@ -29,6 +29,15 @@ from fastlstm.backends.numpy_backend import NumpyBackend
 pytestmark = pytest.mark.skipif(host_kernels.compiler() is None, reason="no C++ compiler to build the kernels for the host")
 
 
+def sequence_problems(num_steps, batch, input_size, hidden) -> dict:
+    """Hypothesis strategies for check_against_numpy's arguments: sizes from 1 to the given
+    maxima, either dtype and direction, with or without lengths."""
+    return dict(num_steps=st.integers(1, num_steps), batch=st.integers(1, batch),
+                input_size=st.integers(1, input_size), hidden=st.integers(1, hidden),
+                dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
+                seed=st.integers(0, 2**31))
+
+
 @pytest.fixture(scope="module")
 def emulated(library):
     """CudaSequenceBackend over NumPy, NumPy GEMMs and the host-built kernels: the per-step loop."""
@@ -63,21 +72,13 @@ def sequence_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengt
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    num_steps=st.integers(1, 6), batch=st.integers(1, 5), input_size=st.integers(1, 5), hidden=st.integers(1, 70),
-    dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
+@given(**sequence_problems(num_steps=6, batch=5, input_size=5, hidden=70))
 def test_host_built_kernels_match_numpy(emulated, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed):
     check_against_numpy(emulated, num_steps, batch, input_size, hidden, dtype, reverse, with_lengths, seed)
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    num_steps=st.integers(1, 5), batch=st.integers(1, 40), input_size=st.integers(1, 4), hidden=st.integers(1, 24),
-    dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
+@given(**sequence_problems(num_steps=5, batch=40, input_size=4, hidden=24))
 def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_steps, batch, input_size, hidden, dtype,
                                                    reverse, with_lengths, seed):
     """Blocks owning 1-8 units, the last one partly past the end; few sequences (split-k)
@@ -87,11 +88,7 @@ def test_host_built_persistent_kernels_match_numpy(emulated_persistent, num_step
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    num_steps=st.integers(1, 5), batch=st.integers(1, 20), input_size=st.integers(1, 4), hidden=st.integers(1, 10),
-    dtype=st.sampled_from(["float32", "float64"]), reverse=st.booleans(), with_lengths=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
+@given(**sequence_problems(num_steps=5, batch=20, input_size=4, hidden=10))
 def test_host_built_resident_kernels_match_numpy(emulated_resident, num_steps, batch, input_size, hidden, dtype,
                                                  reverse, with_lengths, seed):
     """1-7 sequences a block (one or two groups of four), the last block partly filled."""
