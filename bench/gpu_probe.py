@@ -40,6 +40,7 @@ import cupy
 
 from fastlstm import bench, registry
 from fastlstm.backends.cuda_tuning import LoopTuner, device_timer
+from fastlstm.backends.cupy_backend import ResidentPlan
 
 CONFIGS = ("wide-512", "train-m", "train-l", "small", "stream-1", "stream-b1", "stream-b8", "sweep-b16", "sweep-b32")
 # Between stream-b8 (8 x 256) and train-m (64 x 256): where the two time loops cross.
@@ -155,7 +156,7 @@ def probe(config: bench.Config, mode: str) -> dict:
 
 
 def loop_name(plan) -> str:
-    return "per-step" if plan is None else "resident" if hasattr(plan, "rows") else "persistent"
+    return "per-step" if plan is None else "resident" if isinstance(plan, ResidentPlan) else "persistent"
 
 
 def blocks_sweep() -> list[dict]:
