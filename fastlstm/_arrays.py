@@ -47,6 +47,22 @@ def host_result(array: np.ndarray, like):
     return torch.from_numpy(array).to(like.device)
 
 
+def refuse_autograd_tensor(value, name: str) -> None:
+    """Raise TypeError for a torch tensor that autograd is tracking: the NumPy-level layer is
+    not part of torch's graph, and reading the tensor would silently cut the gradient off."""
+    if not is_torch_tensor(value) or not getattr(value, "requires_grad", False):
+        return
+    import torch  # already imported: `value` is one of its tensors
+
+    if torch.is_grad_enabled():
+        raise TypeError(
+            f"{name}: this torch tensor requires grad, but fastlstm.LSTM works outside torch's "
+            "autograd, so no gradient would reach it. To train through autograd use "
+            "fastlstm.torch.LSTM (a torch.nn.Module, drop-in for torch.nn.LSTM); to run without "
+            f"gradients pass {name}.detach() or call under torch.no_grad()"
+        )
+
+
 def to_numpy(value, name: str) -> np.ndarray:
     """A NumPy view or copy of `value` (NumPy, CuPy, torch, DLPack, sequences)."""
     if isinstance(value, np.ndarray):

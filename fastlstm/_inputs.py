@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._arrays import check_real, to_numpy
+from ._arrays import check_real, refuse_autograd_tensor, to_numpy
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Layout:
 
 def sequence_input(backend, value, input_size: int, batch_first: bool, dtype):
     """x -> (internal (T, B, I) array in `dtype`, Layout)."""
+    refuse_autograd_tensor(value, "x")
     x = backend.from_user(value, "x")
     check_real(x, "x")
     order = "(B, T, input_size)" if batch_first else "(T, B, input_size)"
@@ -101,6 +102,7 @@ def state_pair(backend, value, name: str, layout: Layout, num_states: int, hidde
         if part is None:
             out.append(None)
             continue
+        refuse_autograd_tensor(part, f"{name}[{label}]")
         array = backend.from_user(part, f"{name}[{label}]")
         check_real(array, f"{name}[{label}]")
         if tuple(array.shape) != expected:
@@ -134,6 +136,7 @@ def output_gradient(backend, value, layout: Layout, features: int, dtype):
     """dy -> internal (T, B, features) array, or None for None."""
     if value is None:
         return None
+    refuse_autograd_tensor(value, "dy")
     dy = backend.from_user(value, "dy")
     check_real(dy, "dy")
     expected = layout.user_sequence_shape(features)

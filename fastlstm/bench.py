@@ -412,9 +412,14 @@ def compare(old: Report, new: Report) -> str:
 
 
 def save_json(report: Report, path) -> None:
+    save_json_data(report.to_json(), path)
+
+
+def save_json_data(data: dict, path) -> None:
+    """`data` as indented JSON at `path`, written atomically."""
     from .checkpoint import write_atomic
 
-    text = json.dumps(report.to_json(), indent=1)
+    text = json.dumps(data, indent=1)
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 

@@ -56,6 +56,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--repeats", type=_positive, help="measured rounds (default 5; 2 with --quick)")
     p.add_argument("--threads", type=_positive, help="CPU threads for every backend and torch (default: all cores)")
     p.add_argument("--quick", action="store_true", help="shorter sequences and fewer rounds (under 30 s)")
+    p.add_argument("--torch", action="store_true",
+                   help="time a whole PyTorch training step (LSTM + Linear + cross-entropy + Adam) with "
+                        "fastlstm.torch.LSTM against torch.nn.LSTM, and the adapter's cost over the bare call "
+                        "(needs torch; --configs, --quick, --repeats, --threads, --json apply)")
+    p.add_argument("--device", type=_comma_list, help="with --torch: cpu, cuda or cpu,cuda (default: every device torch sees)")
     p.add_argument("--json", metavar="PATH", help="write every measurement, the machine and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     p.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"), help="print speed-ups between two JSON runs and exit")
@@ -127,6 +132,10 @@ def _bench(args, parser) -> int:
         return 0
     if args.plot and not module_available("matplotlib"):
         raise CommandError("--plot needs matplotlib: pip install 'fastlstm[plot]' (or pip install matplotlib)")
+    if args.torch:
+        return _bench_torch(args, parser)
+    if args.device:
+        parser.error("--device applies with --torch only")
     modes = args.modes
     for mode in modes:
         if mode not in bench.MODES:
@@ -148,6 +157,36 @@ def _bench(args, parser) -> int:
     if args.plot:
         bench.plot(report, args.plot)
         _log(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_torch(args, parser) -> int:
+    if not module_available("torch"):
+        raise CommandError("--torch needs PyTorch: pip install torch==2.13.0 (or 'fastlstm[torch]')")
+    for flag in ("backends", "plot", "T", "B", "I", "H"):
+        if getattr(args, flag):
+            parser.error(f"--torch times fastlstm.torch against torch.nn.LSTM; --{flag} does not apply")
+    from . import bench_torch
+
+    configs = _bench_configs(args, parser)
+    devices = args.device
+    for device in devices or []:
+        if device not in ("cpu", "cuda"):
+            parser.error(f"--device: expected cpu, cuda or cpu,cuda, got {device!r}")
+    if devices and "cuda" in devices:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: torch sees no CUDA GPU")
+    repeats = args.repeats or (3 if args.quick else 7)
+    _log(f"fastlstm bench --torch: {', '.join(c.name for c in configs)}; {repeats} alternated rounds after "
+         "2 warm-up steps per runner")
+    with _thread_limits(args.threads):
+        report = bench_torch.run(configs, repeats, progress=_log, devices=devices)
+    print(bench_torch.format_table(report))
+    if args.json:
+        bench.save_json_data(report.to_json(), args.json)
+        _log(f"wrote {args.json}")
     return 0
 
 

@@ -1,21 +1,27 @@
-"""The LSTM layer: shapes, parameters, state, stacking, directions, dropout.
+"""The LSTM layer: parameters, gradients, modes, files, and the user-facing API.
 
 Semantics are those of ``torch.nn.LSTM`` (gate order i, f, g, o; two biases;
-``state_dict`` names and shapes; (L*D, B, H) states). The layer is written once for
-every backend: it talks to a backend only through ``forward_sequence`` and
-``backward_sequence`` for one layer and one direction (see ``backends/base.py``).
+``state_dict`` names and shapes; (L*D, B, H) states). Stacking, directions, dropout and
+states are ``fastlstm.stack``'s, written once for every backend; this class owns the
+parameters and gradients, validates what callers hand it, and keeps per-call records.
+
+Records of training forwards (what a backward needs) belong to calls, not to the layer:
+``vjp`` returns a pullback that owns its record, and ``__call__`` + ``backward`` keep the
+calling thread's last training forward only. What threads may share is in ``LSTM``'s
+docstring.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import types
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import _inputs, registry
+from . import _inputs, registry, stack
 from ._arrays import check_real, resolve_dtype, to_numpy
 from .checkpoint import load_arrays, save_arrays
 
@@ -37,22 +43,62 @@ def _flag(value, name: str) -> bool:
 
 
 @dataclass
-class _ForwardRecord:
-    """What one training forward leaves for backward."""
+class _Call:
+    """One training forward as its caller made it: the stack's record plus the caller's layout."""
 
-    backend: object
+    record: stack.StackRecord
     layout: _inputs.Layout
-    saved: list  # saved[layer][direction], opaque to the layer
-    dropout_masks: list  # mask applied to each layer's input (None: no dropout)
     input_like: object  # the caller's x, to hand results back in its framework
+
+
+class Pullback:
+    """The backward of one ``LSTM.vjp`` call. ``pullback(dy, dstate=None)`` returns
+    ``dx, (dh0, dc0)`` and adds the parameter gradients into the layer's ``grads``.
+
+    It owns its forward's record and can be called once; a call that fails on bad input
+    changes nothing and may be repeated with good input.
+    """
+
+    def __init__(self, layer: "LSTM", call: _Call):
+        self._layer = layer
+        self._call = call
+        self._lock = threading.Lock()  # one pull at a time: the second sees the record gone
+
+    @property
+    def used(self) -> bool:
+        return self._call is None
+
+    def __call__(self, dy=None, dstate=None):
+        with self._lock:
+            if self._call is None:
+                raise RuntimeError(
+                    "pullback: this forward was already differentiated; each pullback can be "
+                    "called once (run vjp again for another backward)"
+                )
+            result = self._layer._pull_back(self._call, dy, dstate)
+            self._call = None  # free the record: it holds every layer's activations
+        return result
 
 
 class LSTM:
     """A multi-layer, optionally bidirectional LSTM with a PyTorch-compatible API.
 
     ``lstm(x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
-    ``lstm.backward(dy, dstate=None)`` returns ``dx, (dh0, dc0)`` and accumulates the
-    parameter gradients into ``lstm.grads`` until ``zero_grad()``.
+    ``lstm.backward(dy, dstate=None)`` returns ``dx, (dh0, dc0)`` for the calling thread's
+    last training forward and accumulates the parameter gradients into ``lstm.grads``
+    until ``zero_grad()``. ``lstm.vjp(x, ...)`` returns ``y, (h_n, c_n), pullback``: a
+    training forward whose record belongs to the call, for layers used several times
+    before one backward.
+
+    Threads: several threads may run forwards, ``vjp`` and pullbacks on one layer at the
+    same time; each gets its own results, and ``grads`` ends as the exact sum of every
+    pullback's gradients (they are added under a lock; the computing is not). Dropout
+    masks are drawn under a lock too, in whatever order the threads arrive. Not safe to
+    do while other threads run the layer: changing parameters in place (an optimizer
+    step), ``zero_grad``, ``load_state_dict``, ``to``, ``train``/``eval``; a forward uses
+    the parameters as they are when its backend reads them. Concurrent calls on the
+    ``numba`` backend each ask for every core (``fastlstm.set_num_threads``), so two at
+    once run much slower than one after the other: give each thread its share of cores.
     """
 
     def __init__(
@@ -84,13 +130,18 @@ class LSTM:
                 "dropout applies between layers only; with num_layers=1 it has no effect", stacklevel=2
             )
         self.dtype = resolve_dtype(dtype)
+        self._spec = stack.StackSpec(
+            self.input_size, self.hidden_size, self.num_layers, self.num_directions, self.bias, self.dtype
+        )
         self._backend_choice = None if backend is None else registry._check_name(backend)
         self._storage = registry.backend_object(self._backend_choice)
         init_seed, dropout_seed = np.random.SeedSequence(seed).spawn(2)
         self._dropout_rng = np.random.default_rng(dropout_seed)
         self._params = self._initial_parameters(np.random.default_rng(init_seed))
         self._grads = {name: self._storage.xp.zeros_like(p) for name, p in self._params.items()}
-        self._record = None
+        self._grads_lock = threading.Lock()
+        self._dropout_lock = threading.Lock()
+        self._last = threading.local()  # .pullback: this thread's last training forward
         self.training = True
 
     # -- structure ----------------------------------------------------------------------
@@ -98,28 +149,9 @@ class LSTM:
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    def _layer_input_size(self, layer: int) -> int:
-        return self.input_size if layer == 0 else self.hidden_size * self.num_directions
-
-    def _names(self, layer: int, direction: int) -> tuple:
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        names = [f"weight_ih{suffix}", f"weight_hh{suffix}"]
-        if self.bias:
-            names += [f"bias_ih{suffix}", f"bias_hh{suffix}"]
-        return tuple(names)
-
     def parameter_shapes(self) -> dict:
         """name -> shape, in torch.nn.LSTM's state_dict order."""
-        shapes = {}
-        four_h = 4 * self.hidden_size
-        for layer in range(self.num_layers):
-            for direction in range(self.num_directions):
-                names = self._names(layer, direction)
-                shapes[names[0]] = (four_h, self._layer_input_size(layer))
-                shapes[names[1]] = (four_h, self.hidden_size)
-                for name in names[2:]:
-                    shapes[name] = (four_h,)
-        return shapes
+        return self._spec.parameter_shapes()
 
     def _initial_parameters(self, rng) -> dict:
         # torch.nn.LSTM's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
@@ -171,124 +203,111 @@ class LSTM:
         x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched
         (T, input_size). state: optional (h0, c0), each (L*D, B, H). lengths:
         optional (B,) ints in 1..T; outputs past a sequence's length are zero and
-        h_n / c_n are taken at each sequence's own last step.
+        h_n / c_n are taken at each sequence's own last step. In training mode the
+        forward is kept for this thread's next ``backward``; eval keeps nothing.
         """
+        y, final_state, call = self._forward(x, state, lengths, keep=self.training)
+        self._last.pullback = None if call is None else Pullback(self, call)
+        return y, final_state
+
+    def vjp(self, x, state=None, lengths=None):
+        """A forward whose record belongs to this call: returns ``y, (h_n, c_n), pullback``.
+
+        ``pullback(dy, dstate=None)`` returns ``dx, (dh0, dc0)`` and adds the parameter
+        gradients into ``grads``, once. Any number of pullbacks may be alive and called in
+        any order, from any thread. Dropout applies in training mode only, as in
+        ``forward``; the record is kept in either mode. This thread's ``backward`` is not
+        affected.
+        """
+        y, final_state, call = self._forward(x, state, lengths, keep=True)
+        return y, final_state, Pullback(self, call)
+
+    def _forward(self, x, state, lengths, keep: bool):
         backend = self._current_backend()
         # Validate and convert everything before changing anything.
         inputs, layout = _inputs.sequence_input(backend, x, self.input_size, self.batch_first, self.dtype)
-        num_states = self.num_layers * self.num_directions
-        h0, c0 = _inputs.state_pair(backend, state, "state", layout, num_states, self.hidden_size, self.dtype)
+        h0, c0 = _inputs.state_pair(
+            backend, state, "state", layout, self._spec.num_states, self.hidden_size, self.dtype
+        )
         step_lengths = _inputs.sequence_lengths(backend, lengths, layout)
         self._move_to(backend)
-        rng_state = self._dropout_rng.bit_generator.state
+        masks, undo = self._draw_dropout_masks(backend, layout)
         try:
-            y, h_n, c_n, saved, masks = self._run_layers(backend, inputs, layout, h0, c0, step_lengths)
+            y, h_n, c_n, record = stack.forward(
+                self._spec, backend, self._params, inputs, h0, c0, step_lengths, masks, keep
+            )
         except BaseException:
-            self._dropout_rng.bit_generator.state = rng_state
+            undo()
             raise
-        # The latest forward is the one backward differentiates; eval keeps nothing.
-        self._record = _ForwardRecord(backend, layout, saved, masks, x) if self.training else None
+        call = None if record is None else _Call(record, layout, x)
         xp = backend.xp
         outputs = (layout.to_user(xp, y), layout.state_to_user(h_n), layout.state_to_user(c_n))
         y, h_n, c_n = (backend.to_user(a, x) for a in outputs)
-        return y, (h_n, c_n)
+        return y, (h_n, c_n), call
 
-    def _zeros_state(self, xp, batch):
-        return xp.zeros((self.num_layers * self.num_directions, batch, self.hidden_size), dtype=self.dtype)
-
-    def _layer_weights(self, layer: int, direction: int):
-        names = self._names(layer, direction)
-        w_ih, w_hh = self._params[names[0]], self._params[names[1]]
-        if self.bias:
-            bias = self._params[names[2]] + self._params[names[3]]
-        else:
-            bias = self._storage.xp.zeros(4 * self.hidden_size, dtype=self.dtype)
-        return w_ih, w_hh, bias
-
-    def _dropout_mask(self, backend, shape):
-        """Inverted-dropout mask drawn on the host, so every backend sees the same one."""
+    def _draw_dropout_masks(self, backend, layout):
+        """(masks for stack.forward, undo): inverted-dropout masks drawn on the host, so every
+        backend sees the same ones; undo() puts the generator back if no other thread drew
+        since (a failed call then leaves it as it was)."""
+        if not (self.training and self.dropout > 0 and self.num_layers > 1):
+            return None, lambda: None
         keep = 1.0 - self.dropout
-        if keep == 0.0:
-            return backend.asarray(np.zeros(shape, dtype=self.dtype))
-        kept = self._dropout_rng.random(shape) < keep
-        return backend.asarray((kept / keep).astype(self.dtype))
+        shapes = self._spec.dropout_mask_shapes(layout.num_steps, layout.batch)
+        generator = self._dropout_rng.bit_generator
+        with self._dropout_lock:
+            before = generator.state
+            masks = [None if shape is None else self._inverted_mask(shape, keep) for shape in shapes]
+            after = generator.state
+        masks = [None if mask is None else backend.asarray(mask) for mask in masks]
 
-    def _run_layers(self, backend, inputs, layout, h0, c0, lengths):
-        xp = backend.xp
-        training = self.training
-        h0 = self._zeros_state(xp, layout.batch) if h0 is None else h0
-        c0 = self._zeros_state(xp, layout.batch) if c0 is None else c0
-        h_n, c_n = xp.empty_like(h0), xp.empty_like(c0)
-        saved, masks = [], []
-        layer_input = inputs
-        for layer in range(self.num_layers):
-            mask = None
-            if training and layer > 0 and self.dropout > 0:
-                mask = self._dropout_mask(backend, layer_input.shape)
-                layer_input = layer_input * mask
-            outputs, layer_saved = [], []
-            for direction in range(self.num_directions):
-                k = layer * self.num_directions + direction
-                y, h_n[k], c_n[k], kept = backend.forward_sequence(
-                    layer_input, *self._layer_weights(layer, direction), h0[k], c0[k],
-                    lengths, direction == 1, training,
-                )
-                outputs.append(y)
-                layer_saved.append(kept)
-            layer_input = outputs[0] if len(outputs) == 1 else xp.concatenate(outputs, axis=2)
-            saved.append(layer_saved)
-            masks.append(mask)
-        return layer_input, h_n, c_n, saved, masks
+        def undo():
+            with self._dropout_lock:
+                if generator.state == after:
+                    generator.state = before
+
+        return masks, undo
+
+    def _inverted_mask(self, shape, keep: float) -> np.ndarray:
+        if keep == 0.0:
+            return np.zeros(shape, dtype=self.dtype)
+        kept = self._dropout_rng.random(shape) < keep
+        return (kept / keep).astype(self.dtype)
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, dy, dstate=None):
-        """Backpropagate through the last training forward. Returns ``dx, (dh0, dc0)``.
+        """Backpropagate through this thread's last training forward. Returns ``dx, (dh0, dc0)``.
 
         dy: gradient of the loss w.r.t. y (same shape as y; None: zeros). dstate:
         optional (dh_n, dc_n), each shaped like h_n (either may be None). Parameter
         gradients are added to ``self.grads``. Each forward can be differentiated once.
         """
-        record = self._record
-        if record is None:
+        pullback = getattr(self._last, "pullback", None)
+        if pullback is None:
             raise RuntimeError(
                 "backward: no training forward to differentiate. Call the layer in training mode "
-                "(lstm.train()) right before backward; eval forwards keep nothing, and each "
-                "forward can be differentiated once"
+                "(lstm.train()) right before backward, in the same thread; eval forwards keep "
+                "nothing, and each forward can be differentiated once (vjp gives a pullback "
+                "per call)"
             )
-        backend, layout = record.backend, record.layout
-        xp = backend.xp
-        num_states = self.num_layers * self.num_directions
-        hidden = self.hidden_size
-        d_out = _inputs.output_gradient(backend, dy, layout, hidden * self.num_directions, self.dtype)
-        dh_n, dc_n = _inputs.state_pair(backend, dstate, "dstate", layout, num_states, hidden, self.dtype)
-        d_out = xp.zeros((layout.num_steps, layout.batch, hidden * self.num_directions), self.dtype) if d_out is None else d_out
-        dh_n = self._zeros_state(xp, layout.batch) if dh_n is None else dh_n
-        dc_n = self._zeros_state(xp, layout.batch) if dc_n is None else dc_n
+        result = pullback(dy, dstate)
+        self._last.pullback = None
+        return result
 
-        new_grads = {}
-        dh0, dc0 = xp.empty_like(dh_n), xp.empty_like(dc_n)
-        for layer in reversed(range(self.num_layers)):
-            d_input = None
-            for direction in range(self.num_directions):
-                k = layer * self.num_directions + direction
-                dy_part = xp.ascontiguousarray(d_out[:, :, direction * hidden : (direction + 1) * hidden])
-                dx, dh0[k], dc0[k], dw_ih, dw_hh, dbias = backend.backward_sequence(
-                    record.saved[layer][direction], dy_part, dh_n[k], dc_n[k]
-                )
-                d_input = dx if d_input is None else d_input + dx
-                names = self._names(layer, direction)
-                new_grads[names[0]], new_grads[names[1]] = dw_ih, dw_hh
-                if self.bias:  # b_ih and b_hh enter the gates as one sum
-                    new_grads[names[2]] = new_grads[names[3]] = dbias
-            if record.dropout_masks[layer] is not None:
-                d_input = d_input * record.dropout_masks[layer]
-            d_out = d_input
+    def _pull_back(self, call: _Call, dy, dstate):
+        """Differentiate one recorded forward; gradients are added to ``grads`` last."""
+        record, layout = call.record, call.layout
+        backend = record.backend
+        spec = self._spec
+        d_out = _inputs.output_gradient(backend, dy, layout, spec.output_size, self.dtype)
+        dh_n, dc_n = _inputs.state_pair(backend, dstate, "dstate", layout, spec.num_states, self.hidden_size, self.dtype)
+        d_in, dh0, dc0, new_grads = stack.backward(record, d_out, dh_n, dc_n)
         # Only now, with every gradient computed, touch the layer.
-        for name, grad in new_grads.items():
-            self._grads[name] += self._storage.asarray(grad)
-        self._record = None
-        like = record.input_like
-        dx = backend.to_user(layout.to_user(xp, d_out), like)
+        converted = {name: self._storage.asarray(grad) for name, grad in new_grads.items()}
+        with self._grads_lock:
+            for name, grad in converted.items():
+                self._grads[name] += grad
+        xp, like = backend.xp, call.input_like
+        dx = backend.to_user(layout.to_user(xp, d_in), like)
         dh0 = backend.to_user(layout.state_to_user(dh0), like)
         dc0 = backend.to_user(layout.state_to_user(dc0), like)
         return dx, (dh0, dc0)

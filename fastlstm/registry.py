@@ -122,6 +122,22 @@ def _resolve_auto():
     raise BackendUnavailableError("no backend is available: " + "; ".join(skipped))
 
 
+def backend_for_device(device_type: str):
+    """What 'auto' means for arrays that live on `device_type` ('cpu' or 'cuda'): numba >
+    numpy on the CPU, cupy on a GPU. Raises BackendUnavailableError naming what is missing."""
+    order = ("cupy",) if device_type == "cuda" else ("numba", "numpy")
+    reasons = []
+    for name in order:
+        status, backend = _probe(name)
+        if status.available:
+            return backend
+        reasons.append(f"{name}: {status.reason}")
+    hint = f" To install: {_INSTALL_HINTS['cupy']}" if device_type == "cuda" else ""
+    raise BackendUnavailableError(
+        f"no backend can run arrays on {device_type!r} ({'; '.join(reasons)}).{hint}"
+    )
+
+
 def backend_object(name: str | None = None):
     """The backend object for `name` (None: the choice in effect); raises if unusable."""
     name = current_choice() if name is None else _check_name(name)

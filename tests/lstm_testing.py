@@ -59,7 +59,7 @@ def snapshot(lstm) -> dict:
     return {
         "params": {k: np.array(v, copy=True) for k, v in lstm.state_dict().items()},
         "grads": {k: np.array(lstm._storage.to_host(v), copy=True) for k, v in lstm.grads.items()},
-        "record": lstm._record,
+        "pullback": getattr(lstm._last, "pullback", None),
         "rng": lstm._dropout_rng.bit_generator.state,
         "training": lstm.training,
     }
@@ -70,7 +70,8 @@ def assert_unchanged(lstm, before: dict) -> None:
     for group in ("params", "grads"):
         for name, value in before[group].items():
             assert np.array_equal(after[group][name], value), f"{group}[{name}] changed"
-    assert after["record"] is before["record"], "the saved forward changed"
+    assert after["pullback"] is before["pullback"], "the saved forward changed"
+    assert before["pullback"] is None or not before["pullback"].used, "the saved forward was used up"
     assert after["rng"] == before["rng"], "the dropout generator advanced"
     assert after["training"] == before["training"]
 

@@ -77,7 +77,7 @@ def test_eval_keeps_nothing_and_uses_no_dropout(backend):
     y1, _ = lstm(x)
     y2, _ = lstm(x)
     np.testing.assert_array_equal(y1, y2)  # no dropout
-    assert lstm._record is None
+    assert lstm._last.pullback is None
     no_dropout = fastlstm.LSTM(3, 4, num_layers=3, backend=backend)
     no_dropout.load_state_dict(lstm.state_dict())
     np.testing.assert_allclose(no_dropout(x)[0], y1, rtol=1e-6)
@@ -98,7 +98,7 @@ def test_dropout_is_reproducible_from_seed_and_differs_between_calls(backend):
 
 def test_dropout_masks_have_the_right_rate():
     lstm = fastlstm.LSTM(2, 2, num_layers=2, dropout=0.3, seed=0)
-    mask = lstm._dropout_mask(lstm._storage, (200, 50, 4))
+    mask = lstm._inverted_mask((200, 50, 4), 0.7)
     kept = mask > 0
     assert abs(kept.mean() - 0.7) < 0.01
     np.testing.assert_allclose(mask[kept], 1 / 0.7, rtol=1e-6)

@@ -11,11 +11,18 @@ sizes that are not whole 32-column panels), BLAS is held to one thread for the c
 (threadpoolctl), so the two pools never oversubscribe the cores. Problems too small
 to split run on one thread, and their large GEMMs (input projection, weight
 gradients) go to NumPy's BLAS with the same thread count.
+
+Calls from several Python threads: every section that uses more than one core (a
+parallel kernel, a multi-threaded BLAS call) runs one at a time in the process
+(``_MULTICORE``); single-threaded kernels run side by side. Numba's workqueue threading
+layer aborts the process when two threads launch parallel kernels at once, and on the
+thread-safe layers two launches that each want every core only slow each other down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -43,6 +50,8 @@ _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
 _STEPWISE_PROJECTION_MIN_BATCH = 16
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
+# Held by every section that uses more than one core (see the module docstring).
+_MULTICORE = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -120,14 +129,19 @@ class NumbaBackend(ReferenceBackend):
         packed = plan.mode == kernels.GEMM_PACKED
         with contextlib.nullcontext() if packed else self._blas.limit(limits=1, user_api="blas"):
             if plan.parallel:
-                numba.set_num_threads(plan.num_blocks)
-                return parallel_kernel(*args)
+                with _MULTICORE:
+                    numba.set_num_threads(plan.num_blocks)
+                    return parallel_kernel(*args)
             return serial_kernel(*args)
 
+    @contextlib.contextmanager
     def _numpy_blas(self):
         """For the single-block plan's large GEMMs (projection, weight gradients): NumPy's
         multi-threaded BLAS, held to fastlstm's thread count. No Numba thread runs then."""
-        return self._blas.limit(limits=threads.get_num_threads(), user_api="blas")
+        count = threads.get_num_threads()
+        with _MULTICORE if count > 1 else contextlib.nullcontext(), \
+                self._blas.limit(limits=count, user_api="blas"):
+            yield
 
     def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool) -> np.ndarray:
         """Each block's rows of w_p laid out as a per-step GEMM operand (kernels.pack_operands)."""
@@ -201,7 +215,7 @@ class NumbaBackend(ReferenceBackend):
         dw_hh_p = np.empty((4 * hidden, hidden), dtype)
         dbias_p = np.empty(4 * hidden, dtype)
         dx2 = np.empty((rows, input_size), dtype)
-        with self._blas.limit(limits=1, user_api="blas"):
+        with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
             numba.set_num_threads(plan.num_blocks)
             kernels.gradients(
                 d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,

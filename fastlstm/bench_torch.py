@@ -1,0 +1,202 @@
+"""``fastlstm bench --torch``: a whole PyTorch training step with ``fastlstm.torch.LSTM``
+against the same step with ``torch.nn.LSTM``, and what the adapter costs over the bare call.
+
+A step is LSTM -> Linear -> cross-entropy -> backward -> Adam, on DESIGN.md's
+configurations (batch-first off, targets drawn once). Runners:
+
+- ``nn.LSTM step`` and ``fastlstm step``: the whole step, CPU tensors (and, where torch sees
+  a GPU, CUDA tensors: cuDNN in IEEE float32, and with torch's default TF32 setting);
+- ``fastlstm.torch lstm`` and ``fastlstm bare``: only the LSTM's forward + backward, once
+  through the torch module (the adapter) and once on the NumPy-level layer with the same
+  backend and weights. Their ratio is the adapter's overhead.
+
+Rounds alternate between the runners (each round runs every runner once, in a rotated
+order, with a short pause before each so that thread pools the previous runner left
+spinning go idle), so a change in the host's load hits every runner alike; the medians
+over rounds are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import threads
+from .bench import CONFIGS, Config, library_versions, machine_info
+
+SETTLE_S = 0.05  # libgomp threads spin for well under this after a parallel region
+HEAD_CLASSES = 64  # the Linear head's outputs (a character vocabulary's size)
+LR = 1e-3
+
+
+@dataclass
+class StepReport:
+    machine: dict
+    versions: dict
+    threads: int
+    repeats: int
+    times: dict = field(default_factory=dict)  # (config, runner) -> [seconds per round]
+
+    def median(self, config: str, runner: str) -> float | None:
+        values = self.times.get((config, runner))
+        return statistics.median(values) if values else None
+
+    def to_json(self) -> dict:
+        return {
+            "machine": self.machine, "versions": self.versions, "threads": self.threads, "repeats": self.repeats,
+            "measurements": [
+                {"config": c, "runner": r, "times_s": t, "median_s": statistics.median(t)}
+                for (c, r), t in self.times.items()
+            ],
+        }
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _training_step(config: Config, device: str, kind: str, allow_tf32: bool = False):
+    """A no-argument callable: one training step of LSTM + Linear + cross-entropy + Adam."""
+    import torch
+
+    from .torch import LSTM
+
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
+    lstm = reference if kind == "torch" else LSTM.from_torch(reference)
+    head = torch.nn.Linear(config.H * config.directions, HEAD_CLASSES)
+    lstm, head = lstm.to(device), head.to(device)
+    optimizer = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=LR)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((config.T, config.B, config.I), generator=g).to(device)
+    target = torch.randint(0, HEAD_CLASSES, (config.T * config.B,), generator=g).to(device)
+    sync = _sync(device)
+
+    def step():
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        try:
+            y, _ = lstm(x)
+            loss = torch.nn.functional.cross_entropy(head(y).reshape(-1, HEAD_CLASSES), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sync()
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+    return step
+
+
+def _adapter_pair(config: Config, device: str):
+    """(through the module, bare): the LSTM's forward + backward only, same backend and weights."""
+    import torch
+
+    from .layer import LSTM as CoreLSTM
+    from .torch import LSTM
+
+    module = LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional).to(device)
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((config.T, config.B, config.I)).astype(np.float32)
+    dy_np = rng.standard_normal((config.T, config.B, config.H * config.directions)).astype(np.float32)
+    x, dy = torch.from_numpy(x_np).to(device), torch.from_numpy(dy_np).to(device)
+    backend = module_backend(device)
+    core = CoreLSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                    backend=backend)
+    core.load_state_dict(module.state_dict())
+    storage = core._current_backend()
+    x_dev, dy_dev = storage.from_user(x_np, "x"), storage.from_user(dy_np, "dy")
+    sync = _sync(device)
+
+    def through_module():
+        module.zero_grad(set_to_none=True)
+        y, _ = module(x)
+        y.backward(dy)
+        sync()
+
+    def bare():
+        core(x_dev)
+        core.backward(dy_dev)
+        if device == "cuda":
+            storage.xp.cuda.Device().synchronize()
+    return through_module, bare
+
+
+def module_backend(device: str) -> str:
+    """The backend fastlstm.torch picks for tensors on `device` under 'auto'."""
+    import torch
+
+    from . import _torch_ops
+
+    return _torch_ops.resolve_backend("", torch.device(device)).name
+
+
+def runners(config: Config, device: str) -> dict:
+    if device == "cuda":
+        return {
+            "nn.LSTM step (cuDNN fp32)": _training_step(config, device, "torch"),
+            "nn.LSTM step (cuDNN TF32)": _training_step(config, device, "torch", allow_tf32=True),
+            "fastlstm step": _training_step(config, device, "fastlstm"),
+            **dict(zip(("fastlstm.torch lstm", "fastlstm bare"), _adapter_pair(config, device))),
+        }
+    return {
+        "nn.LSTM step": _training_step(config, device, "torch"),
+        "fastlstm step": _training_step(config, device, "fastlstm"),
+        **dict(zip(("fastlstm.torch lstm", "fastlstm bare"), _adapter_pair(config, device))),
+    }
+
+
+def run(configs=None, repeats: int = 7, warmup: int = 2, progress=None, devices=None) -> StepReport:
+    """Time every runner on every config and device ('cpu', 'cuda'; default: those torch has)."""
+    configs = list(CONFIGS.values()) if configs is None else configs
+    report = StepReport(machine_info(), library_versions(), threads.get_num_threads(), repeats)
+    for device in devices or _devices():
+        for config in configs:
+            label = f"{config.name} ({device})"
+            if progress:
+                progress(f"{label}: warming up")
+            calls = runners(config, device)
+            for call in calls.values():
+                for _ in range(warmup):
+                    call()
+            names = list(calls)
+            for round_index in range(repeats):
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    time.sleep(SETTLE_S)
+                    start = time.perf_counter()
+                    calls[name]()
+                    report.times.setdefault((label, name), []).append(time.perf_counter() - start)
+    return report
+
+
+def format_table(report: StepReport) -> str:
+    configs = list(dict.fromkeys(c for c, _ in report.times))
+    rows = [("config", "runner", "ms", "vs nn.LSTM step", "adapter overhead")]
+    for config in configs:
+        torch_step = report.median(config, "nn.LSTM step") or report.median(config, "nn.LSTM step (cuDNN fp32)")
+        bare = report.median(config, "fastlstm bare")
+        for (c, runner) in report.times:
+            if c != config:
+                continue
+            t = report.median(c, runner)
+            versus = f"{torch_step / t:.2f}x" if runner == "fastlstm step" and torch_step else ""
+            overhead = f"{t / bare - 1:+.1%}" if runner == "fastlstm.torch lstm" and bare else ""
+            rows.append((c, runner, f"{t * 1e3:.2f}", versus, overhead))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (f"fastlstm bench --torch: a training step (LSTM + Linear({HEAD_CLASSES}) + cross-entropy + Adam), "
+             f"float32, {report.threads} threads, median of {report.repeats} alternated rounds; "
+             "'vs nn.LSTM step' above 1: fastlstm faster")
+    return title + "\n" + "\n".join(lines)

@@ -1,0 +1,573 @@
+"""fastlstm.torch.LSTM against torch.nn.LSTM: parity on every feature, autograd, compile,
+training, the drop-in surface and its errors (CPU; the CUDA path runs in test_gpu.py)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+import fastlstm
+from lstm_testing import ALL_CPU_BACKENDS, TOLERANCE, assert_close
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0")
+ft = pytest.importorskip("fastlstm.torch")
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+from fastlstm import _torch_ops  # noqa: E402
+
+CONFIGS = [
+    dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, with_state=with_state, packed=packed)
+    for layers, bidirectional, batch_first, with_state, packed in itertools.product(
+        (1, 2, 3), (False, True), (False, True), (False, True), (False, True)
+    )
+    if not (layers == 3 and batch_first and not with_state)
+]
+
+
+def config_id(cfg):
+    return "L{num_layers}-{b}-{bf}-{s}-{p}".format(
+        num_layers=cfg["num_layers"], b="bi" if cfg["bidirectional"] else "uni",
+        bf="bf" if cfg["batch_first"] else "tf", s="state" if cfg["with_state"] else "nostate",
+        p="packed" if cfg["packed"] else "tensor",
+    )
+
+
+def run_module(module, x, state, lengths, dy, dstate, batch_first):
+    """Outputs and every gradient of loss = <y, dy> + <h_n, dh> + <c_n, dc>, as NumPy arrays."""
+    x = x.clone().requires_grad_(True)
+    state = None if state is None else tuple(s.clone().requires_grad_(True) for s in state)
+    module.zero_grad()
+    if lengths is None:
+        y, (h_n, c_n) = module(x, state)
+    else:
+        packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+        out, (h_n, c_n) = module(packed, state)
+        total = x.shape[1 if batch_first else 0]
+        y, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=total)
+    loss = (y * dy).sum() + (h_n * dstate[0]).sum() + (c_n * dstate[1]).sum()
+    loss.backward()
+    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": x.grad}
+    if state is not None:
+        results.update(dh0=state[0].grad, dc0=state[1].grad)
+    results.update({name: p.grad for name, p in module.named_parameters()})
+    return {k: v.detach().numpy() for k, v in results.items()}
+
+
+def problem(module, num_steps, batch, dtype, seed=0, with_state=True):
+    g = torch.Generator().manual_seed(seed)
+    d = module.num_layers * (2 if module.bidirectional else 1)
+    shape = (batch, num_steps, module.input_size) if module.batch_first else (num_steps, batch, module.input_size)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    state = tuple(0.5 * torch.randn((d, batch, module.hidden_size), generator=g, dtype=dtype)
+                  for _ in range(2)) if with_state else None
+    out = shape[:2] + (module.hidden_size * (2 if module.bidirectional else 1),)
+    dy = torch.randn(out, generator=g, dtype=dtype)
+    dstate = tuple(torch.randn((d, batch, module.hidden_size), generator=g, dtype=dtype) for _ in range(2))
+    return x, state, dy, dstate
+
+
+def assert_match(actual, expected, dtype):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert_close(actual[name], expected[name], TOLERANCE[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_matches_nn_lstm(backend, cfg, dtype):
+    tt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(4, 6, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
+                              batch_first=cfg["batch_first"], dtype=tt)
+    module = ft.LSTM.from_torch(reference, backend=backend)
+    x, state, dy, dstate = problem(module, 5, 3, tt, seed=1, with_state=cfg["with_state"])
+    lengths = torch.tensor([5, 2, 4]) if cfg["packed"] else None
+    expected = run_module(reference, x, state, lengths, dy, dstate, cfg["batch_first"])
+    actual = run_module(module, x, state, lengths, dy, dstate, cfg["batch_first"])
+    assert_match(actual, expected, dtype)
+
+
+def test_packed_output_keeps_the_packed_structure():
+    reference = torch.nn.LSTM(3, 5, num_layers=2)
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    x = torch.randn(6, 4, 3)
+    for enforce_sorted, lengths in ((False, [2, 6, 6, 3]), (True, [6, 6, 3, 2])):
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+        out, (h, c) = module(packed)
+        expected, (h_ref, c_ref) = reference(packed)
+        assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+        assert torch.equal(out.batch_sizes, expected.batch_sizes)
+        for a, b in ((out.sorted_indices, expected.sorted_indices), (out.unsorted_indices, expected.unsorted_indices)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert_close(out.data.detach(), expected.data.detach(), 1e-5, "data")
+        assert_close(h.detach(), h_ref.detach(), 1e-5, "h_n")
+
+
+def test_larger_float32_problem_on_numba():
+    """Long enough for the compiled kernels' parallel paths (T=30, B=16, H=96)."""
+    if not fastlstm.available_backends()["numba"].available:
+        pytest.skip("numba backend unavailable")
+    torch.manual_seed(1)
+    reference = torch.nn.LSTM(20, 96, num_layers=2, bidirectional=True)
+    module = ft.LSTM.from_torch(reference, backend="numba")
+    x, state, dy, dstate = problem(module, 30, 16, torch.float32, seed=3)
+    lengths = torch.from_numpy(np.random.default_rng(2).integers(1, 31, size=16))
+    expected = run_module(reference, x, state, lengths, dy, dstate, False)
+    actual = run_module(module, x, state, lengths, dy, dstate, False)
+    assert_match(actual, expected, "float32")
+
+
+def test_host_emulated_cupy_path(fake_cupy):
+    """The op on the cupy backend (the fake device, host-built kernels): same as nn.LSTM."""
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(3, 8, num_layers=2, bidirectional=True)
+    module = ft.LSTM.from_torch(reference, backend="cupy")
+    x, state, dy, dstate = problem(module, 5, 4, torch.float32, seed=2)
+    for lengths in (None, torch.tensor([5, 1, 3, 5])):
+        expected = run_module(reference, x, state, lengths, dy, dstate, False)
+        actual = run_module(module, x, state, lengths, dy, dstate, False)
+        assert_match(actual, expected, "float32")
+
+
+# -- autograd ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_gradcheck_float64(backend):
+    torch.manual_seed(0)
+    module = ft.LSTM(2, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend)
+    names = [n for n, _ in module.named_parameters()]
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def f(x, h0, c0, *weights):
+        y, (h, c) = torch.func.functional_call(module, dict(zip(names, weights)), (x, (h0, c0)))
+        return y, h, c
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *module.parameters()))
+
+
+def test_gradcheck_packed_with_dropout_masks_fixed():
+    torch.manual_seed(0)
+    module = ft.LSTM(2, 3, num_layers=2, dropout=0.3, dtype=torch.float64, backend="numpy")
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 1, 3])
+
+    def f(x):
+        torch.manual_seed(7)  # the same masks for every evaluation
+        out, (h, c) = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return out.data, h, c
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_module_called_twice_in_one_graph():
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(4, 4, num_layers=2)
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    x = torch.randn(5, 3, 4)
+
+    def twice(m):
+        m.zero_grad()
+        xin = x.clone().requires_grad_(True)
+        y1, state = m(xin)
+        y2, _ = m(torch.tanh(y1), state)  # the second call depends on the first
+        (y1.square().sum() + y2.sum()).backward()
+        return [xin.grad] + [p.grad for p in m.parameters()]
+
+    for got, want in zip(twice(module), twice(reference)):
+        assert_close(got, want, 1e-5)
+
+
+def test_records_live_with_the_graph():
+    module = ft.LSTM(3, 4, backend="numpy")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    before = _torch_ops.live_records()
+    y, state = module(x)
+    assert _torch_ops.live_records() == before + 1
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()  # retain_graph: the record is still there
+    torch.testing.assert_close(x.grad, 2 * first)
+    del y, state
+    assert _torch_ops.live_records() == before  # graph gone, record gone
+    outputs = module(x)
+    del outputs  # never differentiated
+    assert _torch_ops.live_records() == before
+    with torch.no_grad():
+        module(x)
+    module.requires_grad_(False)
+    module(x.detach())
+    assert _torch_ops.live_records() == before
+
+
+def test_no_record_is_kept_without_grad():
+    module = ft.LSTM(3, 4, backend="numpy")
+    y, _ = module(torch.randn(5, 2, 3))  # parameters require grad: kept
+    assert y.requires_grad
+    with torch.no_grad():
+        y, _ = module(torch.randn(5, 2, 3))
+    assert not y.requires_grad
+
+
+def test_in_place_change_after_forward_is_caught():
+    module = ft.LSTM(3, 4, backend="numpy")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    inputs = x * 1
+    y, _ = module(inputs)
+    inputs.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_double_backward_is_refused_clearly():
+    module = ft.LSTM(3, 4, backend="numpy")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    y, _ = module(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_compile_fullgraph_equals_eager():
+    torch.manual_seed(0)
+    lstm = ft.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True, backend="numpy")
+    head = torch.nn.Linear(12, 3)
+
+    def step(x, h0, c0):
+        y, (h, c) = lstm(x, (h0, c0))
+        return head(y).sum() + h.sum() + c.square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, 4)
+    h0, c0 = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
+    results = []
+    for fn in (step, compiled):
+        for p in itertools.chain(lstm.parameters(), head.parameters()):
+            p.grad = None
+        loss = fn(x, h0, c0)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in lstm.parameters()])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+def test_compile_traces_one_graph_with_the_op():
+    from torch._dynamo.testing import CompileCounter
+
+    module = ft.LSTM(4, 6, backend="numpy")
+    counter = CompileCounter()
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    compiled(torch.randn(5, 2, 4))
+    compiled(torch.randn(5, 2, 4))
+    assert counter.frame_count == 1
+
+
+# -- training ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_training_loss_curve_matches_nn_lstm(backend):
+    """20 Adam steps of LSTM + Linear + cross-entropy: the same losses as nn.LSTM's."""
+    vocab, steps = 5, 20
+
+    def train(make_lstm):
+        torch.manual_seed(0)
+        reference = torch.nn.LSTM(5, 16, num_layers=2, batch_first=True, dtype=torch.float64)
+        head = torch.nn.Linear(16, vocab, dtype=torch.float64)
+        lstm = make_lstm(reference)
+        params = list(lstm.parameters()) + list(head.parameters())
+        optimizer = torch.optim.Adam(params, lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            x = torch.randn(4, 9, 5, generator=g, dtype=torch.float64)
+            target = x.cumsum(1).argmax(-1)  # a running sum: needs the recurrence
+            y, _ = lstm(x)
+            loss = torch.nn.functional.cross_entropy(head(y).reshape(-1, vocab), target.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return np.array(losses)
+
+    ours = train(lambda ref: ft.LSTM.from_torch(ref, backend=backend))
+    theirs = train(lambda ref: ref)
+    assert ours[-1] < ours[0] - 0.1  # it learns
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+
+
+def test_dropout_masks_come_from_torch_rng_and_match_nn_lstm():
+    reference = torch.nn.LSTM(4, 6, num_layers=3, bidirectional=True, dropout=0.4)
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    x = torch.randn(5, 3, 4)
+    torch.manual_seed(5)
+    expected, _ = reference(x)
+    torch.manual_seed(5)
+    first, _ = module(x)
+    torch.manual_seed(5)
+    again, _ = module(x)
+    other, _ = module(x)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(other, first)
+    module.eval()
+    reference.eval()
+    torch.testing.assert_close(module(x)[0], reference(x)[0])
+
+
+def test_autocast_runs_in_float32():
+    module = ft.LSTM(4, 6, backend="numpy")
+    reference = torch.nn.LSTM(4, 6)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(5, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered = torch.nn.Linear(4, 4)(x)
+        assert lowered.dtype == torch.bfloat16
+        y, (h, c) = module(lowered)
+    assert y.dtype == h.dtype == c.dtype == torch.float32
+    y.sum().backward()
+    assert module.weight_ih_l0.grad.dtype == torch.float32
+    torch.testing.assert_close(y, reference(lowered.float())[0])
+
+
+# -- the drop-in surface ----------------------------------------------------------------
+def test_parameters_state_dict_and_init_match_nn_lstm():
+    torch.manual_seed(3)
+    reference = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True, proj_size=0)
+    torch.manual_seed(3)
+    module = ft.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True, proj_size=0)
+    assert [n for n, _ in module.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    for (name, ours), theirs in zip(module.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # same init, same draws
+    assert all(isinstance(p, torch.nn.Parameter) for p in module.parameters())
+    reference.load_state_dict(module.state_dict(), strict=True)
+    module.load_state_dict(reference.state_dict(), strict=True)
+    assert [[p.shape for p in ws] for ws in module.all_weights] == [[p.shape for p in ws] for ws in reference.all_weights]
+    assert module.all_weights[1][0] is module.weight_ih_l0_reverse
+    module.flatten_parameters()
+    assert repr(module) == repr(reference)
+
+
+def test_from_torch_copies_configuration_and_mode():
+    reference = torch.nn.LSTM(3, 4, num_layers=2, bias=False, dropout=0.2, dtype=torch.float64).eval()
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    assert (module.num_layers, module.bias, module.dropout, module.training) == (2, False, 0.2, False)
+    assert module.weight_hh_l1.dtype == torch.float64
+    assert module.weight_hh_l1.data_ptr() != reference.weight_hh_l1.data_ptr()  # a copy
+    with pytest.raises(TypeError, match="torch.nn.LSTM"):
+        ft.LSTM.from_torch(torch.nn.GRU(3, 4))
+    with pytest.raises(ValueError, match="proj_size"):
+        ft.LSTM.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
+
+
+def test_unbatched_input_and_empty_batch_as_nn_lstm():
+    reference = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    x = torch.randn(6, 3)
+    state = (torch.randn(4, 4), torch.randn(4, 4))
+    for args in ((x,), (x, state)):
+        (y, (h, c)), (ye, (he, ce)) = module(*args), reference(*args)
+        assert y.shape == ye.shape and h.shape == he.shape
+        torch.testing.assert_close(y, ye)
+        torch.testing.assert_close(c, ce)
+    empty = torch.zeros(5, 0, 3, requires_grad=True)
+    (y, (h, c)), (ye, (he, ce)) = module(empty), reference(empty)
+    assert y.shape == ye.shape and h.shape == he.shape and c.shape == ce.shape
+    y.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+def test_batch_first_output_layout_as_nn_lstm():
+    reference = torch.nn.LSTM(3, 4, batch_first=True)
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    y, _ = module(torch.randn(2, 5, 3))
+    expected, _ = reference(torch.randn(2, 5, 3))
+    assert y.shape == expected.shape and y.stride() == expected.stride()
+
+
+BAD_CALLS = {
+    "4-D input": lambda m: m(torch.zeros(2, 2, 2, 3)),
+    "1-D input": lambda m: m(torch.zeros(3)),
+    "input size": lambda m: m(torch.zeros(5, 2, 4)),
+    "dtype": lambda m: m(torch.zeros(5, 2, 3, dtype=torch.float64)),
+    "h size": lambda m: m(torch.zeros(5, 2, 3), (torch.zeros(2, 3, 4), torch.zeros(2, 2, 4))),
+    "c size": lambda m: m(torch.zeros(5, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(1, 2, 4))),
+    "hx dims batched": lambda m: m(torch.zeros(5, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))),
+    "hx dims unbatched": lambda m: m(torch.zeros(5, 3), (torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))),
+    "no steps": lambda m: m(torch.zeros(0, 2, 3)),
+    "packed input size": lambda m: m(pack_padded_sequence(torch.zeros(5, 2, 4), torch.tensor([5, 3]))),
+}
+
+
+@pytest.mark.parametrize("call", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
+def test_bad_input_raises_what_nn_lstm_raises(call):
+    reference = torch.nn.LSTM(3, 4, num_layers=2)
+    module = ft.LSTM.from_torch(reference, backend="numpy")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(Exception) as theirs:
+        call(reference)
+    with pytest.raises(type(theirs.value)) as ours:
+        call(module)
+    assert str(ours.value)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert all(p.grad is None for p in module.parameters())
+
+
+BAD_CONSTRUCTORS = {
+    "input_size type": dict(input_size=2.0),
+    "hidden_size zero": dict(hidden_size=0),
+    "num_layers zero": dict(num_layers=0),
+    "bias type": dict(bias=1),
+    "batch_first type": dict(batch_first="yes"),
+    "dropout range": dict(dropout=1.5),
+    "dropout bool": dict(dropout=True),
+    "proj_size negative": dict(proj_size=-1),
+}
+
+
+@pytest.mark.parametrize("kwargs", list(BAD_CONSTRUCTORS.values()), ids=list(BAD_CONSTRUCTORS))
+def test_bad_arguments_raise_what_nn_lstm_raises(kwargs):
+    args = dict(input_size=3, hidden_size=4) | kwargs
+    with pytest.raises(Exception) as theirs:
+        torch.nn.LSTM(**args)
+    with pytest.raises(type(theirs.value)):
+        ft.LSTM(**args)
+
+
+def test_what_is_refused_and_why():
+    with pytest.raises(ValueError, match=r"proj_size=2.*nn.LSTM.*nn.Linear"):
+        ft.LSTM(3, 4, proj_size=2)
+    with pytest.raises(TypeError, match="float32 or torch.float64.*autocast"):
+        ft.LSTM(3, 4, dtype=torch.float16)
+    module = ft.LSTM(3, 4).half()
+    with pytest.raises(TypeError, match="float32 or torch.float64"):
+        module(torch.zeros(5, 2, 3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="unknown backend"):
+        ft.LSTM(3, 4, backend="tpu")
+    with pytest.raises(TypeError, match=r"hx: expected a tuple \(h_0, c_0\)"):
+        ft.LSTM(3, 4)(torch.zeros(5, 2, 3), torch.zeros(1, 2, 4))
+
+
+# -- backends ---------------------------------------------------------------------------
+def test_backend_follows_the_device_and_the_choice_in_effect(monkeypatch):
+    x = torch.zeros(5, 2, 3)
+    cpu = "numba" if fastlstm.available_backends()["numba"].available else "numpy"
+    assert _torch_ops.resolve_backend("", x.device).name == cpu
+    with fastlstm.use_backend("numpy"):
+        assert _torch_ops.resolve_backend("", x.device).name == "numpy"
+    assert _torch_ops.resolve_backend("numpy", x.device).name == "numpy"
+    seen = []
+    real = fastlstm.stack.forward
+    monkeypatch.setattr(fastlstm.stack, "forward", lambda spec, backend, *a: seen.append(backend.name) or real(spec, backend, *a))
+    ft.LSTM(3, 4, backend="numpy")(x)
+    with fastlstm.use_backend("numpy"):
+        ft.LSTM(3, 4)(x)
+    assert seen == ["numpy", "numpy"]
+
+
+def test_cuda_tensors_without_cupy_get_a_clear_error(monkeypatch):
+    from fastlstm import registry
+
+    monkeypatch.setitem(registry._probed, "cupy", (registry.BackendStatus("cupy", False, "no GPU here", "hint"), None))
+    with pytest.raises(fastlstm.BackendUnavailableError, match=r"'cuda'.*cupy: no GPU here"):
+        _torch_ops.resolve_backend("", torch.device("cuda", 0))
+
+
+# -- the NumPy-level layer refuses tensors autograd tracks --------------------------------
+def test_core_layer_refuses_tensors_that_require_grad():
+    lstm = fastlstm.LSTM(3, 4, backend="numpy")
+    x = torch.zeros(5, 2, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"x: this torch tensor requires grad.*fastlstm\.torch\.LSTM"):
+        lstm(x)
+    state = (torch.zeros(1, 2, 4, requires_grad=True), torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match=r"state\[h\]: .*requires grad"):
+        lstm(x.detach(), state)
+    y, _ = lstm(x.detach())
+    with pytest.raises(TypeError, match="dy: .*requires grad"):
+        lstm.backward(torch.ones(y.shape, requires_grad=True))
+    lstm.backward(torch.ones(y.shape))  # the failed call changed nothing
+    with torch.no_grad():
+        lstm(x)  # no graph is being built: fine
+
+
+def test_op_checks_direct_callers():
+    x = torch.zeros(5, 2, 3)
+    module = ft.LSTM(3, 4, backend="numpy")
+    weights = list(module.parameters())
+    h = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="weights: expected 4 tensors"):
+        _torch_ops.lstm(x, h, h, weights[:3], None, [], 1, False, True, False, "")
+    with pytest.raises(ValueError, match=r"hx: expected shape \(1, 2, 4\)"):
+        _torch_ops.lstm(x, torch.zeros(1, 3, 4), h, weights, None, [], 1, False, True, False, "")
+    with pytest.raises(ValueError, match=r"lengths: expected values in 1..5"):
+        _torch_ops.lstm(x, h, h, weights, torch.tensor([6, 1]), [], 1, False, True, False, "")
+    y = torch.zeros(5, 2, 4)
+    _, _, _, handle = _torch_ops.lstm(x, h, h, weights, None, [], 1, False, True, False, "")
+    with pytest.raises(RuntimeError, match="without keeping a record"):
+        _torch_ops.lstm_backward(handle, y, h, h, x, weights)
+
+
+def test_torch_threads_running_vjp_and_modules_at_once():
+    """Two threads, one module, separate graphs: each gets its own gradients."""
+    torch.manual_seed(0)
+    module = ft.LSTM(4, 8, num_layers=2, backend="numpy")
+    inputs = [torch.randn(6, 3, 4) for _ in range(2)]
+
+    def grads_of(x):
+        xin = x.clone().requires_grad_(True)
+        y, _ = module(xin)
+        (gx,) = torch.autograd.grad(y.square().sum(), xin)
+        return gx
+
+    expected = [grads_of(x) for x in inputs]
+    results = [None, None]
+
+    def work(i):
+        for _ in range(5):
+            results[i] = grads_of(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cuda_calls_run_on_torchs_stream_device_and_allocator(monkeypatch):
+    """The wiring of _cuda_context, with stand-ins for CuPy and torch.cuda (no GPU here;
+    tests/test_gpu_torch.py checks the real thing on a GPU)."""
+    import contextlib
+    import types
+
+    entered, calls = [], []
+
+    def context(*what):
+        entered.append(what)
+        return contextlib.nullcontext()
+
+    cuda = types.SimpleNamespace(
+        Device=lambda index: context("device", index),
+        ExternalStream=lambda pointer, device: context("stream", pointer, device),
+        using_allocator=lambda malloc: context("allocator", malloc),
+        PythonFunctionAllocator=lambda malloc, free: types.SimpleNamespace(malloc=malloc, free=free),
+    )
+    backend = types.SimpleNamespace(name="cupy", xp=types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc",
+                        lambda size, device, stream: calls.append(("alloc", size, device, stream.cuda_stream)) or 4096)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_delete", lambda pointer: calls.append(("free", pointer)))
+    monkeypatch.setattr(_torch_ops, "_allocators", {})
+    with _torch_ops._cuda_context(backend, torch.device("cpu")):
+        pass
+    assert entered == []  # CPU tensors: nothing to set up
+    with _torch_ops._cuda_context(backend, torch.device("cuda", 1)):
+        pass
+    allocator = _torch_ops._torch_allocator(backend.xp)
+    assert entered == [("device", 1), ("stream", 1234, 1), ("allocator", allocator.malloc)]
+    assert allocator.malloc(256, 1) == 4096 and allocator.malloc(0, 1) == 0
+    allocator.free(4096, 1)
+    allocator.free(0, 1)
+    assert calls == [("alloc", 256, 1, 1234), ("free", 4096)]
