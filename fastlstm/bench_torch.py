@@ -8,16 +8,22 @@ configurations (batch-first off, targets drawn once). Runners:
   a GPU, CUDA tensors: cuDNN in IEEE float32, and with torch's default TF32 setting);
 - ``fastlstm.torch lstm`` and ``fastlstm bare``: only the LSTM's forward + backward, once
   through the torch module (the adapter) and once on the NumPy-level layer with the same
-  backend and weights. Their ratio is the adapter's overhead.
+  backend and weights. Their ratio is the adapter's overhead;
+- ``head step``: the rest of the step alone (Linear, loss, backward, Adam on a fixed LSTM
+  output). ``fastlstm step`` minus ``fastlstm.torch lstm`` minus ``head step`` is what the
+  two running in one step cost beyond their parts: where fastlstm's threads and torch's
+  intra-op threads fought over the cores (both spin while they wait), it would show there.
 
-Rounds alternate between the runners (each round runs every runner once, in a rotated
-order, with a short pause before each so that thread pools the previous runner left
-spinning go idle), so a change in the host's load hits every runner alike; the medians
-over rounds are reported.
+Rounds alternate between the runners, so that a change in the host's load hits every
+runner alike: each round runs every runner, in a rotated order, as a block of consecutive
+steps (as a training loop runs them) after a short pause, so that thread pools the previous
+runner left spinning go idle, and one unmeasured step, which wakes the sleeping ones. A
+round's time is the block's mean step; the medians over rounds are reported.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +34,7 @@ from . import threads
 from .bench import CONFIGS, Config, library_versions, machine_info
 
 SETTLE_S = 0.05  # libgomp threads spin for well under this after a parallel region
+BLOCK_S = 0.1  # a block of consecutive steps lasts at least this long (and has 3 steps at least)
 HEAD_CLASSES = 64  # the Linear head's outputs (a character vocabulary's size)
 LR = 1e-3
 
@@ -43,6 +50,21 @@ class StepReport:
     def median(self, config: str, runner: str) -> float | None:
         values = self.times.get((config, runner))
         return statistics.median(values) if values else None
+
+    def ratio(self, config: str, numerator: str, denominator: str) -> float | None:
+        """Median over rounds of the two runners' time ratio within each round (rounds are
+        minutes apart at most, so a drift in the host's speed cancels out)."""
+        a, b = self.times.get((config, numerator)), self.times.get((config, denominator))
+        if not a or not b:
+            return None
+        return statistics.median(x / y for x, y in zip(a, b))
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepReport":
+        report = cls(data["machine"], data["versions"], data["threads"], data["repeats"])
+        for m in data["measurements"]:
+            report.times[(m["config"], m["runner"])] = list(m["times_s"])
+        return report
 
     def to_json(self) -> dict:
         return {
@@ -98,6 +120,28 @@ def _training_step(config: Config, device: str, kind: str, allow_tf32: bool = Fa
     return step
 
 
+def _head_step(config: Config, device: str):
+    """The step without the LSTM: Linear + cross-entropy + backward + Adam on a fixed output."""
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(config.H * config.directions, HEAD_CLASSES).to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=LR)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn((config.T, config.B, config.H * config.directions), generator=g).to(device).requires_grad_(True)
+    target = torch.randint(0, HEAD_CLASSES, (config.T * config.B,), generator=g).to(device)
+    sync = _sync(device)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(head(y).reshape(-1, HEAD_CLASSES), target)
+        optimizer.zero_grad(set_to_none=True)
+        y.grad = None
+        loss.backward()
+        optimizer.step()
+        sync()
+    return step
+
+
 def _adapter_pair(config: Config, device: str):
     """(through the module, bare): the LSTM's forward + backward only, same backend and weights."""
     import torch
@@ -148,11 +192,13 @@ def runners(config: Config, device: str) -> dict:
             "nn.LSTM step (cuDNN TF32)": _training_step(config, device, "torch", allow_tf32=True),
             "fastlstm step": _training_step(config, device, "fastlstm"),
             **dict(zip(("fastlstm.torch lstm", "fastlstm bare"), _adapter_pair(config, device))),
+            "head step": _head_step(config, device),
         }
     return {
         "nn.LSTM step": _training_step(config, device, "torch"),
         "fastlstm step": _training_step(config, device, "fastlstm"),
         **dict(zip(("fastlstm.torch lstm", "fastlstm bare"), _adapter_pair(config, device))),
+        "head step": _head_step(config, device),
     }
 
 
@@ -166,37 +212,47 @@ def run(configs=None, repeats: int = 7, warmup: int = 2, progress=None, devices=
             if progress:
                 progress(f"{label}: warming up")
             calls = runners(config, device)
-            for call in calls.values():
+            steps = {}
+            for name, call in calls.items():
                 for _ in range(warmup):
+                    start = time.perf_counter()
                     call()
+                    elapsed = time.perf_counter() - start
+                steps[name] = max(3, math.ceil(BLOCK_S / max(elapsed, 1e-6)))
             names = list(calls)
             for round_index in range(repeats):
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
                     time.sleep(SETTLE_S)
-                    start = time.perf_counter()
                     calls[name]()
-                    report.times.setdefault((label, name), []).append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    for _ in range(steps[name]):
+                        calls[name]()
+                    report.times.setdefault((label, name), []).append((time.perf_counter() - start) / steps[name])
     return report
 
 
 def format_table(report: StepReport) -> str:
     configs = list(dict.fromkeys(c for c, _ in report.times))
-    rows = [("config", "runner", "ms", "vs nn.LSTM step", "adapter overhead")]
+    rows = [("config", "runner", "ms", "vs nn.LSTM step", "adapter overhead", "step - parts")]
     for config in configs:
-        torch_step = report.median(config, "nn.LSTM step") or report.median(config, "nn.LSTM step (cuDNN fp32)")
-        bare = report.median(config, "fastlstm bare")
+        torch_runner = "nn.LSTM step" if (config, "nn.LSTM step") in report.times else "nn.LSTM step (cuDNN fp32)"
+        speedup = report.ratio(config, torch_runner, "fastlstm step")
+        overhead = report.ratio(config, "fastlstm.torch lstm", "fastlstm bare")
+        lstm, head = report.median(config, "fastlstm.torch lstm"), report.median(config, "head step")
         for (c, runner) in report.times:
             if c != config:
                 continue
             t = report.median(c, runner)
-            versus = f"{torch_step / t:.2f}x" if runner == "fastlstm step" and torch_step else ""
-            overhead = f"{t / bare - 1:+.1%}" if runner == "fastlstm.torch lstm" and bare else ""
-            rows.append((c, runner, f"{t * 1e3:.2f}", versus, overhead))
+            versus = f"{speedup:.2f}x" if runner == "fastlstm step" and speedup else ""
+            extra = f"{overhead - 1:+.1%}" if runner == "fastlstm.torch lstm" and overhead else ""
+            parts = f"{(t - lstm - head) * 1e3:+.2f} ms" if runner == "fastlstm step" and lstm and head else ""
+            rows.append((c, runner, f"{t * 1e3:.2f}", versus, extra, parts))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = (f"fastlstm bench --torch: a training step (LSTM + Linear({HEAD_CLASSES}) + cross-entropy + Adam), "
-             f"float32, {report.threads} threads, median of {report.repeats} alternated rounds; "
+             f"float32, {report.threads} threads, median of {report.repeats} alternated rounds (blocks of "
+             "consecutive steps); ratios are medians of the ratios within rounds; "
              "'vs nn.LSTM step' above 1: fastlstm faster")
     return title + "\n" + "\n".join(lines)

@@ -59,7 +59,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--torch", action="store_true",
                    help="time a whole PyTorch training step (LSTM + Linear + cross-entropy + Adam) with "
                         "fastlstm.torch.LSTM against torch.nn.LSTM, and the adapter's cost over the bare call "
-                        "(needs torch; --configs, --quick, --repeats, --threads, --json apply)")
+                        "(needs torch; --configs or a custom configuration, --quick, --repeats, --threads, --json apply)")
     p.add_argument("--device", type=_comma_list, help="with --torch: cpu, cuda or cpu,cuda (default: every device torch sees)")
     p.add_argument("--json", metavar="PATH", help="write every measurement, the machine and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
@@ -163,7 +163,7 @@ def _bench(args, parser) -> int:
 def _bench_torch(args, parser) -> int:
     if not module_available("torch"):
         raise CommandError("--torch needs PyTorch: pip install torch==2.13.0 (or 'fastlstm[torch]')")
-    for flag in ("backends", "plot", "T", "B", "I", "H"):
+    for flag in ("backends", "plot"):
         if getattr(args, flag):
             parser.error(f"--torch times fastlstm.torch against torch.nn.LSTM; --{flag} does not apply")
     from . import bench_torch

@@ -141,8 +141,26 @@ class LSTM:
         self._grads = {name: self._storage.xp.zeros_like(p) for name, p in self._params.items()}
         self._grads_lock = threading.Lock()
         self._dropout_lock = threading.Lock()
-        self._last = threading.local()  # .pullback: this thread's last training forward
+        self._last = threading.local()  # .call: this thread's last training forward, for backward()
         self.training = True
+
+    # -- copies -------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickle: parameters, gradients and settings, as NumPy arrays;
+        not the locks, not any thread's pending forward."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_grads_lock", "_dropout_lock", "_last")}
+        state["_storage"] = None  # a backend is chosen again where the copy is made
+        state["_params"] = {n: np.array(self._storage.to_host(p)) for n, p in self._params.items()}
+        state["_grads"] = {n: np.array(self._storage.to_host(g)) for n, g in self._grads.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        storage = registry.backend_object(state["_backend_choice"])
+        self.__dict__.update(state)
+        self._storage = storage
+        self._params = {n: storage.asarray(p) for n, p in self._params.items()}
+        self._grads = {n: storage.asarray(g) for n, g in self._grads.items()}
+        self._grads_lock, self._dropout_lock, self._last = threading.Lock(), threading.Lock(), threading.local()
 
     # -- structure ----------------------------------------------------------------------
     @property
@@ -207,7 +225,7 @@ class LSTM:
         forward is kept for this thread's next ``backward``; eval keeps nothing.
         """
         y, final_state, call = self._forward(x, state, lengths, keep=self.training)
-        self._last.pullback = None if call is None else Pullback(self, call)
+        self._last.call = call  # the record, not a Pullback: no cycle back to the layer
         return y, final_state
 
     def vjp(self, x, state=None, lengths=None):
@@ -281,16 +299,16 @@ class LSTM:
         optional (dh_n, dc_n), each shaped like h_n (either may be None). Parameter
         gradients are added to ``self.grads``. Each forward can be differentiated once.
         """
-        pullback = getattr(self._last, "pullback", None)
-        if pullback is None:
+        call = getattr(self._last, "call", None)
+        if call is None:
             raise RuntimeError(
                 "backward: no training forward to differentiate. Call the layer in training mode "
                 "(lstm.train()) right before backward, in the same thread; eval forwards keep "
                 "nothing, and each forward can be differentiated once (vjp gives a pullback "
                 "per call)"
             )
-        result = pullback(dy, dstate)
-        self._last.pullback = None
+        result = self._pull_back(call, dy, dstate)
+        self._last.call = None  # once, as a pullback
         return result
 
     def _pull_back(self, call: _Call, dy, dstate):

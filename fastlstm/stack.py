@@ -12,6 +12,7 @@ Arrays are the backend's, in the internal layout: x (T, B, I), y (T, B, D*H), st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,11 @@ class StackSpec:
                 for name in names[2:]:
                     shapes[name] = (rows,)
         return shapes
+
+    @functools.cached_property
+    def parameter_names(self) -> tuple:
+        """The names of ``parameter_shapes()``, in order (worked out once per spec)."""
+        return tuple(self.parameter_shapes())
 
     def dropout_mask_shapes(self, num_steps: int, batch: int) -> list:
         """Shape of the mask on each layer's input; layer 0 gets none (None)."""

@@ -50,6 +50,10 @@ def _check_dtype(dtype, what: str) -> None:
         )
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 class LSTM(nn.Module):
     """``torch.nn.LSTM``'s interface and semantics, run by fastlstm's kernels.
 
@@ -227,11 +231,13 @@ class LSTM(nn.Module):
         keep = torch.is_grad_enabled() and (
             x.requires_grad or hx[0].requires_grad or hx[1].requires_grad or any(w.requires_grad for w in weights)
         )
-        output, h_n, c_n, _handle = ops.lstm(
-            x, hx[0], hx[1], weights, lengths, masks, self.num_layers, self.bidirectional, self.bias, keep,
-            self.backend or "",
+        h0, c0 = hx
+        if c0 is h0:  # one tensor passed for both: distinct inputs, as torch.compile wants them
+            c0 = c0.clone()
+        return ops.LSTMFunction.apply(
+            x, h0, c0, lengths, self.num_layers, self.bidirectional, self.bias, keep, self.backend or "",
+            len(masks), *weights, *masks,
         )
-        return output, h_n, c_n
 
     def _dropout_masks(self, x) -> list:
         """Inverted-dropout masks on every layer's input but the first, from torch's RNG
@@ -250,7 +256,7 @@ class LSTM(nn.Module):
     @staticmethod
     def _autocast_inputs(x, hx, dtype):
         """Under autocast, inputs in the parameters' dtype (the op runs in float32/float64)."""
-        if torch.is_autocast_enabled(x.device.type):
+        if _autocast_on(x.device.type):
             x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
         return x, hx
 
@@ -263,8 +269,7 @@ class LSTM(nn.Module):
 
     def _check_input(self, input, weights, expected_dim: int) -> None:
         _check_dtype(weights[0].dtype, "parameters")
-        autocast = torch.is_autocast_enabled(input.device.type)
-        if input.dtype != weights[0].dtype and not autocast:
+        if input.dtype != weights[0].dtype and not _autocast_on(input.device.type):
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weights[0].dtype}). "
                 f"Convert input: input.to({weights[0].dtype}), or convert model: model.to({input.dtype})"
@@ -292,6 +297,6 @@ class LSTM(nn.Module):
                 raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {list(part.shape)}")
             if part.device != x.device:
                 raise RuntimeError(f"hx[{index}] is on {part.device}, but the input is on {x.device}")
-            if part.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            if part.dtype != x.dtype and not _autocast_on(x.device.type):
                 raise RuntimeError(f"hx[{index}]: expected dtype {x.dtype} (the input's), got {part.dtype}")
         return hx

@@ -226,3 +226,22 @@ def test_bench_json_from_before_min_bytes_still_loads():
         del raw["min_bytes"], raw["gbytes_per_s"]  # as written before the floor was recorded
     old = bench.Report.from_json(data)
     assert old.measurements[0].min_bytes == 0.0 and bench.format_table(old).splitlines()[3].split()[6] == "-"
+
+
+def test_bench_torch_times_a_training_step(tmp_path):
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    path = tmp_path / "step.json"
+    out = fastlstm_cmd("bench", "--torch", "--T", "4", "--B", "2", "--I", "3", "--H", "8", "--layers", "2",
+                       "--repeats", "2", "--threads", "1", "--device", "cpu", "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    for word in ("nn.LSTM step", "fastlstm step", "fastlstm.torch lstm", "fastlstm bare", "head step",
+                 "vs nn.LSTM step", "adapter overhead", "step - parts"):
+        assert word in out.stdout
+    data = json.loads(path.read_text())
+    runners = {m["runner"] for m in data["measurements"]}
+    assert runners == {"nn.LSTM step", "fastlstm step", "fastlstm.torch lstm", "fastlstm bare", "head step"}
+    assert all(m["config"] == "custom (cpu)" and len(m["times_s"]) == 2 for m in data["measurements"])
+    bad = fastlstm_cmd("bench", "--torch", "--backends", "numpy")
+    assert bad.returncode == 2 and "--backends does not apply" in bad.stderr
+    bad = fastlstm_cmd("bench", "--device", "cpu", "--quick")
+    assert bad.returncode == 2 and "--device applies with --torch only" in bad.stderr

@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 import fastlstm
-from lstm_testing import assert_close
+from lstm_testing import assert_close, assert_compiled_matches_eager
 
 STATUS = fastlstm.available_backends()["cupy"]
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
@@ -108,15 +108,7 @@ def test_compile_fullgraph_on_cuda_equals_eager():
         y, (h, c) = module(x)
         return y.square().sum() + h.sum()
 
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (loss, compiled):
-        module.zero_grad()
-        value = fn(x)
-        value.backward()
-        results.append([value.detach()] + [p.grad.clone() for p in module.parameters()])
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+    assert_compiled_matches_eager(loss, (x,), list(module.parameters()))
 
 
 def test_cuda_autocast_runs_in_float32():

@@ -77,7 +77,7 @@ def test_eval_keeps_nothing_and_uses_no_dropout(backend):
     y1, _ = lstm(x)
     y2, _ = lstm(x)
     np.testing.assert_array_equal(y1, y2)  # no dropout
-    assert lstm._last.pullback is None
+    assert lstm._last.call is None
     no_dropout = fastlstm.LSTM(3, 4, num_layers=3, backend=backend)
     no_dropout.load_state_dict(lstm.state_dict())
     np.testing.assert_allclose(no_dropout(x)[0], y1, rtol=1e-6)

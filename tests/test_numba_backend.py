@@ -353,3 +353,83 @@ def test_weight_gradients_through_the_micro_kernel_match_numpy():
     lengths = rng.integers(1, 31, size=16)
     dy, dstate = rng.standard_normal((30, 16, 192)), tuple(rng.standard_normal((2, 16, 96)) for _ in range(2))
     assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), PARITY["float32"])
+
+
+CONCURRENT_SCRIPT = """
+import threading
+import numpy as np
+import numba
+import fastlstm
+
+fastlstm.set_num_threads(2)
+lstm = fastlstm.LSTM(8, 64, num_layers=2, backend="numba", dtype="float32", seed=0)
+inputs = [np.random.default_rng(seed).standard_normal((12, 16, 8)).astype(np.float32) for seed in range(2)]
+expected = []
+for x in inputs:
+    y, _, pullback = lstm.vjp(x)
+    expected.append((y, pullback(np.ones_like(y))[0]))
+got = [[], []]
+
+def work(i):
+    for _ in range(20):
+        y, _, pullback = lstm.vjp(inputs[i])
+        got[i].append((y, pullback(np.ones_like(y))[0]))
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+for i in range(2):
+    for y, dx in got[i]:
+        assert np.array_equal(y, expected[i][0]) and np.array_equal(dx, expected[i][1])
+print(numba.threading_layer())
+"""
+
+
+def test_two_threads_at_once_on_the_workqueue_layer(tmp_path):
+    """Numba's workqueue threading layer aborts the process when two threads launch parallel
+    kernels at once; the backend runs its multi-core sections one at a time, so it must not."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_threads_workqueue.py"
+    script.write_text(CONCURRENT_SCRIPT)
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "workqueue"
+
+
+def test_threads_leave_blas_thread_count_as_they_found_it():
+    """BLAS's thread count is process-wide: fastlstm's limits on it must not overlap across
+    threads (each would restore what it saw, leaving BLAS limited afterwards)."""
+    import sys
+    import threading
+
+    controller = threadpoolctl.ThreadpoolController()
+    before = [lib.num_threads for lib in controller.select(user_api="blas").lib_controllers]
+    # float64 and an odd width: the kernels call BLAS (limited to one thread) and the
+    # single-block plan's GEMMs run on NumPy's BLAS (limited to fastlstm's count)
+    layers = [fastlstm.LSTM(5, 24, backend="numba", dtype="float64", seed=s) for s in range(3)]
+    x = np.random.default_rng(0).standard_normal((10, 2, 5))
+
+    def work(layer):
+        for _ in range(150):
+            y, _, pullback = layer.vjp(x)
+            pullback(np.ones_like(y))
+
+    workers = [threading.Thread(target=work, args=(layer,)) for layer in layers]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: overlaps happen every run, not once in a while
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    after = [lib.num_threads for lib in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
+    assert after == before

@@ -193,3 +193,28 @@ def test_failed_forward_gives_back_the_dropout_draws(backend, monkeypatch):
     with pytest.raises(MemoryError):
         layer(x)
     assert layer._dropout_rng.bit_generator.state == state
+
+
+def test_copies_and_pickles_keep_weights_grads_and_settings_not_pending_forwards(backend):
+    import copy
+    import pickle
+
+    layer = make_layer(backend, dropout=0.3)
+    x, dy, _ = problem(0)
+    y, _ = layer(x)
+    layer.backward(dy)
+    layer(x)  # pending in this thread
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.backend == layer.backend and repr(clone) == repr(layer)
+        for name, value in layer.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[name], value)
+            np.testing.assert_array_equal(clone.grads[name], layer.grads[name])
+            assert clone.params[name] is not layer.params[name]
+        with pytest.raises(RuntimeError, match="no training forward"):
+            clone.backward(dy)
+        clone.eval()
+        layer.eval()
+        np.testing.assert_array_equal(clone(x)[0], layer(x)[0])
+        layer.train()
+        _, _, pullback = clone.vjp(x)
+        pullback(dy)  # the clone has its own locks and records

@@ -3,37 +3,21 @@ training, the drop-in surface and its errors (CPU; the CUDA path runs in test_gp
 
 from __future__ import annotations
 
-import itertools
 import threading
 
 import numpy as np
 import pytest
 
 import fastlstm
-from lstm_testing import ALL_CPU_BACKENDS, TOLERANCE, assert_close
+from lstm_testing import (
+    ALL_CPU_BACKENDS, FEATURE_CONFIGS, TOLERANCE, assert_close, assert_compiled_matches_eager, config_id,
+)
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0")
 ft = pytest.importorskip("fastlstm.torch")
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 from fastlstm import _torch_ops  # noqa: E402
-
-CONFIGS = [
-    dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, with_state=with_state, packed=packed)
-    for layers, bidirectional, batch_first, with_state, packed in itertools.product(
-        (1, 2, 3), (False, True), (False, True), (False, True), (False, True)
-    )
-    if not (layers == 3 and batch_first and not with_state)
-]
-
-
-def config_id(cfg):
-    return "L{num_layers}-{b}-{bf}-{s}-{p}".format(
-        num_layers=cfg["num_layers"], b="bi" if cfg["bidirectional"] else "uni",
-        bf="bf" if cfg["batch_first"] else "tf", s="state" if cfg["with_state"] else "nostate",
-        p="packed" if cfg["packed"] else "tensor",
-    )
-
 
 def run_module(module, x, state, lengths, dy, dstate, batch_first):
     """Outputs and every gradient of loss = <y, dy> + <h_n, dh> + <c_n, dc>, as NumPy arrays."""
@@ -76,7 +60,7 @@ def assert_match(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", FEATURE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
 def test_matches_nn_lstm(backend, cfg, dtype):
     tt = getattr(torch, dtype)
@@ -85,7 +69,7 @@ def test_matches_nn_lstm(backend, cfg, dtype):
                               batch_first=cfg["batch_first"], dtype=tt)
     module = ft.LSTM.from_torch(reference, backend=backend)
     x, state, dy, dstate = problem(module, 5, 3, tt, seed=1, with_state=cfg["with_state"])
-    lengths = torch.tensor([5, 2, 4]) if cfg["packed"] else None
+    lengths = torch.tensor([5, 2, 4]) if cfg["lengths"] else None
     expected = run_module(reference, x, state, lengths, dy, dstate, cfg["batch_first"])
     actual = run_module(module, x, state, lengths, dy, dstate, cfg["batch_first"])
     assert_match(actual, expected, dtype)
@@ -240,18 +224,9 @@ def test_compile_fullgraph_equals_eager():
         y, (h, c) = lstm(x, (h0, c0))
         return head(y).sum() + h.sum() + c.square().sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 5, 4)
     h0, c0 = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
-    results = []
-    for fn in (step, compiled):
-        for p in itertools.chain(lstm.parameters(), head.parameters()):
-            p.grad = None
-        loss = fn(x, h0, c0)
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.clone() for p in lstm.parameters()])
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+    assert_compiled_matches_eager(step, (x, h0, c0), list(lstm.parameters()) + list(head.parameters()))
 
 
 def test_compile_traces_one_graph_with_the_op():
@@ -571,3 +546,101 @@ def test_cuda_calls_run_on_torchs_stream_device_and_allocator(monkeypatch):
     allocator.free(4096, 1)
     allocator.free(0, 1)
     assert calls == [("alloc", 256, 1, 1234), ("free", 4096)]
+
+
+def test_registered_ops_pass_opcheck_and_direct_calls_are_differentiable():
+    """torch.ops.fastlstm.lstm on its own: schema, fake tensors and its registered autograd
+    (the module goes through LSTMFunction; callers of the op get the same formula). The
+    handle output differs per call by design, so opcheck's eager-vs-AOT output comparison is
+    left to the compile tests above."""
+    torch.manual_seed(0)
+    module = ft.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, backend="numpy")
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    h, c = (torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weights = list(module.parameters())
+    masks = [torch.full((5, 2, 8), 2.0, dtype=torch.float64)]
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for lengths, mask in ((None, []), (torch.tensor([5, 3]), masks)):
+        args = (x, h, c, weights, lengths, mask, 2, True, True, True, "numpy")
+        assert set(torch.library.opcheck(_torch_ops.lstm, args, test_utils=checks).values()) == {"SUCCESS"}
+
+        def direct(x, h, c, *w):
+            return _torch_ops.lstm(x, h, c, list(w), lengths, mask, 2, True, True, True, "numpy")[:3]
+
+        assert torch.autograd.gradcheck(direct, (x, h, c, *weights))
+    y, h_n, c_n, handle = _torch_ops.lstm(x, h, c, weights, None, [], 2, True, True, True, "numpy")
+    args = (handle, torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n), x.detach(),
+            [w.detach() for w in weights])
+    checks = ("test_schema", "test_faketensor")
+    assert set(torch.library.opcheck(_torch_ops.lstm_backward, args, test_utils=checks).values()) == {"SUCCESS"}
+
+
+def test_cpu_tensors_reach_the_kernels_and_come_back_without_copies(monkeypatch):
+    seen = {}
+    real_forward, real_backward = fastlstm.stack.forward, fastlstm.stack.backward
+
+    def forward(spec, backend, params, x, h0, c0, *rest):
+        seen.update(x=x, w=params["weight_hh_l0"], h0=h0)
+        result = real_forward(spec, backend, params, x, h0, c0, *rest)
+        seen["y"] = result[0]
+        return result
+
+    def backward(record, d_out, dh_n, dc_n):
+        seen["dy"] = d_out
+        result = real_backward(record, d_out, dh_n, dc_n)
+        seen.update(dx=result[0], dw=result[3]["weight_hh_l0"])
+        return result
+
+    monkeypatch.setattr(fastlstm.stack, "forward", forward)
+    monkeypatch.setattr(fastlstm.stack, "backward", backward)
+    module = ft.LSTM(3, 4, backend="numpy")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    h0 = torch.zeros(1, 2, 4)
+    y, _ = module(x, (h0, torch.zeros(1, 2, 4)))
+    dy = torch.randn(5, 2, 4)
+    y.backward(dy)
+    assert seen["x"].ctypes.data == x.data_ptr() and seen["h0"].ctypes.data == h0.data_ptr()
+    assert seen["w"].ctypes.data == module.weight_hh_l0.data_ptr()
+    assert y.data_ptr() == seen["y"].ctypes.data
+    assert seen["dy"].ctypes.data == dy.data_ptr()
+    assert x.grad.data_ptr() == seen["dx"].ctypes.data
+    assert module.weight_hh_l0.grad.data_ptr() == seen["dw"].ctypes.data
+
+
+def test_meta_and_fake_tensors_get_shapes_through_the_op():
+    """Shape inference without running anything (meta device, FakeTensorMode) goes through the
+    op's fake implementation; only plain eager tensors take the direct path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    module = ft.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, device="meta")
+    y, (h, c) = module(torch.empty(2, 5, 3, device="meta"))
+    assert y.shape == (2, 5, 8) and y.device.type == "meta" and h.shape == c.shape == (4, 2, 4)
+    with FakeTensorMode():
+        module = ft.LSTM(3, 4, num_layers=2)
+        y, (h, c) = module(torch.empty(5, 2, 3))
+        y.sum().backward()
+        assert y.shape == (5, 2, 4) and module.weight_hh_l1.grad.shape == (16, 4)
+
+
+def test_dispatch_modes_see_the_op():
+    """A dispatch mode (profilers, flop counters, tracers) sees fastlstm's ops even on plain
+    eager tensors: the direct path is taken only when nothing is watching."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    module = ft.LSTM(3, 4, backend="numpy")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with Record() as record:
+        y, _ = module(x)
+        y.sum().backward()
+    assert "fastlstm.lstm.default" in record.ops and "fastlstm.lstm_backward.default" in record.ops
+    unwatched, _ = module(x)
+    torch.testing.assert_close(unwatched, y, rtol=0, atol=0)

@@ -7,41 +7,20 @@ pack_padded_sequence(..., enforce_sorted=False). Run for every CPU backend.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
 import fastlstm
 from lstm_testing import (
-    ALL_CPU_BACKENDS, TOLERANCE, assert_close, forward_backward, random_problem, torch_forward_backward,
+    ALL_CPU_BACKENDS, FEATURE_CONFIGS, TOLERANCE, assert_close, config_id, forward_backward, random_problem,
+    torch_forward_backward,
 )
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0")
 
 
-CONFIGS = [
-    dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, with_state=with_state, lengths=lengths)
-    for layers, bidirectional, batch_first, with_state, lengths in itertools.product(
-        (1, 2, 3), (False, True), (False, True), (False, True), (False, True)
-    )
-    # the full product of the two binary options that interact least is covered by the rest
-    if not (layers == 3 and batch_first and not with_state)
-]
-
-
-def config_id(cfg):
-    return "L{num_layers}-{b}-{bf}-{s}-{l}".format(
-        num_layers=cfg["num_layers"],
-        b="bi" if cfg["bidirectional"] else "uni",
-        bf="bf" if cfg["batch_first"] else "tf",
-        s="state" if cfg["with_state"] else "nostate",
-        l="lengths" if cfg["lengths"] else "full",
-    )
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", FEATURE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
 def test_matches_torch(backend, cfg, dtype):
     input_size, hidden, num_steps, batch = 4, 6, 5, 3

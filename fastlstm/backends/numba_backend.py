@@ -13,10 +13,13 @@ to split run on one thread, and their large GEMMs (input projection, weight
 gradients) go to NumPy's BLAS with the same thread count.
 
 Calls from several Python threads: every section that uses more than one core (a
-parallel kernel, a multi-threaded BLAS call) runs one at a time in the process
-(``_MULTICORE``); single-threaded kernels run side by side. Numba's workqueue threading
-layer aborts the process when two threads launch parallel kernels at once, and on the
-thread-safe layers two launches that each want every core only slow each other down.
+parallel kernel, a multi-threaded BLAS call) or sets BLAS's thread count runs one at a
+time in the process (``_MULTICORE``); single-threaded kernels that call no BLAS run side
+by side. Numba's workqueue threading layer aborts the process when two threads launch
+parallel kernels at once; on the thread-safe layers two launches that each want every
+core only slow each other down; and BLAS's thread count is process-wide, so two
+overlapping threadpoolctl limits would restore each other's value and leave BLAS limited
+after the calls.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
 _STEPWISE_PROJECTION_MIN_BATCH = 16
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
-# Held by every section that uses more than one core (see the module docstring).
+# Held by every section that uses more than one core or sets BLAS's thread count (see the
+# module docstring).
 _MULTICORE = threading.RLock()
 
 
@@ -127,20 +131,19 @@ class NumbaBackend(ReferenceBackend):
         """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
         does every GEMM, the kernel calls BLAS from its threads: BLAS then runs on one."""
         packed = plan.mode == kernels.GEMM_PACKED
-        with contextlib.nullcontext() if packed else self._blas.limit(limits=1, user_api="blas"):
+        if packed and not plan.parallel:  # one thread, no BLAS: runs beside other threads' calls
+            return serial_kernel(*args)
+        with _MULTICORE, contextlib.nullcontext() if packed else self._blas.limit(limits=1, user_api="blas"):
             if plan.parallel:
-                with _MULTICORE:
-                    numba.set_num_threads(plan.num_blocks)
-                    return parallel_kernel(*args)
+                numba.set_num_threads(plan.num_blocks)
+                return parallel_kernel(*args)
             return serial_kernel(*args)
 
     @contextlib.contextmanager
     def _numpy_blas(self):
         """For the single-block plan's large GEMMs (projection, weight gradients): NumPy's
         multi-threaded BLAS, held to fastlstm's thread count. No Numba thread runs then."""
-        count = threads.get_num_threads()
-        with _MULTICORE if count > 1 else contextlib.nullcontext(), \
-                self._blas.limit(limits=count, user_api="blas"):
+        with _MULTICORE, self._blas.limit(limits=threads.get_num_threads(), user_api="blas"):
             yield
 
     def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool) -> np.ndarray:
