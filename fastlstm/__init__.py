@@ -1,4 +1,4 @@
-"""fastlstm: fast LSTMs on whatever hardware you have.
+"""fastlstm: fast LSTMs (and GRUs) on whatever hardware you have.
 
 One model definition, three backends: ``numpy`` (the reference), ``numba`` (CPU,
 compiled kernels) and ``cupy`` (NVIDIA GPU). Importing this package imports no
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .layer import LSTM
+from .layer import GRU, LSTM
 from .registry import (
     BackendStatus,
     BackendUnavailableError,
@@ -26,6 +26,7 @@ from .threads import get_num_threads, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRU",
     "LSTM",
     "BackendStatus",
     "BackendUnavailableError",

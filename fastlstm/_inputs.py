@@ -111,6 +111,30 @@ def state_pair(backend, value, name: str, layout: Layout, num_states: int, hidde
     return tuple(out)
 
 
+def state_parts(backend, value, name: str, parts: tuple, layout: Layout, num_states: int, hidden: int, dtype):
+    """A cell's state as a tuple of internal (L*D, B, H) arrays, one per part, or Nones.
+
+    parts ("h", "c"): `value` is a pair (h, c), either element possibly None (state_pair).
+    parts ("h",): `value` is one array h (a GRU has no cell state).
+    """
+    if len(parts) == 2:
+        return state_pair(backend, value, name, layout, num_states, hidden, dtype)
+    if value is None:
+        return (None,)
+    if isinstance(value, (tuple, list)):
+        raise TypeError(
+            f"{name}: expected one array h of shape {layout.user_state_shape(num_states, hidden)} "
+            f"(this cell has no cell state), got a {type(value).__name__} of {len(value)}"
+        )
+    refuse_autograd_tensor(value, name)
+    array = backend.from_user(value, name)
+    check_real(array, name)
+    expected = layout.user_state_shape(num_states, hidden)
+    if tuple(array.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(array.shape)}")
+    return (backend.xp.ascontiguousarray(layout.state_to_internal(array.astype(dtype, copy=False))),)
+
+
 def sequence_lengths(backend, value, layout: Layout):
     """lengths -> (B,) int64 backend array with values in 1..T, or None."""
     if value is None:

@@ -1,16 +1,18 @@
-"""The fastlstm LSTM as a registered torch op: ``torch.ops.fastlstm.lstm`` and its backward.
+"""fastlstm's layers as registered torch ops: ``torch.ops.fastlstm.lstm`` and its backward.
 
-Both are ``torch.library.custom_op``s with fake (meta) implementations, so that
-``torch.compile(fullgraph=True)`` traces them without a graph break. Autograd comes two
-ways, with one formula (``_gradients``): ``LSTMFunction``, an ``autograd.Function`` around
-the two ops, is what ``fastlstm.torch.LSTM`` calls (dynamo traces it into the ops), and the
-same formula is registered on the op itself (``register_autograd``) for callers of
-``torch.ops.fastlstm.lstm``. Why two: torch's generic custom-op autograd wrapper flattens
-every argument with pytree on each call, which measured ~200 us more per training step
-than the Function (stream-1, 2-core Zen 4), a tenth of a small model's step.
-``fastlstm.torch`` builds the ``nn.Module`` on top; this module only runs the op.
+The GRU has its pair too (``fastlstm.gru``, ``fastlstm.gru_backward``); both pairs run the
+one stack (``fastlstm.stack``) with their cell. All are ``torch.library.custom_op``s with
+fake (meta) implementations, so that ``torch.compile(fullgraph=True)`` traces them without
+a graph break. Autograd comes two ways, with one formula (``_gradients``):
+``RecurrentFunction``, an ``autograd.Function`` around a cell's two ops, is what
+``fastlstm.torch``'s modules call (dynamo traces it into the ops), and the same formula is
+registered on the forward ops themselves (``register_autograd``) for callers of
+``torch.ops.fastlstm.lstm`` / ``gru``. Why two: torch's generic custom-op autograd wrapper
+flattens every argument with pytree on each call, which measured ~200 us more per
+training step than the Function (stream-1, 2-core Zen 4), a tenth of a small model's step.
+``fastlstm.torch`` builds the ``nn.Module``s on top; this module only runs the ops.
 
-The op is functional: every parameter comes in as a tensor on each call (time-major input,
+The ops are functional: every parameter comes in as a tensor on each call (time-major input,
 states, weights in ``nn.LSTM``'s order, optional lengths and dropout masks) and the stack
 (``fastlstm.stack``) runs on views of them. What a backward needs (the backend's saved
 activations, in the backend's own layout) cannot travel through a traced graph as Python
@@ -34,24 +36,27 @@ import functools
 import itertools
 import threading
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _inputs, registry, stack
 from ._arrays import resolve_dtype
+from .cells import LSTM_CELL, GRUCell
 
 _NAMESPACE = "fastlstm"
 
-FORWARD_SCHEMA = (
-    "(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, Tensor? lengths, Tensor[] dropout_masks, "
-    "int num_layers, bool bidirectional, bool has_biases, bool keep, str backend) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
-BACKWARD_SCHEMA = (
-    "(Tensor handle, Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor[] weights) "
-    "-> (Tensor, Tensor, Tensor, Tensor[])"
-)
+_COMMON = ("Tensor[] weights, Tensor? lengths, Tensor[] dropout_masks, int num_layers, bool bidirectional, "
+           "bool has_biases, bool keep, str backend")
+SCHEMAS = {
+    "lstm": f"(Tensor input, Tensor hx, Tensor cx, {_COMMON}) -> (Tensor, Tensor, Tensor, Tensor)",
+    "lstm_backward": ("(Tensor handle, Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+                      "Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor[])"),
+    "gru": f"(Tensor input, Tensor hx, {_COMMON}, bool reset_after) -> (Tensor, Tensor, Tensor)",
+    "gru_backward": ("(Tensor handle, Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor[] weights) "
+                     "-> (Tensor, Tensor, Tensor[])"),
+}
 
 
 # -- records behind handles -------------------------------------------------------------
@@ -169,20 +174,20 @@ def _to_torch(backend, array, like: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_spec(input_size, hidden, num_layers, bidirectional, has_biases, dtype_name):
+def _cached_spec(cell, input_size, hidden, num_layers, bidirectional, has_biases, dtype_name):
     spec = stack.StackSpec(input_size, hidden, num_layers, 2 if bidirectional else 1, has_biases,
-                           resolve_dtype(dtype_name))
+                           resolve_dtype(dtype_name), cell)
     return spec, tuple(spec.parameter_shapes().items())
 
 
-def _spec(input_size, weights, num_layers, bidirectional, has_biases, dtype) -> stack.StackSpec:
+def _spec(cell, input_size, weights, num_layers, bidirectional, has_biases, dtype) -> stack.StackSpec:
     hidden = weights[1].shape[1] if len(weights) > 1 and weights[1].dim() == 2 else 0
-    spec, shapes = _cached_spec(int(input_size), int(hidden), int(num_layers), bool(bidirectional),
+    spec, shapes = _cached_spec(cell, int(input_size), int(hidden), int(num_layers), bool(bidirectional),
                                 bool(has_biases), str(dtype).replace("torch.", ""))
     if hidden < 1 or len(weights) != len(shapes):
         raise ValueError(
-            f"weights: expected {len(shapes) if hidden else 'the'} tensors in torch.nn.LSTM's order "
-            f"(weight_ih_l0, weight_hh_l0{', bias_ih_l0, bias_hh_l0' if has_biases else ''}, ...), "
+            f"weights: expected {len(shapes) if hidden else 'the'} tensors in torch.nn.{cell.name.upper()}'s "
+            f"order (weight_ih_l0, weight_hh_l0{', bias_ih_l0, bias_hh_l0' if has_biases else ''}, ...), "
             f"got {len(weights)}"
         )
     for (name, shape), weight in zip(shapes, weights):
@@ -197,18 +202,19 @@ def _check_float_tensors(dtype, **tensors) -> None:
             raise ValueError(f"{name}: expected dtype {dtype} (the input's), got {tensor.dtype}")
 
 
-# -- the forward op ----------------------------------------------------------------------
-def _lstm_impl(input, hx, cx, weights, lengths, dropout_masks, num_layers, bidirectional, has_biases, keep,
-               backend):
-    """Every layer and direction over a (T, B, I) time-major input. Returns
-    ``output (T, B, D*H), h_n, c_n (L*D, B, H), record handle``."""
+# -- the ops -----------------------------------------------------------------------------
+def _stack_forward(cell, input, states, weights, lengths, dropout_masks, num_layers, bidirectional, has_biases,
+                   keep, backend):
+    """Every layer and direction of `cell` over a (T, B, I) time-major input. Returns
+    ``[output (T, B, D*H), *states_n (L*D, B, H)], record handle``."""
     if input.dim() != 3 or input.shape[0] < 1 or input.shape[1] < 1:
         raise ValueError(f"input: expected (T, B, input_size) with T, B >= 1, got shape {tuple(input.shape)}")
     num_steps, batch, input_size = input.shape
-    spec = _spec(input_size, weights, num_layers, bidirectional, has_biases, input.dtype)
-    _check_float_tensors(input.dtype, hx=hx, cx=cx, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+    spec = _spec(cell, input_size, weights, num_layers, bidirectional, has_biases, input.dtype)
+    labels = [f"{part}x" for part in cell.state_parts]  # hx, cx: torch's names
+    _check_float_tensors(input.dtype, **dict(zip(labels, states)), **{f"weights[{i}]": w for i, w in enumerate(weights)})
     state_shape = (spec.num_states, batch, spec.hidden_size)
-    for name, state in (("hx", hx), ("cx", cx)):
+    for name, state in zip(labels, states):
         if tuple(state.shape) != state_shape:
             raise ValueError(f"{name}: expected shape {state_shape}, got {tuple(state.shape)}")
     mask_shapes = [s for s in spec.dropout_mask_shapes(num_steps, batch) if s is not None]
@@ -222,58 +228,102 @@ def _lstm_impl(input, hx, cx, weights, lengths, dropout_masks, num_layers, bidir
     with _cuda_context(chosen, input.device):
         step_lengths = None if lengths is None else _inputs.sequence_lengths(chosen, lengths.detach().cpu(), layout)
         x = _from_torch(chosen, input, "input")
-        h0, c0 = _from_torch(chosen, hx, "hx"), _from_torch(chosen, cx, "cx")
+        states0 = tuple(_from_torch(chosen, state, name) for name, state in zip(labels, states))
         params = {name: _from_torch(chosen, w, name) for name, w in zip(spec.parameter_names, weights)}
         masks = [None] + [_from_torch(chosen, m, "dropout_masks") for m in dropout_masks] if dropout_masks else None
-        y, h_n, c_n, record = stack.forward(spec, chosen, params, x, h0, c0, step_lengths, masks, keep)
-        outputs = tuple(_to_torch(chosen, a, input) for a in (y, h_n, c_n))
-    return (*outputs, _handle_for(record, chosen))
+        y, finals, record = stack.forward(spec, chosen, params, x, states0, step_lengths, masks, keep)
+        outputs = [_to_torch(chosen, a, input) for a in (y, *finals)]
+    return outputs, _handle_for(record, chosen)
 
 
-lstm = torch.library.custom_op(f"{_NAMESPACE}::lstm", mutates_args=(), schema=FORWARD_SCHEMA)(_lstm_impl)
+def _stack_backward(handle, grad_output, grad_states, input, weights):
+    """Gradients of one recorded call: ``[d input, *d states], [d weights]`` (in the order of
+    ``weights``). The record is read, not used up (retain_graph works)."""
+    box = _box_for(handle)
+    chosen = box.backend
+    with _cuda_context(chosen, input.device):
+        d_out = _from_torch(chosen, grad_output, "grad_output")
+        dstates_n = tuple(_from_torch(chosen, g, "grad_state") for g in grad_states)
+        d_input, dstates0, grads = stack.backward(box.record, d_out, dstates_n)
+        seen = set()
+        d_weights = []
+        for name, like in zip(box.record.spec.parameter_names, weights):
+            grad = grads[name]
+            if id(grad) in seen:  # an LSTM's biases share one array: outputs must not alias
+                grad = grad.copy()
+            seen.add(id(grad))
+            d_weights.append(_to_torch(chosen, grad, like))
+        outputs = [_to_torch(chosen, a, input) for a in (d_input, *dstates0)]
+    return outputs, d_weights
+
+
+def _lstm_impl(input, hx, cx, weights, lengths, dropout_masks, num_layers, bidirectional, has_biases, keep,
+               backend):
+    """``output, h_n, c_n, record handle``."""
+    outputs, handle = _stack_forward(LSTM_CELL, input, (hx, cx), weights, lengths, dropout_masks, num_layers,
+                                     bidirectional, has_biases, keep, backend)
+    return (*outputs, handle)
+
+
+def _lstm_backward_impl(handle, grad_output, grad_h_n, grad_c_n, input, weights):
+    """``d input, d hx, d cx, [d weights]``."""
+    outputs, d_weights = _stack_backward(handle, grad_output, (grad_h_n, grad_c_n), input, weights)
+    return (*outputs, d_weights)
+
+
+def _gru_impl(input, hx, weights, lengths, dropout_masks, num_layers, bidirectional, has_biases, keep, backend,
+              reset_after):
+    """``output, h_n, record handle``."""
+    outputs, handle = _stack_forward(GRUCell(reset_after), input, (hx,), weights, lengths, dropout_masks, num_layers,
+                                     bidirectional, has_biases, keep, backend)
+    return (*outputs, handle)
+
+
+def _gru_backward_impl(handle, grad_output, grad_h_n, input, weights):
+    """``d input, d hx, [d weights]``."""
+    outputs, d_weights = _stack_backward(handle, grad_output, (grad_h_n,), input, weights)
+    return (*outputs, d_weights)
+
+
+def _define(name, impl):
+    return torch.library.custom_op(f"{_NAMESPACE}::{name}", mutates_args=(), schema=SCHEMAS[name])(impl)
+
+
+lstm = _define("lstm", _lstm_impl)
+lstm_backward = _define("lstm_backward", _lstm_backward_impl)
+gru = _define("gru", _gru_impl)
+gru_backward = _define("gru_backward", _gru_backward_impl)
+
+
+def _handle_fake():
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def _output_fake(input, weights, bidirectional):
+    return input.new_empty((input.shape[0], input.shape[1], (2 if bidirectional else 1) * weights[1].shape[1]))
 
 
 @lstm.register_fake
 def _lstm_fake(input, hx, cx, weights, lengths, dropout_masks, num_layers, bidirectional, has_biases, keep,
                backend):
-    num_steps, batch, _ = input.shape
-    hidden = weights[1].shape[1]
-    directions = 2 if bidirectional else 1
-    output = input.new_empty((num_steps, batch, directions * hidden))
-    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), torch.empty((), dtype=torch.int64, device="cpu")
-
-
-# -- the backward op ---------------------------------------------------------------------
-def _lstm_backward_impl(handle, grad_output, grad_h_n, grad_c_n, input, weights):
-    """Gradients of one recorded ``lstm`` call: ``d input, d hx, d cx, d weights`` (in the
-    order of ``weights``). The record is read, not used up (retain_graph works)."""
-    box = _box_for(handle)
-    chosen = box.backend
-    with _cuda_context(chosen, input.device):
-        d_out = _from_torch(chosen, grad_output, "grad_output")
-        dh_n, dc_n = _from_torch(chosen, grad_h_n, "grad_h_n"), _from_torch(chosen, grad_c_n, "grad_c_n")
-        d_input, dh0, dc0, grads = stack.backward(box.record, d_out, dh_n, dc_n)
-        seen = set()
-        d_weights = []
-        for name in box.record.spec.parameter_names:
-            grad = grads[name]
-            if id(grad) in seen:  # both biases share one array: outputs must not alias
-                grad = grad.copy()
-            seen.add(id(grad))
-            d_weights.append(_to_torch(chosen, grad, weights[len(d_weights)]))
-        outputs = tuple(_to_torch(chosen, a, input) for a in (d_input, dh0, dc0))
-    return (*outputs, d_weights)
-
-
-lstm_backward = torch.library.custom_op(
-    f"{_NAMESPACE}::lstm_backward", mutates_args=(), schema=BACKWARD_SCHEMA
-)(_lstm_backward_impl)
+    return _output_fake(input, weights, bidirectional), hx.new_empty(hx.shape), cx.new_empty(cx.shape), _handle_fake()
 
 
 @lstm_backward.register_fake
 def _lstm_backward_fake(handle, grad_output, grad_h_n, grad_c_n, input, weights):
     return (input.new_empty(input.shape), grad_h_n.new_empty(grad_h_n.shape), grad_c_n.new_empty(grad_c_n.shape),
             [w.new_empty(w.shape) for w in weights])
+
+
+@gru.register_fake
+def _gru_fake(input, hx, weights, lengths, dropout_masks, num_layers, bidirectional, has_biases, keep, backend,
+              reset_after):
+    return _output_fake(input, weights, bidirectional), hx.new_empty(hx.shape), _handle_fake()
+
+
+@gru_backward.register_fake
+def _gru_backward_fake(handle, grad_output, grad_h_n, input, weights):
+    return input.new_empty(input.shape), grad_h_n.new_empty(grad_h_n.shape), [w.new_empty(w.shape) for w in weights]
 
 
 # -- autograd ----------------------------------------------------------------------------
@@ -295,60 +345,89 @@ def _direct(*tensors) -> bool:
     return all(type(t) in _PLAIN and t.device.type in ("cpu", "cuda") for t in tensors)
 
 
-def _gradients(handle, output_shape, input, hx, cx, weights, grad_output, grad_h_n, grad_c_n):
-    """The one backward formula: (d input, d hx, d cx, [d weights]) through the backward op.
-    Outputs autograd left without a gradient (None) count as zeros."""
+@dataclass(frozen=True)
+class _Ops:
+    """A cell's pair of ops and their implementations (the direct path)."""
+
+    forward: object
+    backward: object
+    forward_impl: object
+    backward_impl: object
+    num_states: int  # hx, cx / hx
+    num_options: int  # the non-tensor arguments after the dropout masks
+
+
+OPS = {
+    "lstm": _Ops(lstm, lstm_backward, _lstm_impl, _lstm_backward_impl, 2, 5),
+    "gru": _Ops(gru, gru_backward, _gru_impl, _gru_backward_impl, 1, 6),
+}
+
+
+def _gradients(ops: _Ops, handle, output_shape, input, states, weights, grad_output, grad_states):
+    """The one backward formula: ``d input, [d states], [d weights]`` through the cell's
+    backward op. Outputs autograd left without a gradient (None) count as zeros."""
     if grad_output is None:
         grad_output = input.new_zeros(output_shape)
-    grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
-    grad_c_n = torch.zeros_like(cx) if grad_c_n is None else grad_c_n
-    direct = not torch.is_grad_enabled() and _direct(grad_output, grad_h_n, grad_c_n, input, *weights)
-    run = _lstm_backward_impl if direct else lstm_backward  # with grad on: double backward's error
-    return run(handle, grad_output, grad_h_n, grad_c_n, input, weights)
+    grad_states = [torch.zeros_like(s) if g is None else g for s, g in zip(states, grad_states)]
+    direct = not torch.is_grad_enabled() and _direct(grad_output, *grad_states, input, *weights)
+    run = ops.backward_impl if direct else ops.backward  # with grad on: double backward's error
+    results = run(handle, grad_output, *grad_states, input, weights)
+    return results[0], list(results[1:-1]), results[-1]
 
 
-class LSTMFunction(torch.autograd.Function):
-    """The op with its gradient, as fastlstm.torch.LSTM calls it (module docstring: why a
-    Function). ``apply(input, hx, cx, lengths, num_layers, bidirectional, has_biases, keep,
-    backend, num_masks, *weights_then_masks)`` returns ``output, h_n, c_n``."""
+class RecurrentFunction(torch.autograd.Function):
+    """A cell's op with its gradient, as fastlstm.torch's modules call it (module docstring:
+    why a Function). ``apply(cell, input, lengths, num_layers, bidirectional, has_biases, keep,
+    backend, extra, num_masks, *states_weights_masks)`` returns ``output, *states_n``;
+    ``cell`` is "lstm" or "gru" and ``extra`` the GRU's reset_after (ignored for the LSTM)."""
 
     @staticmethod
-    def forward(ctx, input, hx, cx, lengths, num_layers, bidirectional, has_biases, keep, backend, num_masks,
+    def forward(ctx, cell, input, lengths, num_layers, bidirectional, has_biases, keep, backend, extra, num_masks,
                 *tensors):
-        split = len(tensors) - num_masks
-        weights, masks = list(tensors[:split]), list(tensors[split:])
-        run = _lstm_impl if _direct(input, hx, cx, *tensors) else lstm
-        output, h_n, c_n, handle = run(input, hx, cx, weights, lengths, masks, num_layers, bidirectional,
-                                       has_biases, keep, backend)
+        ops = OPS[cell]
+        states = list(tensors[: ops.num_states])
+        weights = list(tensors[ops.num_states : len(tensors) - num_masks])
+        masks = list(tensors[len(tensors) - num_masks :])
+        run = ops.forward_impl if _direct(input, *tensors) else ops.forward
+        args = (input, *states, weights, lengths, masks, num_layers, bidirectional, has_biases, keep, backend)
+        results = run(*args, extra) if cell == "gru" else run(*args)
+        handle = results[-1]
         # The tensors the record was made from are saved as well, so that autograd's version
         # counters catch an in-place change between forward and backward, as for nn.LSTM.
-        ctx.save_for_backward(handle, input, hx, cx, *weights)
-        ctx.num_masks = num_masks
-        ctx.output_shape = output.shape
-        return output, h_n, c_n
+        ctx.save_for_backward(handle, input, *states, *weights)
+        ctx.cell, ctx.num_states, ctx.num_masks = cell, ops.num_states, num_masks
+        ctx.output_shape = results[0].shape
+        return tuple(results[:-1])
 
     @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        handle, input, hx, cx, *weights = ctx.saved_tensors
-        d_input, d_hx, d_cx, d_weights = _gradients(
-            handle, ctx.output_shape, input, hx, cx, weights, grad_output, grad_h_n, grad_c_n
+    def backward(ctx, grad_output, *grad_states):
+        handle, input, *rest = ctx.saved_tensors
+        states, weights = rest[: ctx.num_states], rest[ctx.num_states :]
+        d_input, d_states, d_weights = _gradients(
+            OPS[ctx.cell], handle, ctx.output_shape, input, states, weights, grad_output, grad_states
         )
-        return (d_input, d_hx, d_cx) + (None,) * 7 + tuple(d_weights) + (None,) * ctx.num_masks
+        return (None, d_input) + (None,) * 8 + tuple(d_states) + tuple(d_weights) + (None,) * ctx.num_masks
 
 
-def _setup_lstm(ctx, inputs, output):
-    input, hx, cx, weights = inputs[:4]
-    ctx.save_for_backward(output[3], input, hx, cx, *weights)  # as LSTMFunction.forward
-    ctx.num_masks = len(inputs[5])
-    ctx.output_shape = output[0].shape
+def _register_autograd(cell: str, num_states: int) -> None:
+    """The same formula on the op itself, for callers of torch.ops.fastlstm.<cell>."""
+    ops = OPS[cell]
 
+    def setup(ctx, inputs, output):
+        input, states, weights = inputs[0], inputs[1 : 1 + num_states], inputs[1 + num_states]
+        ctx.save_for_backward(output[-1], input, *states, *weights)
+        ctx.num_masks = len(inputs[3 + num_states])
+        ctx.output_shape = output[0].shape
 
-def _lstm_grad(ctx, grad_output, grad_h_n, grad_c_n, _grad_handle):
-    handle, input, hx, cx, *weights = ctx.saved_tensors
-    d_input, d_hx, d_cx, d_weights = _gradients(
-        handle, ctx.output_shape, input, hx, cx, weights, grad_output, grad_h_n, grad_c_n
-    )
-    return d_input, d_hx, d_cx, d_weights, None, [None] * ctx.num_masks, None, None, None, None, None
+    def backward(ctx, grad_output, *grads):
+        handle, input, *rest = ctx.saved_tensors
+        states, weights = rest[:num_states], rest[num_states:]
+        d_input, d_states, d_weights = _gradients(ops, handle, ctx.output_shape, input, states, weights,
+                                                  grad_output, grads[:num_states])
+        return (d_input, *d_states, d_weights, None, [None] * ctx.num_masks, *(None,) * ops.num_options)
+
+    ops.forward.register_autograd(backward, setup_context=setup)
+    ops.backward.register_autograd(_no_double_backward, setup_context=_setup_backward)
 
 
 def _setup_backward(ctx, inputs, output):
@@ -358,13 +437,13 @@ def _setup_backward(ctx, inputs, output):
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "fastlstm: double backward (a gradient of a gradient, e.g. torch.autograd.grad(..., "
-        "create_graph=True) followed by another backward) through the LSTM is not supported"
+        "create_graph=True) followed by another backward) through the LSTM or GRU is not supported"
     )
 
 
-lstm.register_autograd(_lstm_grad, setup_context=_setup_lstm)
-lstm_backward.register_autograd(_no_double_backward, setup_context=_setup_backward)
-# Under autocast the op runs in float32 (float64 stays float64): the backends have no
-# half-precision kernels.
-for _device in ("cpu", "cuda"):
-    lstm.register_autocast(_device, torch.float32)
+for _cell, _ops in OPS.items():
+    _register_autograd(_cell, _ops.num_states)
+    # Under autocast the op runs in float32 (float64 stays float64): the backends have no
+    # half-precision kernels.
+    for _device in ("cpu", "cuda"):
+        _ops.forward.register_autocast(_device, torch.float32)

@@ -11,6 +11,7 @@ right after another one would pay for the other's idle threads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -36,18 +37,30 @@ class Config:
     H: int
     layers: int = 1
     bidirectional: bool = False
+    cell: str = "lstm"  # or "gru"
 
     @property
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def gates(self) -> int:
+        return 3 if self.cell == "gru" else 4
+
+    def with_cell(self, cell: str) -> "Config":
+        """The same shape with another cell ("lstm": unchanged; else named after the cell)."""
+        if cell == "lstm":
+            return self
+        return dataclasses.replace(self, name=f"{self.name} {cell}", cell=cell)
 
     def layer_inputs(self) -> list[int]:
         """Each layer's input size: I, then the previous layer's output (H per direction)."""
         return [self.I if layer == 0 else self.H * self.directions for layer in range(self.layers)]
 
     def forward_flops(self) -> float:
-        """2 * T * B * (I + H) * 4H per layer and direction (the two GEMMs)."""
-        return sum(self.directions * 2.0 * self.T * self.B * (inputs + self.H) * 4 * self.H
+        """2 * T * B * (I + H) * GH per layer and direction (the two GEMMs; G = 4 gates for
+        the LSTM, 3 for the GRU)."""
+        return sum(self.directions * 2.0 * self.T * self.B * (inputs + self.H) * self.gates * self.H
                    for inputs in self.layer_inputs())
 
     def flops(self, mode: str) -> float:
@@ -62,9 +75,10 @@ class Config:
         implementation could recompute them or keep them on chip): a floor, not our count."""
         directions = self.directions
         # W_ih, W_hh, b_ih and b_hh of every layer and direction
-        params = sum(directions * 4 * self.H * (inputs + self.H + 2) for inputs in self.layer_inputs())
+        params = sum(directions * self.gates * self.H * (inputs + self.H + 2) for inputs in self.layer_inputs())
         sequence_in, sequence_out = self.T * self.B * self.I, self.T * self.B * self.H * directions
-        states = 2 * self.layers * directions * self.B * self.H  # h_n and c_n (dh0 and dc0)
+        parts = 1 if self.cell == "gru" else 2
+        states = parts * self.layers * directions * self.B * self.H  # h_n (and c_n), their gradients
         elements = sequence_in + params + sequence_out + states
         if mode == "forward+backward":
             elements *= 2  # dy, dx, the gradients, dh0 and dc0: one of each, the same sizes
@@ -145,11 +159,12 @@ def make_runner(name: str, config: Config, mode: str, dtype: str = "float32"):
 def fastlstm_call(backend: str, config: Config, mode: str, dtype: str = "float32"):
     """(call, layer): one iteration on a fastlstm backend, returning as soon as the work is
     queued (a GPU backend may still be running it), and the layer it runs."""
-    from .layer import LSTM
+    from .layer import GRU, LSTM
 
     x, dy = _inputs(config, dtype)
-    lstm = LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
-                backend=backend, dtype=dtype, seed=0)
+    layer_class = GRU if config.cell == "gru" else LSTM
+    lstm = layer_class(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                       backend=backend, dtype=dtype, seed=0)
     device = lstm._current_backend()
     x_dev, dy_dev = device.from_user(x, "x"), device.from_user(dy, "dy")
     if mode == "forward":
@@ -176,7 +191,8 @@ def _torch_runner(name, config, mode, dtype, x, dy):
 
     device = "cuda" if name in TORCH_CUDA_RUNNERS else "cpu"
     allow_tf32 = name == "torch-cuda-tf32"
-    module = torch.nn.LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
+    torch_class = torch.nn.GRU if config.cell == "gru" else torch.nn.LSTM
+    module = torch_class(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
     module = module.to(device=device, dtype=getattr(torch, dtype))
     xt = torch.from_numpy(x).to(device)
     dyt = torch.from_numpy(dy).to(device)

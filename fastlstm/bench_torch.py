@@ -1,5 +1,6 @@
 """``fastlstm bench --torch``: a whole PyTorch training step with ``fastlstm.torch.LSTM``
-against the same step with ``torch.nn.LSTM``, and what the adapter costs over the bare call.
+(or ``GRU``, with ``--cell gru``) against the same step with ``torch.nn.LSTM`` (``GRU``),
+and what the adapter costs over the bare call.
 
 A step is LSTM -> Linear -> cross-entropy -> backward -> Adam, on DESIGN.md's
 configurations (batch-first off, targets drawn once). Runners:
@@ -92,11 +93,12 @@ def _training_step(config: Config, device: str, kind: str, allow_tf32: bool = Fa
     """A no-argument callable: one training step of LSTM + Linear + cross-entropy + Adam."""
     import torch
 
-    from .torch import LSTM
+    from .torch import GRU, LSTM
 
     torch.manual_seed(0)
-    reference = torch.nn.LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
-    lstm = reference if kind == "torch" else LSTM.from_torch(reference)
+    torch_class, ours = (torch.nn.GRU, GRU) if config.cell == "gru" else (torch.nn.LSTM, LSTM)
+    reference = torch_class(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
+    lstm = reference if kind == "torch" else ours.from_torch(reference)
     head = torch.nn.Linear(config.H * config.directions, HEAD_CLASSES)
     lstm, head = lstm.to(device), head.to(device)
     optimizer = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=LR)
@@ -146,17 +148,19 @@ def _adapter_pair(config: Config, device: str):
     """(through the module, bare): the LSTM's forward + backward only, same backend and weights."""
     import torch
 
-    from .layer import LSTM as CoreLSTM
-    from .torch import LSTM
+    from . import layer
+    from . import torch as adapter
 
-    module = LSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional).to(device)
+    name = "GRU" if config.cell == "gru" else "LSTM"
+    module = getattr(adapter, name)(config.I, config.H, num_layers=config.layers,
+                                    bidirectional=config.bidirectional).to(device)
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((config.T, config.B, config.I)).astype(np.float32)
     dy_np = rng.standard_normal((config.T, config.B, config.H * config.directions)).astype(np.float32)
     x, dy = torch.from_numpy(x_np).to(device), torch.from_numpy(dy_np).to(device)
     backend = module_backend(device)
-    core = CoreLSTM(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
-                    backend=backend)
+    core = getattr(layer, name)(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                                backend=backend)
     core.load_state_dict(module.state_dict())
     storage = core._current_backend()
     x_dev, dy_dev = storage.from_user(x_np, "x"), storage.from_user(dy_np, "dy")
@@ -251,7 +255,7 @@ def format_table(report: StepReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    title = (f"fastlstm bench --torch: a training step (LSTM + Linear({HEAD_CLASSES}) + cross-entropy + Adam), "
+    title = (f"fastlstm bench --torch: a training step (LSTM or GRU + Linear({HEAD_CLASSES}) + cross-entropy + Adam), "
              f"float32, {report.threads} threads, median of {report.repeats} alternated rounds (blocks of "
              "consecutive steps); ratios are medians of the ratios within rounds; "
              "'vs nn.LSTM step' above 1: fastlstm faster")

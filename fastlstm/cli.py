@@ -51,6 +51,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--H", type=_positive, help="custom configuration: hidden size")
     p.add_argument("--layers", type=_positive, default=1, help="custom configuration: layers (default 1)")
     p.add_argument("--bidirectional", action="store_true", help="custom configuration: bidirectional")
+    p.add_argument("--cell", type=_comma_list, default=["lstm"],
+                   help="lstm (default), gru, or lstm,gru: the cells to benchmark on every configuration")
     p.add_argument("--modes", type=_comma_list, default=list(bench.MODES), help="forward,forward+backward (default both)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--repeats", type=_positive, help="measured rounds (default 5; 2 with --quick)")
@@ -68,19 +70,25 @@ def _bench_parser(sub) -> None:
 
 
 def _bench_configs(args, parser) -> list:
+    cells = args.cell
+    bad = [c for c in cells if c not in ("lstm", "gru")]
+    if bad or not cells:
+        parser.error(f"--cell: expected lstm, gru or lstm,gru, got {','.join(cells)!r}")
     custom = [args.T, args.B, args.I, args.H]
     if any(v is not None for v in custom):
         if any(v is None for v in custom):
             parser.error("a custom configuration needs all of --T --B --I --H")
         if args.configs:
             parser.error("use either --configs or --T/--B/--I/--H, not both")
-        return [bench.Config("custom", args.T, args.B, args.I, args.H, args.layers, args.bidirectional)]
-    table = bench.QUICK_CONFIGS if args.quick else {**bench.CONFIGS, **bench.EXTRA_CONFIGS}
-    names = args.configs or list(bench.QUICK_CONFIGS if args.quick else bench.CONFIGS)
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        parser.error(f"--configs: unknown {', '.join(unknown)}; expected some of {', '.join(table)}")
-    return [table[n] for n in names]
+        configs = [bench.Config("custom", args.T, args.B, args.I, args.H, args.layers, args.bidirectional)]
+    else:
+        table = bench.QUICK_CONFIGS if args.quick else {**bench.CONFIGS, **bench.EXTRA_CONFIGS}
+        names = args.configs or list(bench.QUICK_CONFIGS if args.quick else bench.CONFIGS)
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            parser.error(f"--configs: unknown {', '.join(unknown)}; expected some of {', '.join(table)}")
+        configs = [table[n] for n in names]
+    return [config.with_cell(cell) for config in configs for cell in cells]
 
 
 def _bench_runners(requested) -> list[str]:

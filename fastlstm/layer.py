@@ -1,14 +1,16 @@
-"""The LSTM layer: parameters, gradients, modes, files, and the user-facing API.
+"""The recurrent layers: parameters, gradients, modes, files, and the user-facing API.
 
-Semantics are those of ``torch.nn.LSTM`` (gate order i, f, g, o; two biases;
-``state_dict`` names and shapes; (L*D, B, H) states). Stacking, directions, dropout and
-states are ``fastlstm.stack``'s, written once for every backend; this class owns the
-parameters and gradients, validates what callers hand it, and keeps per-call records.
+``RecurrentLayer`` is written once for every cell; ``LSTM`` and ``GRU`` are small
+subclasses that name their cell (``cells.py``) and the shape of their state ((h, c) or
+h). Semantics are torch's (``nn.LSTM``: gates i, f, g, o; ``nn.GRU``: gates r, z, n; two
+biases; ``state_dict`` names and shapes; (L*D, B, H) states). Stacking, directions,
+dropout and states are ``fastlstm.stack``'s; this module owns the parameters and
+gradients, validates what callers hand it, and keeps per-call records.
 
 Records of training forwards (what a backward needs) belong to calls, not to the layer:
 ``vjp`` returns a pullback that owns its record, and ``__call__`` + ``backward`` keep the
-calling thread's last training forward only. What threads may share is in ``LSTM``'s
-docstring.
+calling thread's last training forward only. What threads may share is in
+``RecurrentLayer``'s docstring.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ import numpy as np
 
 from . import _inputs, registry, stack
 from ._arrays import check_real, resolve_dtype, to_numpy
+from .cells import LSTM_CELL, GRUCell
 from .checkpoint import load_arrays, save_arrays
-
-_FILE_KIND = "fastlstm-lstm"
 
 
 def _positive_int(value, name: str) -> int:
@@ -52,14 +53,15 @@ class _Call:
 
 
 class Pullback:
-    """The backward of one ``LSTM.vjp`` call. ``pullback(dy, dstate=None)`` returns
-    ``dx, (dh0, dc0)`` and adds the parameter gradients into the layer's ``grads``.
+    """The backward of one ``vjp`` call. ``pullback(dy, dstate=None)`` returns ``dx, dstate0``
+    (``(dh0, dc0)`` for an LSTM, ``dh0`` for a GRU) and adds the parameter gradients into
+    the layer's ``grads``.
 
     It owns its forward's record and can be called once; a call that fails on bad input
     changes nothing and may be repeated with good input.
     """
 
-    def __init__(self, layer: "LSTM", call: _Call):
+    def __init__(self, layer: "RecurrentLayer", call: _Call):
         self._layer = layer
         self._call = call
         self._lock = threading.Lock()  # one pull at a time: the second sees the record gone
@@ -80,15 +82,16 @@ class Pullback:
         return result
 
 
-class LSTM:
-    """A multi-layer, optionally bidirectional LSTM with a PyTorch-compatible API.
+class RecurrentLayer:
+    """A multi-layer, optionally bidirectional recurrent layer with a PyTorch-compatible
+    API, for the cell a subclass names (``LSTM``, ``GRU``).
 
-    ``lstm(x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
-    ``lstm.backward(dy, dstate=None)`` returns ``dx, (dh0, dc0)`` for the calling thread's
-    last training forward and accumulates the parameter gradients into ``lstm.grads``
-    until ``zero_grad()``. ``lstm.vjp(x, ...)`` returns ``y, (h_n, c_n), pullback``: a
-    training forward whose record belongs to the call, for layers used several times
-    before one backward.
+    ``layer(x, state=None, lengths=None)`` returns ``y, state_n``; ``layer.backward(dy,
+    dstate=None)`` returns ``dx, dstate0`` for the calling thread's last training forward
+    and accumulates the parameter gradients into ``layer.grads`` until ``zero_grad()``.
+    ``layer.vjp(x, ...)`` returns ``y, state_n, pullback``: a training forward whose record
+    belongs to the call, for layers used several times before one backward. A state is
+    ``(h, c)`` for an LSTM and ``h`` for a GRU, each (L*D, B, H).
 
     Threads: several threads may run forwards, ``vjp`` and pullbacks on one layer at the
     same time; each gets its own results, and ``grads`` ends as the exact sum of every
@@ -96,24 +99,16 @@ class LSTM:
     masks are drawn under a lock too, in whatever order the threads arrive. Not safe to
     do while other threads run the layer: changing parameters in place (an optimizer
     step), ``zero_grad``, ``load_state_dict``, ``to``, ``train``/``eval``; a forward uses
-    the parameters as they are when its backend reads them. Concurrent calls on the
-    ``numba`` backend each ask for every core (``fastlstm.set_num_threads``), so two at
-    once run much slower than one after the other: give each thread its share of cores.
+    the parameters as they are when its backend reads them. On the ``numba`` backend each
+    call asks for every core (``fastlstm.set_num_threads``), so its multi-core sections run
+    one at a time across threads: two threads take about as long as their calls one after
+    the other (small problems up to ~1.7x longer, for the hand-overs; README).
     """
 
-    def __init__(
-        self,
-        input_size,
-        hidden_size,
-        num_layers=1,
-        bias=True,
-        batch_first=False,
-        dropout=0.0,
-        bidirectional=False,
-        backend=None,
-        dtype="float32",
-        seed=None,
-    ):
+    _FILE_KIND = ""  # the tag of this cell's layer files
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, backend=None, dtype="float32", seed=None):
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
         self.num_layers = _positive_int(num_layers, "num_layers")
@@ -131,7 +126,7 @@ class LSTM:
             )
         self.dtype = resolve_dtype(dtype)
         self._spec = stack.StackSpec(
-            self.input_size, self.hidden_size, self.num_layers, self.num_directions, self.bias, self.dtype
+            self.input_size, self.hidden_size, self.num_layers, self.num_directions, self.bias, self.dtype, cell
         )
         self._backend_choice = None if backend is None else registry._check_name(backend)
         self._storage = registry.backend_object(self._backend_choice)
@@ -168,11 +163,11 @@ class LSTM:
         return 2 if self.bidirectional else 1
 
     def parameter_shapes(self) -> dict:
-        """name -> shape, in torch.nn.LSTM's state_dict order."""
+        """name -> shape, in torch's state_dict order."""
         return self._spec.parameter_shapes()
 
     def _initial_parameters(self, rng) -> dict:
-        # torch.nn.LSTM's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
+        # torch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
         bound = 1.0 / math.sqrt(self.hidden_size)
         return {
             name: self._storage.asarray(rng.uniform(-bound, bound, size=shape).astype(self.dtype))
@@ -188,7 +183,7 @@ class LSTM:
     def _current_backend(self):
         return registry.backend_object(self._backend_choice)
 
-    def to(self, backend: str | None) -> "LSTM":
+    def to(self, backend: str | None) -> "RecurrentLayer":
         """Fix this layer to `backend` (None: follow the global choice); moves parameters."""
         self._backend_choice = None if backend is None else registry._check_name(backend)
         self._move_to(self._current_backend())
@@ -204,11 +199,11 @@ class LSTM:
         self._params, self._grads, self._storage = params, grads, target
 
     # -- modes --------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "LSTM":
+    def train(self, mode: bool = True) -> "RecurrentLayer":
         self.training = _flag(mode, "mode")
         return self
 
-    def eval(self) -> "LSTM":
+    def eval(self) -> "RecurrentLayer":
         return self.train(False)
 
     # -- forward ------------------------------------------------------------------------
@@ -216,10 +211,11 @@ class LSTM:
         return self.forward(x, state, lengths)
 
     def forward(self, x, state=None, lengths=None):
-        """Run the whole sequence. Returns ``y, (h_n, c_n)``.
+        """Run the whole sequence. Returns ``y, state_n``.
 
         x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched
-        (T, input_size). state: optional (h0, c0), each (L*D, B, H). lengths:
+        (T, input_size). state: optional initial state ((h0, c0) or h0), each (L*D, B, H)
+        ((L*D, H) unbatched); an LSTM's h0 or c0 may be None (zeros). lengths:
         optional (B,) ints in 1..T; outputs past a sequence's length are zero and
         h_n / c_n are taken at each sequence's own last step. In training mode the
         forward is kept for this thread's next ``backward``; eval keeps nothing.
@@ -229,9 +225,9 @@ class LSTM:
         return y, final_state
 
     def vjp(self, x, state=None, lengths=None):
-        """A forward whose record belongs to this call: returns ``y, (h_n, c_n), pullback``.
+        """A forward whose record belongs to this call: returns ``y, state_n, pullback``.
 
-        ``pullback(dy, dstate=None)`` returns ``dx, (dh0, dc0)`` and adds the parameter
+        ``pullback(dy, dstate=None)`` returns ``dx, dstate0`` and adds the parameter
         gradients into ``grads``, once. Any number of pullbacks may be alive and called in
         any order, from any thread. Dropout applies in training mode only, as in
         ``forward``; the record is kept in either mode. This thread's ``backward`` is not
@@ -244,24 +240,32 @@ class LSTM:
         backend = self._current_backend()
         # Validate and convert everything before changing anything.
         inputs, layout = _inputs.sequence_input(backend, x, self.input_size, self.batch_first, self.dtype)
-        h0, c0 = _inputs.state_pair(
-            backend, state, "state", layout, self._spec.num_states, self.hidden_size, self.dtype
-        )
+        states0 = self._states_in(backend, state, "state", layout)
         step_lengths = _inputs.sequence_lengths(backend, lengths, layout)
         self._move_to(backend)
         masks, undo = self._draw_dropout_masks(backend, layout)
         try:
-            y, h_n, c_n, record = stack.forward(
-                self._spec, backend, self._params, inputs, h0, c0, step_lengths, masks, keep
+            y, finals, record = stack.forward(
+                self._spec, backend, self._params, inputs, states0, step_lengths, masks, keep
             )
         except BaseException:
             undo()
             raise
         call = None if record is None else _Call(record, layout, x)
-        xp = backend.xp
-        outputs = (layout.to_user(xp, y), layout.state_to_user(h_n), layout.state_to_user(c_n))
-        y, h_n, c_n = (backend.to_user(a, x) for a in outputs)
-        return y, (h_n, c_n), call
+        y = backend.to_user(layout.to_user(backend.xp, y), x)
+        return y, self._states_out(backend, finals, layout, x), call
+
+    def _states_in(self, backend, value, name: str, layout) -> tuple:
+        """The caller's state (or its gradient) as internal arrays, one per state part."""
+        return _inputs.state_parts(
+            backend, value, name, self._spec.cell.state_parts, layout, self._spec.num_states, self.hidden_size,
+            self.dtype,
+        )
+
+    def _states_out(self, backend, parts: tuple, layout, like):
+        """Internal arrays, one per state part, as the caller's state: (h, c) or h."""
+        user = tuple(backend.to_user(layout.state_to_user(part), like) for part in parts)
+        return user if len(user) > 1 else user[0]
 
     def _draw_dropout_masks(self, backend, layout):
         """(masks for stack.forward, undo): inverted-dropout masks drawn on the host, so every
@@ -293,10 +297,11 @@ class LSTM:
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, dy, dstate=None):
-        """Backpropagate through this thread's last training forward. Returns ``dx, (dh0, dc0)``.
+        """Backpropagate through this thread's last training forward. Returns ``dx, dstate0``.
 
-        dy: gradient of the loss w.r.t. y (same shape as y; None: zeros). dstate:
-        optional (dh_n, dc_n), each shaped like h_n (either may be None). Parameter
+        dy: gradient of the loss w.r.t. y (same shape as y; None: zeros). dstate: optional
+        gradient of the final state, shaped like it ((dh_n, dc_n), either may be None, or
+        dh_n). Parameter
         gradients are added to ``self.grads``. Each forward can be differentiated once.
         """
         call = getattr(self._last, "call", None)
@@ -317,18 +322,16 @@ class LSTM:
         backend = record.backend
         spec = self._spec
         d_out = _inputs.output_gradient(backend, dy, layout, spec.output_size, self.dtype)
-        dh_n, dc_n = _inputs.state_pair(backend, dstate, "dstate", layout, spec.num_states, self.hidden_size, self.dtype)
-        d_in, dh0, dc0, new_grads = stack.backward(record, d_out, dh_n, dc_n)
+        dstates_n = self._states_in(backend, dstate, "dstate", layout)
+        d_in, dstates0, new_grads = stack.backward(record, d_out, dstates_n)
         # Only now, with every gradient computed, touch the layer.
         converted = {name: self._storage.asarray(grad) for name, grad in new_grads.items()}
         with self._grads_lock:
             for name, grad in converted.items():
                 self._grads[name] += grad
-        xp, like = backend.xp, call.input_like
-        dx = backend.to_user(layout.to_user(xp, d_in), like)
-        dh0 = backend.to_user(layout.state_to_user(dh0), like)
-        dc0 = backend.to_user(layout.state_to_user(dc0), like)
-        return dx, (dh0, dc0)
+        like = call.input_like
+        dx = backend.to_user(layout.to_user(backend.xp, d_in), like)
+        return dx, self._states_out(backend, dstates0, layout, like)
 
     # -- parameters -----------------------------------------------------------------------
     @property
@@ -346,7 +349,7 @@ class LSTM:
             grad.fill(0)
 
     def state_dict(self) -> dict:
-        """name -> NumPy copy of each parameter (torch.nn.LSTM's names, shapes, gate order)."""
+        """name -> NumPy copy of each parameter (torch's names, shapes and gate order)."""
         return {name: np.array(self._storage.to_host(p), copy=True) for name, p in self._params.items()}
 
     def load_state_dict(self, state_dict, strict: bool = True):
@@ -379,6 +382,7 @@ class LSTM:
 
     # -- files --------------------------------------------------------------------------
     def config(self) -> dict:
+        """The constructor's arguments (what a file keeps besides the parameters)."""
         return {
             "input_size": self.input_size,
             "hidden_size": self.hidden_size,
@@ -392,12 +396,12 @@ class LSTM:
 
     def save(self, path) -> None:
         """Write config and parameters to `path` (.npz), atomically."""
-        save_arrays(path, _FILE_KIND, {"config": self.config()}, self.state_dict())
+        save_arrays(path, self._FILE_KIND, {"config": self.config()}, self.state_dict())
 
     @classmethod
-    def load(cls, path, backend=None) -> "LSTM":
-        """A layer read from a file written by ``save``."""
-        header, arrays = load_arrays(path, _FILE_KIND)
+    def load(cls, path, backend=None) -> "RecurrentLayer":
+        """A layer read from a file written by ``save`` (of this cell: another's is refused)."""
+        header, arrays = load_arrays(path, cls._FILE_KIND)
         config = header.get("config")
         if not isinstance(config, dict):
             raise ValueError(f"{path}: the file has no layer configuration")
@@ -413,17 +417,65 @@ class LSTM:
             raise ValueError(f"{path}: the parameters do not match the configuration: {exc}") from exc
         return layer
 
-    def __repr__(self) -> str:
-        extras = "".join(
-            f", {key}={value!r}"
-            for key, value, default in (
-                ("num_layers", self.num_layers, 1),
-                ("bias", self.bias, True),
-                ("batch_first", self.batch_first, False),
-                ("dropout", self.dropout, 0.0),
-                ("bidirectional", self.bidirectional, False),
-            )
-            if value != default
+    def _repr_options(self) -> tuple:
+        """(name, value, default) of the options a repr shows when they differ."""
+        return (
+            ("num_layers", self.num_layers, 1),
+            ("bias", self.bias, True),
+            ("batch_first", self.batch_first, False),
+            ("dropout", self.dropout, 0.0),
+            ("bidirectional", self.bidirectional, False),
         )
+
+    def __repr__(self) -> str:
+        extras = "".join(f", {key}={value!r}" for key, value, default in self._repr_options() if value != default)
         fixed = f", backend={self._backend_choice!r}" if self._backend_choice else ""
-        return f"LSTM({self.input_size}, {self.hidden_size}{extras}{fixed}, dtype={self.dtype.name!r})"
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extras}{fixed}, "
+                f"dtype={self.dtype.name!r})")
+
+
+class LSTM(RecurrentLayer):
+    """A multi-layer, optionally bidirectional LSTM with ``torch.nn.LSTM``'s API and semantics.
+
+    ``lstm(x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
+    ``lstm.backward(dy, dstate=None)`` returns ``dx, (dh0, dc0)``; the rest is
+    ``RecurrentLayer``'s.
+    """
+
+    _FILE_KIND = "fastlstm-lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, backend=None, dtype="float32", seed=None):
+        super().__init__(LSTM_CELL, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, backend, dtype, seed)
+
+
+class GRU(RecurrentLayer):
+    """A multi-layer, optionally bidirectional GRU with ``torch.nn.GRU``'s API and semantics.
+
+    ``gru(x, state=None, lengths=None)`` returns ``y, h_n``; ``gru.backward(dy,
+    dstate=None)`` returns ``dx, dh0``; the rest is ``RecurrentLayer``'s.
+
+    reset_after: True (torch, cuDNN, Keras' default): ``n = tanh(W_in x + b_in + r *
+    (W_hn h + b_hn))``. False (Cho et al. 2014, Keras' ``reset_after=False``): ``n =
+    tanh(W_in x + b_in + W_hn (r * h) + b_hn)``, a second recurrent product per step.
+    Either way ``h' = (1 - z) * n + z * h``. Weights written for the other convention of
+    the update, ``h' = (1 - z) * h + z * n`` (the tutorial's source among others), map onto
+    these by negating the update gate: use ``-W_iz``, ``-W_hz`` and ``-b_iz``, ``-b_hz``
+    (sigma(-a) = 1 - sigma(a)); a single update bias b_z goes to ``bias_ih`` as ``-b_z``
+    with 0 in ``bias_hh``.
+    """
+
+    _FILE_KIND = "fastlstm-gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, backend=None, dtype="float32", seed=None, reset_after=True):
+        super().__init__(GRUCell(_flag(reset_after, "reset_after")), input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, backend, dtype, seed)
+        self.reset_after = bool(reset_after)
+
+    def config(self) -> dict:
+        return {**super().config(), "reset_after": self.reset_after}
+
+    def _repr_options(self) -> tuple:
+        return super()._repr_options() + (("reset_after", self.reset_after, True),)

@@ -7,6 +7,7 @@ every rank writes its parameter gradients to OUT_DIR/rank<r>.npz.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -51,14 +52,20 @@ def worker(rank, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        model = torch.nn.parallel.DistributedDataParallel(Model())
-        x, target = batch()
-        share = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        loss_of(model, x[share], target[share]).backward()
-        grads = {name: p.grad.numpy() for name, p in model.module.named_parameters()}
-        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **grads)
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **train_on_share(rank))
     finally:
+        # The DDP model is gone with train_on_share's frame: the process group's threads stop
+        # now, not while the interpreter shuts down (gloo can abort then: seen with nn.LSTM too).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def train_on_share(rank) -> dict:
+    model = torch.nn.parallel.DistributedDataParallel(Model())
+    x, target = batch()
+    share = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    loss_of(model, x[share], target[share]).backward()
+    return {name: p.grad.numpy().copy() for name, p in model.module.named_parameters()}
 
 
 if __name__ == "__main__":

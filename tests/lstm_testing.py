@@ -162,9 +162,10 @@ def central_differences(loss, array, eps=1e-6) -> np.ndarray:
     return grad
 
 
-def assert_compiled_matches_eager(loss_fn, args, parameters) -> None:
+def assert_compiled_matches_eager(loss_fn, args, parameters, before=None) -> None:
     """loss_fn(*args) and the gradients of `parameters`, eager and through
-    torch.compile(fullgraph=True, backend="aot_eager"): bitwise equal."""
+    torch.compile(fullgraph=True, backend="aot_eager"): bitwise equal. `before()` runs
+    ahead of each (to seed torch's RNG, say)."""
     import torch
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
@@ -172,6 +173,8 @@ def assert_compiled_matches_eager(loss_fn, args, parameters) -> None:
     for fn in (loss_fn, compiled):
         for p in parameters:
             p.grad = None
+        if before is not None:
+            before()
         loss = fn(*args)
         loss.backward()
         results.append([loss.detach()] + [p.grad.clone() for p in parameters])

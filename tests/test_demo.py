@@ -18,10 +18,10 @@ def test_char_model_gradients_match_finite_differences(backend, dropout):
     rng = np.random.default_rng(1)
     inputs = rng.integers(0, 7, size=(5, 3))
     targets = rng.integers(0, 7, size=(5, 3))
-    masks = (model.rng.bit_generator.state, model.lstm._dropout_rng.bit_generator.state)
+    masks = (model.rng.bit_generator.state, model.rnn._dropout_rng.bit_generator.state)
 
     def loss():  # the same dropout masks at every evaluation
-        model.rng.bit_generator.state, model.lstm._dropout_rng.bit_generator.state = masks
+        model.rng.bit_generator.state, model.rnn._dropout_rng.bit_generator.state = masks
         return model.loss(inputs, targets)[0]
 
     model.zero_grad()

@@ -229,3 +229,24 @@ def test_resident_kernels_match_numpy_at_a_realistic_size(dtype):
         assert_layers_agree(gpu, cpu, random_problem(cpu, 30, 1000, seed=8, lengths=lengths), TOL[dtype])
     finally:
         backend.loop = None
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cupy_gru_matches_numpy_reference(reset_after, dtype):
+    """The GRU on the cupy backend (for now the reference primitives on CuPy arrays)."""
+    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.25, dtype=dtype, seed=7, reset_after=reset_after)
+    gpu = fastlstm.GRU(6, 40, backend="cupy", **kwargs)
+    cpu = fastlstm.GRU(6, 40, backend="numpy", **kwargs)
+    cpu.load_state_dict(gpu.state_dict())
+    rng = np.random.default_rng(3)
+    x, h0 = rng.standard_normal((9, 5, 6)), 0.5 * rng.standard_normal((4, 5, 40))
+    dy, dh = rng.standard_normal((9, 5, 80)), rng.standard_normal((4, 5, 40))
+    lengths = np.array([9, 3, 7, 1, 9])
+    results = []
+    for layer in (cpu, gpu):
+        y, h_n = layer(x, h0, lengths)
+        dx, dh0 = layer.backward(dy, dh)
+        results.append([y, h_n, dx, dh0] + [layer._storage.to_host(g) for g in layer.grads.values()])
+    for expected, actual in zip(*results):  # NumPy in, NumPy out: every result is on the host
+        assert_close(actual, expected, TOL[dtype])

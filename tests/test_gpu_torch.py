@@ -144,3 +144,32 @@ def test_training_step_matches_cudnn():
             curve.append(loss.item())
         losses.append(curve)  # from_torch copied the weights: the reference starts untrained
     assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gru_matches_cudnn(packed, dtype):
+    tt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    reference = torch.nn.GRU(6, 40, num_layers=2, bidirectional=True, device="cuda", dtype=tt)
+    module = ft.GRU.from_torch(reference)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn((9, 5, 6), generator=g, device="cuda", dtype=tt)
+    h0 = torch.randn((4, 5, 40), generator=g, device="cuda", dtype=tt)
+    dy = torch.randn((9, 5, 80), generator=g, device="cuda", dtype=tt)
+    dh = torch.randn((4, 5, 40), generator=g, device="cuda", dtype=tt)
+    lengths = torch.tensor([9, 3, 7, 1, 9]) if packed else None
+    results = []
+    for layer in (reference, module):
+        layer.zero_grad()
+        xi, hi = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+        if lengths is None:
+            y, h = layer(xi, hi)
+        else:
+            out, h = layer(pack_padded_sequence(xi, lengths, enforce_sorted=False), hi)
+            y, _ = pad_packed_sequence(out, total_length=9)
+        ((y * dy).sum() + (h * dh).sum()).backward()
+        results.append([y, h, xi.grad, hi.grad] + [p.grad for p in layer.parameters()])
+    for expected, actual in zip(*results):
+        assert actual.is_cuda
+        assert_close(actual.detach().cpu().numpy(), expected.detach().cpu().numpy(), TOL[dtype])

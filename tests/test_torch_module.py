@@ -1,5 +1,6 @@
-"""fastlstm.torch.LSTM against torch.nn.LSTM: parity on every feature, autograd, compile,
-training, the drop-in surface and its errors (CPU; the CUDA path runs in test_gpu.py)."""
+"""fastlstm.torch.LSTM and GRU against torch.nn.LSTM and GRU: parity on every feature,
+autograd, compile, training, the drop-in surface and its errors (CPU; the CUDA path runs in
+test_gpu_torch.py)."""
 
 from __future__ import annotations
 
@@ -19,37 +20,56 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 from fastlstm import _torch_ops  # noqa: E402
 
+CELLS = {"lstm": (torch.nn.LSTM, ft.LSTM), "gru": (torch.nn.GRU, ft.GRU)}
+
+
+def parts_of(state) -> tuple:
+    """A state as the tuple of its parts: (h, c) for an LSTM, (h,) for a GRU."""
+    return tuple(state) if isinstance(state, (tuple, list)) else (state,)
+
+
+def state_for(module, parts):
+    """Parts as the state `module` takes: a pair for an LSTM, one tensor for a GRU."""
+    if parts is None:
+        return None
+    return tuple(parts) if isinstance(module, (torch.nn.LSTM, ft.LSTM)) else parts[0]
+
+
 def run_module(module, x, state, lengths, dy, dstate, batch_first):
-    """Outputs and every gradient of loss = <y, dy> + <h_n, dh> + <c_n, dc>, as NumPy arrays."""
+    """Outputs and every gradient of loss = <y, dy> + sum over state parts <s_n, ds>, as
+    NumPy arrays (state and dstate given as tuples of parts)."""
     x = x.clone().requires_grad_(True)
     state = None if state is None else tuple(s.clone().requires_grad_(True) for s in state)
     module.zero_grad()
     if lengths is None:
-        y, (h_n, c_n) = module(x, state)
+        y, finals = module(x, state_for(module, state))
     else:
         packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
-        out, (h_n, c_n) = module(packed, state)
+        out, finals = module(packed, state_for(module, state))
         total = x.shape[1 if batch_first else 0]
         y, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=total)
-    loss = (y * dy).sum() + (h_n * dstate[0]).sum() + (c_n * dstate[1]).sum()
+    finals = parts_of(finals)
+    loss = (y * dy).sum() + sum((f * d).sum() for f, d in zip(finals, dstate))
     loss.backward()
-    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": x.grad}
+    results = {"y": y, "dx": x.grad, **{f"state_n[{i}]": f for i, f in enumerate(finals)}}
     if state is not None:
-        results.update(dh0=state[0].grad, dc0=state[1].grad)
+        results.update({f"dstate0[{i}]": s.grad for i, s in enumerate(state)})
     results.update({name: p.grad for name, p in module.named_parameters()})
     return {k: v.detach().numpy() for k, v in results.items()}
 
 
 def problem(module, num_steps, batch, dtype, seed=0, with_state=True):
+    """x, state, dy, dstate; state and dstate as tuples of the cell's parts."""
     g = torch.Generator().manual_seed(seed)
     d = module.num_layers * (2 if module.bidirectional else 1)
+    parts = 2 if isinstance(module, (torch.nn.LSTM, ft.LSTM)) else 1
     shape = (batch, num_steps, module.input_size) if module.batch_first else (num_steps, batch, module.input_size)
     x = torch.randn(shape, generator=g, dtype=dtype)
     state = tuple(0.5 * torch.randn((d, batch, module.hidden_size), generator=g, dtype=dtype)
-                  for _ in range(2)) if with_state else None
+                  for _ in range(parts)) if with_state else None
     out = shape[:2] + (module.hidden_size * (2 if module.bidirectional else 1),)
     dy = torch.randn(out, generator=g, dtype=dtype)
-    dstate = tuple(torch.randn((d, batch, module.hidden_size), generator=g, dtype=dtype) for _ in range(2))
+    dstate = tuple(torch.randn((d, batch, module.hidden_size), generator=g, dtype=dtype) for _ in range(parts))
     return x, state, dy, dstate
 
 
@@ -62,12 +82,14 @@ def assert_match(actual, expected, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cfg", FEATURE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
-def test_matches_nn_lstm(backend, cfg, dtype):
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_matches_torch(cell, backend, cfg, dtype):
     tt = getattr(torch, dtype)
     torch.manual_seed(0)
-    reference = torch.nn.LSTM(4, 6, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-                              batch_first=cfg["batch_first"], dtype=tt)
-    module = ft.LSTM.from_torch(reference, backend=backend)
+    torch_class, ours = CELLS[cell]
+    reference = torch_class(4, 6, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
+                            batch_first=cfg["batch_first"], dtype=tt)
+    module = ours.from_torch(reference, backend=backend)
     x, state, dy, dstate = problem(module, 5, 3, tt, seed=1, with_state=cfg["with_state"])
     lengths = torch.tensor([5, 2, 4]) if cfg["lengths"] else None
     expected = run_module(reference, x, state, lengths, dy, dstate, cfg["batch_first"])
@@ -75,20 +97,23 @@ def test_matches_nn_lstm(backend, cfg, dtype):
     assert_match(actual, expected, dtype)
 
 
-def test_packed_output_keeps_the_packed_structure():
-    reference = torch.nn.LSTM(3, 5, num_layers=2)
-    module = ft.LSTM.from_torch(reference, backend="numpy")
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_packed_output_keeps_the_packed_structure(cell):
+    torch_class, ours = CELLS[cell]
+    reference = torch_class(3, 5, num_layers=2)
+    module = ours.from_torch(reference, backend="numpy")
     x = torch.randn(6, 4, 3)
     for enforce_sorted, lengths in ((False, [2, 6, 6, 3]), (True, [6, 6, 3, 2])):
         packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
-        out, (h, c) = module(packed)
-        expected, (h_ref, c_ref) = reference(packed)
+        out, finals = module(packed)
+        expected, finals_ref = reference(packed)
         assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
         assert torch.equal(out.batch_sizes, expected.batch_sizes)
         for a, b in ((out.sorted_indices, expected.sorted_indices), (out.unsorted_indices, expected.unsorted_indices)):
             assert (a is None and b is None) or torch.equal(a, b)
         assert_close(out.data.detach(), expected.data.detach(), 1e-5, "data")
-        assert_close(h.detach(), h_ref.detach(), 1e-5, "h_n")
+        for got, want in zip(parts_of(finals), parts_of(finals_ref)):
+            assert_close(got.detach(), want.detach(), 1e-5, "state_n")
 
 
 def test_larger_float32_problem_on_numba():
@@ -105,11 +130,14 @@ def test_larger_float32_problem_on_numba():
     assert_match(actual, expected, "float32")
 
 
-def test_host_emulated_cupy_path(fake_cupy):
-    """The op on the cupy backend (the fake device, host-built kernels): same as nn.LSTM."""
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_host_emulated_cupy_path(fake_cupy, cell):
+    """The op on the cupy backend (the fake device, host-built kernels; the GRU through the
+    reference primitives on its arrays): same as torch."""
     torch.manual_seed(0)
-    reference = torch.nn.LSTM(3, 8, num_layers=2, bidirectional=True)
-    module = ft.LSTM.from_torch(reference, backend="cupy")
+    torch_class, ours = CELLS[cell]
+    reference = torch_class(3, 8, num_layers=2, bidirectional=True)
+    module = ours.from_torch(reference, backend="cupy")
     x, state, dy, dstate = problem(module, 5, 4, torch.float32, seed=2)
     for lengths in (None, torch.tensor([5, 1, 3, 5])):
         expected = run_module(reference, x, state, lengths, dy, dstate, False)
@@ -119,18 +147,22 @@ def test_host_emulated_cupy_path(fake_cupy):
 
 # -- autograd ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("make", [ft.LSTM, ft.GRU, lambda *a, **k: ft.GRU(*a, reset_after=False, **k)],
+                         ids=["lstm", "gru", "gru-reset-before"])
+def test_gradcheck_float64(make, backend):
     torch.manual_seed(0)
-    module = ft.LSTM(2, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend)
+    module = make(2, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend)
     names = [n for n, _ in module.named_parameters()]
     x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
-    h0, c0 = (torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    parts = tuple(torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2 if isinstance(module, ft.LSTM) else 1))
 
-    def f(x, h0, c0, *weights):
-        y, (h, c) = torch.func.functional_call(module, dict(zip(names, weights)), (x, (h0, c0)))
-        return y, h, c
+    def f(x, *tensors):
+        state, weights = tensors[: len(parts)], tensors[len(parts):]
+        y, finals = torch.func.functional_call(module, dict(zip(names, weights)), (x, state_for(module, state)))
+        return (y, *parts_of(finals))
 
-    assert torch.autograd.gradcheck(f, (x, h0, c0, *module.parameters()))
+    assert torch.autograd.gradcheck(f, (x, *parts, *module.parameters()))
 
 
 def test_gradcheck_packed_with_dropout_masks_fixed():
@@ -229,6 +261,20 @@ def test_compile_fullgraph_equals_eager():
     assert_compiled_matches_eager(step, (x, h0, c0), list(lstm.parameters()) + list(head.parameters()))
 
 
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_compile_fullgraph_gru_equals_eager(reset_after):
+    torch.manual_seed(0)
+    gru = ft.GRU(4, 6, num_layers=2, bidirectional=True, dropout=0.3, backend="numpy", reset_after=reset_after)
+
+    def step(x, h0):
+        y, h = gru(x, h0)
+        return y.square().sum() + h.sum()
+
+    x, h0 = torch.randn(5, 3, 4), torch.randn(4, 3, 6)
+    # the same dropout masks in both runs
+    assert_compiled_matches_eager(step, (x, h0), list(gru.parameters()), before=lambda: torch.manual_seed(1))
+
+
 def test_compile_traces_one_graph_with_the_op():
     from torch._dynamo.testing import CompileCounter
 
@@ -241,14 +287,16 @@ def test_compile_traces_one_graph_with_the_op():
 
 
 # -- training ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
-def test_training_loss_curve_matches_nn_lstm(backend):
-    """20 Adam steps of LSTM + Linear + cross-entropy: the same losses as nn.LSTM's."""
+def test_training_loss_curve_matches_torch(backend, cell):
+    """20 Adam steps of LSTM / GRU + Linear + cross-entropy: the same losses as torch's."""
+    torch_class, ours = CELLS[cell]
     vocab, steps = 5, 20
 
     def train(make_lstm):
         torch.manual_seed(0)
-        reference = torch.nn.LSTM(5, 16, num_layers=2, batch_first=True, dtype=torch.float64)
+        reference = torch_class(5, 16, num_layers=2, batch_first=True, dtype=torch.float64)
         head = torch.nn.Linear(16, vocab, dtype=torch.float64)
         lstm = make_lstm(reference)
         params = list(lstm.parameters()) + list(head.parameters())
@@ -266,15 +314,17 @@ def test_training_loss_curve_matches_nn_lstm(backend):
             losses.append(loss.item())
         return np.array(losses)
 
-    ours = train(lambda ref: ft.LSTM.from_torch(ref, backend=backend))
+    losses = train(lambda ref: ours.from_torch(ref, backend=backend))
     theirs = train(lambda ref: ref)
-    assert ours[-1] < ours[0] - 0.1  # it learns
-    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+    assert losses[-1] < losses[0] - 0.1  # it learns
+    np.testing.assert_allclose(losses, theirs, rtol=1e-9)
 
 
-def test_dropout_masks_come_from_torch_rng_and_match_nn_lstm():
-    reference = torch.nn.LSTM(4, 6, num_layers=3, bidirectional=True, dropout=0.4)
-    module = ft.LSTM.from_torch(reference, backend="numpy")
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_masks_come_from_torch_rng_and_match_torch(cell):
+    torch_class, ours = CELLS[cell]
+    reference = torch_class(4, 6, num_layers=3, bidirectional=True, dropout=0.4)
+    module = ours.from_torch(reference, backend="numpy")
     x = torch.randn(5, 3, 4)
     torch.manual_seed(5)
     expected, _ = reference(x)
@@ -307,11 +357,14 @@ def test_autocast_runs_in_float32():
 
 
 # -- the drop-in surface ----------------------------------------------------------------
-def test_parameters_state_dict_and_init_match_nn_lstm():
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_parameters_state_dict_and_init_match_torch(cell):
+    torch_class, ours = CELLS[cell]
+    extra = {"proj_size": 0} if cell == "lstm" else {}
     torch.manual_seed(3)
-    reference = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True, proj_size=0)
+    reference = torch_class(5, 7, num_layers=2, bidirectional=True, batch_first=True, **extra)
     torch.manual_seed(3)
-    module = ft.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True, proj_size=0)
+    module = ours(5, 7, num_layers=2, bidirectional=True, batch_first=True, **extra)
     assert [n for n, _ in module.named_parameters()] == [n for n, _ in reference.named_parameters()]
     for (name, ours), theirs in zip(module.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # same init, same draws
@@ -334,21 +387,29 @@ def test_from_torch_copies_configuration_and_mode():
         ft.LSTM.from_torch(torch.nn.GRU(3, 4))
     with pytest.raises(ValueError, match="proj_size"):
         ft.LSTM.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
+    gru = ft.GRU.from_torch(torch.nn.GRU(3, 4, bidirectional=True, batch_first=True).eval(), backend="numpy")
+    assert (gru.bidirectional, gru.batch_first, gru.training, gru.reset_after) == (True, True, False, True)
+    with pytest.raises(TypeError, match="torch.nn.GRU"):
+        ft.GRU.from_torch(torch.nn.LSTM(3, 4))
 
 
-def test_unbatched_input_and_empty_batch_as_nn_lstm():
-    reference = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
-    module = ft.LSTM.from_torch(reference, backend="numpy")
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_unbatched_input_and_empty_batch_as_torch(cell):
+    torch_class, ours = CELLS[cell]
+    reference = torch_class(3, 4, num_layers=2, bidirectional=True)
+    module = ours.from_torch(reference, backend="numpy")
     x = torch.randn(6, 3)
-    state = (torch.randn(4, 4), torch.randn(4, 4))
+    state = state_for(module, (torch.randn(4, 4), torch.randn(4, 4)))
     for args in ((x,), (x, state)):
-        (y, (h, c)), (ye, (he, ce)) = module(*args), reference(*args)
-        assert y.shape == ye.shape and h.shape == he.shape
+        (y, finals), (ye, finals_ref) = module(*args), reference(*args)
+        assert y.shape == ye.shape
         torch.testing.assert_close(y, ye)
-        torch.testing.assert_close(c, ce)
+        for got, want in zip(parts_of(finals), parts_of(finals_ref)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want)
     empty = torch.zeros(5, 0, 3, requires_grad=True)
-    (y, (h, c)), (ye, (he, ce)) = module(empty), reference(empty)
-    assert y.shape == ye.shape and h.shape == he.shape and c.shape == ce.shape
+    (y, finals), (ye, finals_ref) = module(empty), reference(empty)
+    assert y.shape == ye.shape and [p.shape for p in parts_of(finals)] == [p.shape for p in parts_of(finals_ref)]
     y.sum().backward()
     assert empty.grad.shape == empty.shape
 
@@ -375,10 +436,24 @@ BAD_CALLS = {
 }
 
 
-@pytest.mark.parametrize("call", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
-def test_bad_input_raises_what_nn_lstm_raises(call):
-    reference = torch.nn.LSTM(3, 4, num_layers=2)
-    module = ft.LSTM.from_torch(reference, backend="numpy")
+BAD_GRU_CALLS = {
+    "h size": lambda m: m(torch.zeros(5, 2, 3), torch.zeros(2, 3, 4)),
+    "hx dims batched": lambda m: m(torch.zeros(5, 2, 3), torch.zeros(2, 4)),
+    "hx dims unbatched": lambda m: m(torch.zeros(5, 3), torch.zeros(2, 1, 4)),
+    "packed h size": lambda m: m(pack_padded_sequence(torch.zeros(5, 2, 3), torch.tensor([5, 3])), torch.zeros(2, 3, 4)),
+}
+SHARED = ("4-D input", "1-D input", "input size", "dtype", "no steps", "packed input size")
+CASES = [pytest.param("lstm", call, id=f"lstm-{name}") for name, call in BAD_CALLS.items()] + [
+    pytest.param("gru", call, id=f"gru-{name}")
+    for name, call in [*((n, BAD_CALLS[n]) for n in SHARED), *BAD_GRU_CALLS.items()]
+]
+
+
+@pytest.mark.parametrize("cell, call", CASES)
+def test_bad_input_raises_what_torch_raises(cell, call):
+    torch_class, ours = CELLS[cell]
+    reference = torch_class(3, 4, num_layers=2)
+    module = ours.from_torch(reference, backend="numpy")
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(Exception) as theirs:
         call(reference)
@@ -401,13 +476,17 @@ BAD_CONSTRUCTORS = {
 }
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("kwargs", list(BAD_CONSTRUCTORS.values()), ids=list(BAD_CONSTRUCTORS))
-def test_bad_arguments_raise_what_nn_lstm_raises(kwargs):
+def test_bad_arguments_raise_what_torch_raises(kwargs, cell):
+    if cell == "gru" and "proj_size" in kwargs:
+        pytest.skip("nn.GRU has no proj_size")
+    torch_class, ours = CELLS[cell]
     args = dict(input_size=3, hidden_size=4) | kwargs
     with pytest.raises(Exception) as theirs:
-        torch.nn.LSTM(**args)
+        torch_class(**args)
     with pytest.raises(type(theirs.value)):
-        ft.LSTM(**args)
+        ours(**args)
 
 
 def test_what_is_refused_and_why():
@@ -422,6 +501,10 @@ def test_what_is_refused_and_why():
         ft.LSTM(3, 4, backend="tpu")
     with pytest.raises(TypeError, match=r"hx: expected a tuple \(h_0, c_0\)"):
         ft.LSTM(3, 4)(torch.zeros(5, 2, 3), torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match="hx: expected a tensor h_0 \\(a GRU has no cell state\\)"):
+        ft.GRU(3, 4)(torch.zeros(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+    with pytest.raises(TypeError, match="reset_after should be of type bool"):
+        ft.GRU(3, 4, reset_after=1)
 
 
 # -- backends ---------------------------------------------------------------------------
@@ -550,7 +633,7 @@ def test_cuda_calls_run_on_torchs_stream_device_and_allocator(monkeypatch):
 
 def test_registered_ops_pass_opcheck_and_direct_calls_are_differentiable():
     """torch.ops.fastlstm.lstm on its own: schema, fake tensors and its registered autograd
-    (the module goes through LSTMFunction; callers of the op get the same formula). The
+    (the module goes through RecurrentFunction; callers of the op get the same formula). The
     handle output differs per call by design, so opcheck's eager-vs-AOT output comparison is
     left to the compile tests above."""
     torch.manual_seed(0)
@@ -574,21 +657,38 @@ def test_registered_ops_pass_opcheck_and_direct_calls_are_differentiable():
     checks = ("test_schema", "test_faketensor")
     assert set(torch.library.opcheck(_torch_ops.lstm_backward, args, test_utils=checks).values()) == {"SUCCESS"}
 
+    gru = ft.GRU(3, 4, num_layers=2, dtype=torch.float64, backend="numpy")
+    weights = list(gru.parameters())
+    h = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    for reset_after in (True, False):
+        args = (x, h, weights, torch.tensor([5, 3]), [], 2, False, True, True, "numpy", reset_after)
+        checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+        assert set(torch.library.opcheck(_torch_ops.gru, args, test_utils=checks).values()) == {"SUCCESS"}
+
+        def direct_gru(x, h, *w):
+            return _torch_ops.gru(x, h, list(w), None, [], 2, False, True, True, "numpy", reset_after)[:2]
+
+        assert torch.autograd.gradcheck(direct_gru, (x, h, *weights))
+    y, h_n, handle = _torch_ops.gru(x, h, weights, None, [], 2, False, True, True, "numpy", True)
+    args = (handle, torch.ones_like(y), torch.ones_like(h_n), x.detach(), [w.detach() for w in weights])
+    assert set(torch.library.opcheck(_torch_ops.gru_backward, args, test_utils=("test_schema", "test_faketensor"))
+               .values()) == {"SUCCESS"}
+
 
 def test_cpu_tensors_reach_the_kernels_and_come_back_without_copies(monkeypatch):
     seen = {}
     real_forward, real_backward = fastlstm.stack.forward, fastlstm.stack.backward
 
-    def forward(spec, backend, params, x, h0, c0, *rest):
-        seen.update(x=x, w=params["weight_hh_l0"], h0=h0)
-        result = real_forward(spec, backend, params, x, h0, c0, *rest)
+    def forward(spec, backend, params, x, states0, *rest):
+        seen.update(x=x, w=params["weight_hh_l0"], h0=states0[0])
+        result = real_forward(spec, backend, params, x, states0, *rest)
         seen["y"] = result[0]
         return result
 
-    def backward(record, d_out, dh_n, dc_n):
+    def backward(record, d_out, dstates_n):
         seen["dy"] = d_out
-        result = real_backward(record, d_out, dh_n, dc_n)
-        seen.update(dx=result[0], dw=result[3]["weight_hh_l0"])
+        result = real_backward(record, d_out, dstates_n)
+        seen.update(dx=result[0], dw=result[2]["weight_hh_l0"])
         return result
 
     monkeypatch.setattr(fastlstm.stack, "forward", forward)

@@ -1,16 +1,24 @@
 """The sequence-level primitives every backend implements, and their reference version.
 
-A backend runs one layer in one direction over a whole sequence; the layer
-(``fastlstm.layer``) builds stacks, directions, dropout and state handling on top
-and never talks to a backend in any other way:
+A backend runs one layer in one direction over a whole sequence, for each cell; the
+stack (``fastlstm.stack``, through ``fastlstm.cells``) builds layers, directions, dropout
+and state handling on top and never talks to a backend in any other way:
 
-    forward_sequence(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training)
+    forward_sequence(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training)      (LSTM)
         -> y (T, B, H), h_n (B, H), c_n (B, H), saved
     backward_sequence(saved, dy, dh_n, dc_n)
         -> dx (T, B, I), dh0 (B, H), dc0 (B, H), dw_ih (4H, I), dw_hh (4H, H), dbias (4H,)
+    gru_forward_sequence(x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after)
+        -> y (T, B, H), h_n (B, H), saved                                          (GRU)
+    gru_backward_sequence(saved, dy, dh_n)
+        -> dx (T, B, I), dh0 (B, H), dw_ih (3H, I), dw_hh (3H, H), db_ih (3H,), db_hh (3H,)
 
-Conventions (those of ``torch.nn.LSTM``): gate order i, f, g, o; ``bias`` is
-``b_ih + b_hh``; ``lengths`` is None or a (B,) integer array with values in 1..T.
+Conventions (those of ``torch.nn.LSTM`` and ``torch.nn.GRU``): LSTM gate order i, f, g,
+o, ``bias`` is ``b_ih + b_hh``; GRU gate order r, z, n, the biases apart (``b_hn`` sits
+inside the reset), ``h' = (1 - z) * n + z * h``, and with ``reset_after`` (torch, cuDNN)
+``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, without it (Cho et al. 2014)
+``n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)``, a second recurrent product per step
+after r. ``lengths`` is None or a (B,) integer array with values in 1..T.
 A sequence is active at step t when t < length. Inactive steps carry the state
 through unchanged and output zeros, so the forward direction ends each sequence
 at its own last step and the reverse direction starts there. ``saved`` is opaque
@@ -19,7 +27,8 @@ to the layer and None when ``training`` is False (nothing is kept for backward).
 ``ReferenceBackend`` implements the primitives with array operations on ``self.xp``
 (NumPy, or CuPy for a GPU fallback): one GEMM for the input projection of all
 steps, one recurrent GEMM per step, the weight gradients as GEMMs over all steps
-after the loop. Faster backends subclass it and override the primitives.
+after the loop. Faster backends subclass it and override the primitives; what they do
+not override (the GRU's, on numba and cupy for now) runs this reference on their arrays.
 """
 
 from __future__ import annotations
@@ -45,6 +54,22 @@ class SavedSequence:
     gates: object  # (T, B, 4H) activated gates i, f, g, o
     h_states: object  # (T, B, H) carried hidden state after each step
     c_states: object  # (T, B, H) carried cell state after each step
+
+
+@dataclass
+class SavedGRUSequence:
+    """What the reference GRU backward needs from its forward (one layer, one direction)."""
+
+    x: object  # (T, B, I) layer input
+    w_ih: object
+    w_hh: object
+    h0: object
+    lengths: object  # (B,) or None
+    reverse: bool
+    reset_after: bool
+    gates: object  # (T, B, 3H) activated gates r, z, n
+    hidden_n: object  # (T, B, H) W_hn h + b_hn (reset_after), else r * h: what the reset met
+    h_states: object  # (T, B, H) carried hidden state after each step
 
 
 def step_order(num_steps: int, reverse: bool) -> range:
@@ -186,3 +211,103 @@ class ReferenceBackend:
             saved.w_ih, saved.h_states, saved.h0, saved.reverse,
         )
         return dx.reshape(num_steps, batch, input_size), dh, dc, dw_ih, dw_hh, dbias
+
+    # -- GRU ----------------------------------------------------------------------------
+    def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
+        xp = self.xp
+        num_steps, batch, _ = x.shape
+        hidden = w_hh.shape[1]
+        two = 2 * hidden
+        # Input projection for every step at once; in training the buffer becomes the gates.
+        gates = (x.reshape(num_steps * batch, -1) @ w_ih.T).reshape(num_steps, batch, 3 * hidden)
+        gates += b_ih
+        active = active_steps(xp, lengths, num_steps)
+        y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        if training:
+            h_states = xp.empty_like(y)
+            hidden_n = xp.empty_like(y)
+        h = h0
+        for t in step_order(num_steps, reverse):
+            g = gates[t]
+            if reset_after:
+                gh = h @ w_hh.T + b_hh  # all three recurrent blocks in one product
+                g[:, :two] = sigmoid(xp, g[:, :two] + gh[:, :two])
+                hn = gh[:, two:]
+                r = g[:, :hidden]
+                g[:, two:] = xp.tanh(g[:, two:] + r * hn)
+            else:
+                # r first, then the reset hidden state through W_hn: a second product
+                g[:, :two] = sigmoid(xp, g[:, :two] + h @ w_hh[:two].T + b_hh[:two])
+                r = g[:, :hidden]
+                hn = r * h
+                g[:, two:] = xp.tanh(g[:, two:] + hn @ w_hh[two:].T + b_hh[two:])
+            z, n = g[:, hidden:two], g[:, two:]
+            h_new = (1 - z) * n + z * h
+            if active is None:
+                h = h_new
+                y[t] = h_new
+            else:
+                h = xp.where(active[t], h_new, h)
+                y[t] = xp.where(active[t], h_new, 0)
+            if training:
+                h_states[t] = h
+                hidden_n[t] = hn
+        saved = None
+        if training:
+            saved = SavedGRUSequence(x, w_ih, w_hh, h0, lengths, reverse, reset_after, gates, hidden_n, h_states)
+        return y, h, saved
+
+    def gru_backward_sequence(self, saved: SavedGRUSequence, dy, dh_n):
+        xp = self.xp
+        num_steps, batch, input_size = saved.x.shape
+        hidden = saved.w_hh.shape[1]
+        two = 2 * hidden
+        w_hh = saved.w_hh
+        active = active_steps(xp, saved.lengths, num_steps)
+        h_prev = previous_states(xp, saved.h_states, saved.h0, saved.reverse)
+        d_input_side = xp.empty_like(saved.gates)  # gradients of x W_ih^T + b_ih, per gate
+        d_hidden_side = xp.empty_like(saved.gates)  # gradients of the recurrent products' outputs
+        dh = dh_n
+        for t in reversed(step_order(num_steps, saved.reverse)):
+            g = saved.gates[t]
+            r, z, n = g[:, :hidden], g[:, hidden:two], g[:, two:]
+            dh_t = dh + (dy[t] if active is None else xp.where(active[t], dy[t], 0))
+            da_n = dh_t * (1 - z) * (1 - n * n)
+            da_z = dh_t * (h_prev[t] - n) * z * (1 - z)
+            if saved.reset_after:
+                dr = da_n * saved.hidden_n[t]
+                dn_hidden = da_n * r
+            else:
+                d_reset_h = da_n @ w_hh[two:]  # through W_hn to r * h
+                dr = d_reset_h * h_prev[t]
+                dn_hidden = da_n
+            da_r = dr * r * (1 - r)
+            di, dhid = d_input_side[t], d_hidden_side[t]
+            di[:, :hidden], di[:, hidden:two], di[:, two:] = da_r, da_z, da_n
+            dhid[:, :two], dhid[:, two:] = di[:, :two], dn_hidden
+            if saved.reset_after:
+                dh_prev = dh_t * z + dhid @ w_hh
+            else:
+                dh_prev = dh_t * z + dhid[:, :two] @ w_hh[:two] + d_reset_h * r
+            if active is None:
+                dh = dh_prev
+            else:
+                # Inactive steps pass the carry through untouched (where, not a product:
+                # whatever the padding held, it reaches no gradient)
+                di[...] = xp.where(active[t], di, 0)
+                dhid[...] = xp.where(active[t], dhid, 0)
+                dh = xp.where(active[t], dh_prev, dh)
+        rows = num_steps * batch
+        d_in = d_input_side.reshape(rows, 3 * hidden)
+        d_hid = d_hidden_side.reshape(rows, 3 * hidden)
+        x_rows = saved.x.reshape(rows, input_size)
+        h_rows = h_prev.reshape(rows, hidden)
+        dx = (d_in @ saved.w_ih).reshape(num_steps, batch, input_size)
+        dw_ih = d_in.T @ x_rows
+        if saved.reset_after:
+            dw_hh = d_hid.T @ h_rows
+        else:  # W_hn met r * h, not h
+            dw_hh = xp.concatenate(
+                [d_hid[:, :two].T @ h_rows, d_hid[:, two:].T @ saved.hidden_n.reshape(rows, hidden)], axis=0
+            )
+        return dx, dh, dw_ih, dw_hh, d_in.sum(axis=0), d_hid.sum(axis=0)

@@ -1,6 +1,6 @@
-"""A character-level language model built on fastlstm: embedding -> LSTM -> softmax.
+"""A character-level language model built on fastlstm: embedding -> LSTM (or GRU) -> softmax.
 
-Everything here is plain NumPy on the host except the LSTM, which runs on whatever
+Everything here is plain NumPy on the host except the recurrent layer, which runs on whatever
 backend the layer uses. Every piece has its backward, and the whole model is
 gradient-checked in the tests (tests/test_demo.py).
 """
@@ -13,7 +13,9 @@ import functools
 import numpy as np
 
 from .._arrays import like, module_available, to_numpy
-from ..layer import LSTM
+from ..layer import GRU, LSTM
+
+CELLS = {"lstm": LSTM, "gru": GRU}
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,19 +40,22 @@ def _single_threaded_blas():
 
 
 class CharLM:
-    """Parameters: ``embedding`` (V, E), the LSTM's, ``out_weight`` (V, H), ``out_bias`` (V).
+    """Parameters: ``embedding`` (V, E), the recurrent layer's (``rnn``: an LSTM or, with
+    ``cell="gru"``, a GRU), ``out_weight`` (V, H), ``out_bias`` (V).
 
-    ``dropout`` applies to the LSTM's output before the softmax layer (and between LSTM
+    ``dropout`` applies to the layer's output before the softmax layer (and between its
     layers), in training only; its masks come from ``self.rng``.
     """
 
     def __init__(self, vocab_size, embed_size=32, hidden_size=256, num_layers=1, dropout=0.0,
-                 backend=None, dtype="float32", seed=0):
+                 backend=None, dtype="float32", seed=0, cell="lstm"):
         rng = np.random.default_rng(seed)
         self.vocab_size, self.embed_size, self.hidden_size = vocab_size, embed_size, hidden_size
         self.dtype = np.dtype(dtype)
         self.dropout = float(dropout)
-        self.lstm = LSTM(embed_size, hidden_size, num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0,
+        if cell not in CELLS:
+            raise ValueError(f"cell: expected one of {', '.join(CELLS)}, got {cell!r}")
+        self.rnn = CELLS[cell](embed_size, hidden_size, num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0,
                          backend=backend, dtype=dtype, seed=int(rng.integers(2**31)))
         bound = 1.0 / np.sqrt(hidden_size)
         self.head = {
@@ -64,24 +69,24 @@ class CharLM:
 
     # -- parameters ---------------------------------------------------------------------
     def parameters(self) -> dict:
-        """name -> live array (the LSTM's as torch names them, plus the head's)."""
-        return {**self.lstm.params, **self.head}
+        """name -> live array (the recurrent layer's as torch names them, plus the head's)."""
+        return {**self.rnn.params, **self.head}
 
     def gradients(self) -> dict:
-        return {**self.lstm.grads, **self.head_grads}
+        return {**self.rnn.grads, **self.head_grads}
 
     def zero_grad(self) -> None:
-        self.lstm.zero_grad()
+        self.rnn.zero_grad()
         for g in self.head_grads.values():
             g.fill(0)
 
     def state_arrays(self) -> dict:
         """Every parameter as a NumPy copy (for checkpoints)."""
-        return {**self.lstm.state_dict(), **{k: v.copy() for k, v in self.head.items()}}
+        return {**self.rnn.state_dict(), **{k: v.copy() for k, v in self.head.items()}}
 
     def load_state_arrays(self, arrays: dict) -> None:
-        lstm_names = self.lstm.parameter_shapes()
-        self.lstm.load_state_dict({k: arrays[k] for k in lstm_names})
+        names = self.rnn.parameter_shapes()
+        self.rnn.load_state_dict({k: arrays[k] for k in names})
         for name, value in self.head.items():
             if arrays[name].shape != value.shape:
                 raise ValueError(f"{name}: expected shape {value.shape}, got {arrays[name].shape}")
@@ -91,10 +96,10 @@ class CharLM:
     def loss(self, inputs, targets, state=None):
         """Mean cross entropy (nats per character) of predicting targets (T, B) from inputs (T, B)."""
         x = self.head["embedding"][inputs]  # (T, B, E)
-        y, new_state = self.lstm(x, state)
+        y, new_state = self.rnn(x, state)
         y = to_numpy(y, "y")
         mask = None
-        if self.lstm.training and self.dropout > 0:
+        if self.rnn.training and self.dropout > 0:
             keep = 1.0 - self.dropout
             mask = ((self.rng.random(y.shape) < keep) / keep).astype(self.dtype)
             y = y * mask
@@ -122,17 +127,17 @@ class CharLM:
             dy = d_logits @ self.head["out_weight"]
         if mask is not None:
             dy *= mask
-        dx, _ = self.lstm.backward(dy)
+        dx, _ = self.rnn.backward(dy)
         np.add.at(self.head_grads["embedding"], inputs, to_numpy(dx, "dx"))
 
     # -- generation -----------------------------------------------------------------------
     def sample(self, start_ids, length, rng, temperature=0.8):
         """Characters (ids) drawn one at a time after feeding `start_ids`."""
-        was_training = self.lstm.training
-        self.lstm.eval()
+        was_training = self.rnn.training
+        self.rnn.eval()
         try:
             x = self.head["embedding"][np.asarray(start_ids)[:, None]]
-            y, state = self.lstm(x)
+            y, state = self.rnn(x)
             out = []
             last = np.asarray(y)[-1, 0]
             for _ in range(length):
@@ -140,11 +145,11 @@ class CharLM:
                 p = np.exp(logits - logits.max())
                 nxt = int(rng.choice(self.vocab_size, p=p / p.sum()))
                 out.append(nxt)
-                y, state = self.lstm(self.head["embedding"][[[nxt]]], state)
+                y, state = self.rnn(self.head["embedding"][[[nxt]]], state)
                 last = np.asarray(y)[-1, 0]
             return out
         finally:
-            self.lstm.train(was_training)
+            self.rnn.train(was_training)
 
 
 class Adam:

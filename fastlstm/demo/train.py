@@ -2,7 +2,7 @@
 
 The text (``corpus.txt``, written for this project and dedicated to the public
 domain) is split 90/10 into training and validation characters. Each step draws
-random windows, runs embedding -> LSTM -> softmax, and updates with Adam after
+random windows, runs embedding -> LSTM (or GRU) -> softmax, and updates with Adam after
 clipping the global gradient norm. Progress (loss, validation loss against the
 unigram baseline, tokens/s) goes to stderr; checkpoints are written atomically and
 hold everything a resumed run needs to continue exactly as an uninterrupted one.
@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], help="default: the choice in effect (auto)")
     p.add_argument("--minutes", type=_positive_float, default=2.0, help="wall-clock budget for this run (default 2)")
     p.add_argument("--steps", type=_positive_int, help="stop once this many steps (in total, across resumes) are done")
+    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="the recurrent cell (default lstm)")
     p.add_argument("--hidden", type=_positive_int, default=128)
     p.add_argument("--embed", type=_positive_int, default=32)
     p.add_argument("--layers", type=_positive_int, default=1)
@@ -96,11 +97,11 @@ class Corpus:
 
 
 def evaluate(model: CharLM, windows) -> float:
-    model.lstm.eval()
+    model.rnn.eval()
     try:
         loss, _ = model.loss(*windows)
     finally:
-        model.lstm.train()
+        model.rnn.train()
         model._cache = None
     return loss
 
@@ -108,14 +109,14 @@ def evaluate(model: CharLM, windows) -> float:
 def _config(args, vocab) -> dict:
     if not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
-    return {"vocab": "".join(vocab), "embed": args.embed, "hidden": args.hidden, "layers": args.layers,
+    return {"vocab": "".join(vocab), "cell": args.cell, "embed": args.embed, "hidden": args.hidden, "layers": args.layers,
             "dropout": args.dropout,
             "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "clip": args.clip, "seed": args.seed}
 
 
 def save_checkpoint(path, config, model, optimizer, rng, step, elapsed, history) -> None:
     header = {"config": config, "step": step, "elapsed_s": elapsed, "history": history,
-              "rng": rng.bit_generator.state, "dropout_rng": model.lstm._dropout_rng.bit_generator.state,
+              "rng": rng.bit_generator.state, "dropout_rng": model.rnn._dropout_rng.bit_generator.state,
               "head_rng": model.rng.bit_generator.state}
     arrays = {f"param/{k}": v for k, v in model.state_arrays().items()}
     arrays.update(optimizer.state_arrays())
@@ -128,7 +129,7 @@ def load_checkpoint(path, model, optimizer, rng):
         model.load_state_arrays({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
         optimizer.load_state_arrays(arrays, int(header["step"]))
         rng.bit_generator.state = header["rng"]
-        model.lstm._dropout_rng.bit_generator.state = header["dropout_rng"]
+        model.rnn._dropout_rng.bit_generator.state = header["dropout_rng"]
         model.rng.bit_generator.state = header["head_rng"]
         return int(header["step"]), float(header["elapsed_s"]), list(header["history"])
     except (KeyError, ValueError, TypeError) as exc:
@@ -174,7 +175,8 @@ def run(args, parser) -> int:
             raise ValueError(f"{args.checkpoint}: trained on another text (its characters differ)")
         config = saved  # the architecture and hyper-parameters come from the checkpoint
     model = CharLM(len(corpus.vocab), config["embed"], config["hidden"], config["layers"],
-                   dropout=config["dropout"], backend=args.backend, seed=config["seed"])
+                   dropout=config["dropout"], backend=args.backend, seed=config["seed"],
+                   cell=config.get("cell", "lstm"))  # checkpoints from before GRUs hold an LSTM
     optimizer = Adam(model.parameters(), lr=config["lr"], clip_norm=config["clip"])
     rng = np.random.default_rng(config["seed"])
     step, elapsed, history = 0, 0.0, []
@@ -183,8 +185,9 @@ def run(args, parser) -> int:
     val_windows = corpus.validation_windows(config["seq_len"])
     baseline = corpus.unigram_loss(val_windows[1])
     print(f"fastlstm train: {len(corpus.train):,} training / {len(corpus.val):,} validation characters, "
-          f"vocabulary {len(corpus.vocab)}; LSTM {config['embed']}->{config['hidden']} x{config['layers']} "
-          f"on {model.lstm.backend}; unigram baseline {baseline:.3f} nats/char"
+          f"vocabulary {len(corpus.vocab)}; {config.get('cell', 'lstm').upper()} {config['embed']}->{config['hidden']} "
+          f"x{config['layers']} "
+          f"on {model.rnn.backend}; unigram baseline {baseline:.3f} nats/char"
           + (f"; resuming at step {step}" if step else ""), file=sys.stderr, flush=True)
     progress = Progress(args.quiet)
     budget = args.minutes * 60.0
