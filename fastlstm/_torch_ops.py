@@ -13,7 +13,7 @@ training step than the Function (stream-1, 2-core Zen 4), a tenth of a small mod
 ``fastlstm.torch`` builds the ``nn.Module``s on top; this module only runs the ops.
 
 The ops are functional: every parameter comes in as a tensor on each call (time-major input,
-states, weights in ``nn.LSTM``'s order, optional lengths and dropout masks) and the stack
+states, weights in torch's order, optional lengths and dropout masks) and the stack
 (``fastlstm.stack``) runs on views of them. What a backward needs (the backend's saved
 activations, in the backend's own layout) cannot travel through a traced graph as Python
 objects, so the forward returns a fourth output, a 0-d int64 CPU tensor, the *record
@@ -102,7 +102,7 @@ def _box_for(handle: torch.Tensor) -> _RecordBox:
             if key == NO_RECORD
             else "its record is gone (the autograd graph that held it was freed)"
         )
-        raise RuntimeError(f"fastlstm: cannot differentiate this LSTM call: {why}")
+        raise RuntimeError(f"fastlstm: cannot differentiate this call: {why}")
     return box
 
 

@@ -102,7 +102,8 @@ class RecurrentLayer:
     the parameters as they are when its backend reads them. On the ``numba`` backend each
     call asks for every core (``fastlstm.set_num_threads``), so its multi-core sections run
     one at a time across threads: two threads take about as long as their calls one after
-    the other (small problems up to ~1.7x longer, for the hand-overs; README).
+    the other (small problems up to ~1.7x longer, for the hand-overs; README). The GRU on
+    numba runs the array-level reference for now (NumPy's BLAS, outside that rule).
     """
 
     _FILE_KIND = ""  # the tag of this cell's layer files

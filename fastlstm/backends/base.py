@@ -96,6 +96,25 @@ def active_steps(xp, lengths, num_steps: int):
     return (xp.arange(num_steps)[:, None] < lengths[None, :])[:, :, None]
 
 
+def project_inputs(x, w_ih, bias):
+    """(T, B, G*H): x W_ih^T + bias for every step at once (one GEMM over all T*B rows);
+    the recurrent part is added per step."""
+    num_steps, batch, _ = x.shape
+    projected = (x.reshape(num_steps * batch, -1) @ w_ih.T).reshape(num_steps, batch, w_ih.shape[0])
+    projected += bias
+    return projected
+
+
+def step_mask(active, t: int):
+    """(B, 1) boolean for step t, or None when every sequence runs to the end."""
+    return None if active is None else active[t]
+
+
+def after_step(xp, mask, new, old):
+    """A carried state after a step: `new` where the sequence still runs, `old` past its end."""
+    return new if mask is None else xp.where(mask, new, old)
+
+
 def input_and_weight_grads(xp, d_rows, x_rows, w_ih, h_states, h0, reverse):
     """After the time loop: dx, dW_ih, dW_hh and dbias as GEMMs over all T*B rows.
 
@@ -146,9 +165,7 @@ class ReferenceBackend:
         xp = self.xp
         num_steps, batch, _ = x.shape
         hidden = w_hh.shape[1]
-        # Input projection for every step at once; the recurrent part is added per step.
-        gates = (x.reshape(num_steps * batch, -1) @ w_ih.T).reshape(num_steps, batch, 4 * hidden)
-        gates += bias
+        gates = project_inputs(x, w_ih, bias)
         active = active_steps(xp, lengths, num_steps)
         y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
         if training:
@@ -165,13 +182,9 @@ class ReferenceBackend:
             i, f, g, o = (a[:, k * hidden : (k + 1) * hidden] for k in range(4))
             c_new = f * c + i * g
             h_new = o * xp.tanh(c_new)
-            if active is None:
-                h, c = h_new, c_new
-                y[t] = h_new
-            else:
-                h = xp.where(active[t], h_new, h)
-                c = xp.where(active[t], c_new, c)
-                y[t] = xp.where(active[t], h_new, 0)
+            mask = step_mask(active, t)
+            h, c = after_step(xp, mask, h_new, h), after_step(xp, mask, c_new, c)
+            y[t] = after_step(xp, mask, h_new, 0)  # outputs past a sequence's end are zero
             if training:
                 h_states[t] = h
                 c_states[t] = c
@@ -218,9 +231,7 @@ class ReferenceBackend:
         num_steps, batch, _ = x.shape
         hidden = w_hh.shape[1]
         two = 2 * hidden
-        # Input projection for every step at once; in training the buffer becomes the gates.
-        gates = (x.reshape(num_steps * batch, -1) @ w_ih.T).reshape(num_steps, batch, 3 * hidden)
-        gates += b_ih
+        gates = project_inputs(x, w_ih, b_ih)  # in training the buffer becomes the gates
         active = active_steps(xp, lengths, num_steps)
         y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
         if training:
@@ -243,12 +254,9 @@ class ReferenceBackend:
                 g[:, two:] = xp.tanh(g[:, two:] + hn @ w_hh[two:].T + b_hh[two:])
             z, n = g[:, hidden:two], g[:, two:]
             h_new = (1 - z) * n + z * h
-            if active is None:
-                h = h_new
-                y[t] = h_new
-            else:
-                h = xp.where(active[t], h_new, h)
-                y[t] = xp.where(active[t], h_new, 0)
+            mask = step_mask(active, t)
+            h = after_step(xp, mask, h_new, h)
+            y[t] = after_step(xp, mask, h_new, 0)  # outputs past a sequence's end are zero
             if training:
                 h_states[t] = h
                 hidden_n[t] = hn
@@ -289,14 +297,13 @@ class ReferenceBackend:
                 dh_prev = dh_t * z + dhid @ w_hh
             else:
                 dh_prev = dh_t * z + dhid[:, :two] @ w_hh[:two] + d_reset_h * r
-            if active is None:
-                dh = dh_prev
-            else:
-                # Inactive steps pass the carry through untouched (where, not a product:
-                # whatever the padding held, it reaches no gradient)
-                di[...] = xp.where(active[t], di, 0)
-                dhid[...] = xp.where(active[t], dhid, 0)
-                dh = xp.where(active[t], dh_prev, dh)
+            # Inactive steps pass the carry through untouched (where, not a product: whatever
+            # the padding held, it reaches no gradient through the state)
+            mask = step_mask(active, t)
+            if mask is not None:
+                di[...] = xp.where(mask, di, 0)
+                dhid[...] = xp.where(mask, dhid, 0)
+            dh = after_step(xp, mask, dh_prev, dh)
         rows = num_steps * batch
         d_in = d_input_side.reshape(rows, 3 * hidden)
         d_hid = d_hidden_side.reshape(rows, 3 * hidden)
