@@ -240,7 +240,9 @@ def _stack_backward(handle, grad_output, grad_states, input, weights):
     """Gradients of one recorded call: ``[d input, *d states], [d weights]`` (in the order of
     ``weights``). The record is read, not used up (retain_graph works)."""
     box = _box_for(handle)
-    chosen = box.backend
+    chosen, cell = box.backend, box.record.spec.cell
+    if len(cell.state_parts) != len(grad_states):
+        raise ValueError(f"handle: the record belongs to a fastlstm::{cell.name} call, not to this op's cell")
     with _cuda_context(chosen, input.device):
         d_out = _from_torch(chosen, grad_output, "grad_output")
         dstates_n = tuple(_from_torch(chosen, g, "grad_state") for g in grad_states)

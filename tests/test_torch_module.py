@@ -564,6 +564,10 @@ def test_op_checks_direct_callers():
     _, _, _, handle = _torch_ops.lstm(x, h, h, weights, None, [], 1, False, True, False, "")
     with pytest.raises(RuntimeError, match="without keeping a record"):
         _torch_ops.lstm_backward(handle, y, h, h, x, weights)
+    _, _, _, kept = _torch_ops.lstm(x, h, h, weights, None, [], 1, False, True, True, "")
+    gru_weights = [w.detach() for w in ft.GRU(3, 4).parameters()]
+    with pytest.raises(ValueError, match="belongs to a fastlstm::lstm call"):
+        _torch_ops.gru_backward(kept, y, h, x, gru_weights)
 
 
 def test_torch_threads_running_vjp_and_modules_at_once():
