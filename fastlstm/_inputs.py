@@ -97,18 +97,20 @@ def state_pair(backend, value, name: str, layout: Layout, num_states: int, hidde
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name}: expected a pair (h, c) of arrays, got {type(value).__name__}")
     expected = layout.user_state_shape(num_states, hidden)
-    out = []
-    for part, label in zip(value, ("h", "c")):
-        if part is None:
-            out.append(None)
-            continue
-        refuse_autograd_tensor(part, f"{name}[{label}]")
-        array = backend.from_user(part, f"{name}[{label}]")
-        check_real(array, f"{name}[{label}]")
-        if tuple(array.shape) != expected:
-            raise ValueError(f"{name}[{label}]: expected shape {expected}, got {tuple(array.shape)}")
-        out.append(backend.xp.ascontiguousarray(layout.state_to_internal(array.astype(dtype, copy=False))))
-    return tuple(out)
+    return tuple(
+        None if part is None else _state_array(backend, part, f"{name}[{label}]", expected, layout, dtype)
+        for part, label in zip(value, ("h", "c"))
+    )
+
+
+def _state_array(backend, value, name: str, expected: tuple, layout: Layout, dtype):
+    """One state array (h or c) -> internal (L*D, B, H) array in `dtype`, checked."""
+    refuse_autograd_tensor(value, name)
+    array = backend.from_user(value, name)
+    check_real(array, name)
+    if tuple(array.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(array.shape)}")
+    return backend.xp.ascontiguousarray(layout.state_to_internal(array.astype(dtype, copy=False)))
 
 
 def state_parts(backend, value, name: str, parts: tuple, layout: Layout, num_states: int, hidden: int, dtype):
@@ -121,18 +123,13 @@ def state_parts(backend, value, name: str, parts: tuple, layout: Layout, num_sta
         return state_pair(backend, value, name, layout, num_states, hidden, dtype)
     if value is None:
         return (None,)
+    expected = layout.user_state_shape(num_states, hidden)
     if isinstance(value, (tuple, list)):
         raise TypeError(
-            f"{name}: expected one array h of shape {layout.user_state_shape(num_states, hidden)} "
+            f"{name}: expected one array h of shape {expected} "
             f"(this cell has no cell state), got a {type(value).__name__} of {len(value)}"
         )
-    refuse_autograd_tensor(value, name)
-    array = backend.from_user(value, name)
-    check_real(array, name)
-    expected = layout.user_state_shape(num_states, hidden)
-    if tuple(array.shape) != expected:
-        raise ValueError(f"{name}: expected shape {expected}, got {tuple(array.shape)}")
-    return (backend.xp.ascontiguousarray(layout.state_to_internal(array.astype(dtype, copy=False))),)
+    return (_state_array(backend, value, name, expected, layout, dtype),)
 
 
 def sequence_lengths(backend, value, layout: Layout):

@@ -93,9 +93,14 @@ def _zeros_state(spec: StackSpec, xp, batch: int):
     return xp.zeros((spec.num_states, batch, spec.hidden_size), dtype=spec.dtype)
 
 
+def _role(name: str) -> str:
+    """A parameter's role in its layer: weight_ih_l1_reverse -> weight_ih."""
+    return name.split("_l")[0]
+
+
 def _roles(spec: StackSpec, params, layer: int, direction: int) -> dict:
     """role (weight_ih, weight_hh, bias_ih, bias_hh) -> array, for one layer and direction."""
-    return {name.split("_l")[0]: params[name] for name in spec.names(layer, direction)}
+    return {_role(name): params[name] for name in spec.names(layer, direction)}
 
 
 def forward(spec: StackSpec, backend, params, x, states0, lengths, masks, keep: bool):
@@ -153,7 +158,7 @@ def backward(record: StackRecord, d_out, dstates_n):
                 d0[k] = value
             d_input = dx if d_input is None else d_input + dx
             for name in spec.names(layer, direction):
-                grads[name] = role_grads[name.split("_l")[0]]
+                grads[name] = role_grads[_role(name)]
         if record.masks[layer] is not None:
             d_input = d_input * record.masks[layer]
         d_out = d_input

@@ -279,7 +279,8 @@ class ReferenceBackend:
         for t in reversed(step_order(num_steps, saved.reverse)):
             g = saved.gates[t]
             r, z, n = g[:, :hidden], g[:, hidden:two], g[:, two:]
-            dh_t = dh + (dy[t] if active is None else xp.where(active[t], dy[t], 0))
+            mask = step_mask(active, t)
+            dh_t = dh + after_step(xp, mask, dy[t], 0)  # outputs past the end had no effect
             da_n = dh_t * (1 - z) * (1 - n * n)
             da_z = dh_t * (h_prev[t] - n) * z * (1 - z)
             if saved.reset_after:
@@ -299,7 +300,6 @@ class ReferenceBackend:
                 dh_prev = dh_t * z + dhid[:, :two] @ w_hh[:two] + d_reset_h * r
             # Inactive steps pass the carry through untouched (where, not a product: whatever
             # the padding held, it reaches no gradient through the state)
-            mask = step_mask(active, t)
             if mask is not None:
                 di[...] = xp.where(mask, di, 0)
                 dhid[...] = xp.where(mask, dhid, 0)
