@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import registry, threads
+from . import cells, registry, threads
 from ._arrays import module_available
 
 MODES = ("forward", "forward+backward")
@@ -37,7 +37,7 @@ class Config:
     H: int
     layers: int = 1
     bidirectional: bool = False
-    cell: str = "lstm"  # or "gru"
+    cell: str = "lstm"  # a name in cells.BY_NAME
 
     @property
     def directions(self) -> int:
@@ -45,7 +45,7 @@ class Config:
 
     @property
     def gates(self) -> int:
-        return 3 if self.cell == "gru" else 4
+        return cells.BY_NAME[self.cell].gates
 
     def with_cell(self, cell: str) -> "Config":
         """The same shape with another cell ("lstm": unchanged; else named after the cell)."""
@@ -77,7 +77,7 @@ class Config:
         # W_ih, W_hh, b_ih and b_hh of every layer and direction
         params = sum(directions * self.gates * self.H * (inputs + self.H + 2) for inputs in self.layer_inputs())
         sequence_in, sequence_out = self.T * self.B * self.I, self.T * self.B * self.H * directions
-        parts = 1 if self.cell == "gru" else 2
+        parts = len(cells.BY_NAME[self.cell].state_parts)
         states = parts * self.layers * directions * self.B * self.H  # h_n (and c_n), their gradients
         elements = sequence_in + params + sequence_out + states
         if mode == "forward+backward":
@@ -159,12 +159,11 @@ def make_runner(name: str, config: Config, mode: str, dtype: str = "float32"):
 def fastlstm_call(backend: str, config: Config, mode: str, dtype: str = "float32"):
     """(call, layer): one iteration on a fastlstm backend, returning as soon as the work is
     queued (a GPU backend may still be running it), and the layer it runs."""
-    from .layer import GRU, LSTM
+    from .layer import LAYERS
 
     x, dy = _inputs(config, dtype)
-    layer_class = GRU if config.cell == "gru" else LSTM
-    lstm = layer_class(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
-                       backend=backend, dtype=dtype, seed=0)
+    lstm = LAYERS[config.cell](config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                                backend=backend, dtype=dtype, seed=0)
     device = lstm._current_backend()
     x_dev, dy_dev = device.from_user(x, "x"), device.from_user(dy, "dy")
     if mode == "forward":
@@ -191,8 +190,7 @@ def _torch_runner(name, config, mode, dtype, x, dy):
 
     device = "cuda" if name in TORCH_CUDA_RUNNERS else "cpu"
     allow_tf32 = name == "torch-cuda-tf32"
-    torch_class = torch.nn.GRU if config.cell == "gru" else torch.nn.LSTM
-    module = torch_class(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
+    module = getattr(torch.nn, config.cell.upper())(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
     module = module.to(device=device, dtype=getattr(torch, dtype))
     xt = torch.from_numpy(x).to(device)
     dyt = torch.from_numpy(dy).to(device)

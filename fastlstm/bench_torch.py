@@ -93,12 +93,13 @@ def _training_step(config: Config, device: str, kind: str, allow_tf32: bool = Fa
     """A no-argument callable: one training step of LSTM + Linear + cross-entropy + Adam."""
     import torch
 
-    from .torch import GRU, LSTM
+    from . import torch as adapter
 
     torch.manual_seed(0)
-    torch_class, ours = (torch.nn.GRU, GRU) if config.cell == "gru" else (torch.nn.LSTM, LSTM)
-    reference = torch_class(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional)
-    lstm = reference if kind == "torch" else ours.from_torch(reference)
+    name = config.cell.upper()  # LSTM / GRU: the class in torch.nn and in fastlstm.torch
+    reference = getattr(torch.nn, name)(config.I, config.H, num_layers=config.layers,
+                                        bidirectional=config.bidirectional)
+    lstm = reference if kind == "torch" else getattr(adapter, name).from_torch(reference)
     head = torch.nn.Linear(config.H * config.directions, HEAD_CLASSES)
     lstm, head = lstm.to(device), head.to(device)
     optimizer = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=LR)
@@ -148,19 +149,18 @@ def _adapter_pair(config: Config, device: str):
     """(through the module, bare): the LSTM's forward + backward only, same backend and weights."""
     import torch
 
-    from . import layer
     from . import torch as adapter
+    from .layer import LAYERS
 
-    name = "GRU" if config.cell == "gru" else "LSTM"
-    module = getattr(adapter, name)(config.I, config.H, num_layers=config.layers,
-                                    bidirectional=config.bidirectional).to(device)
+    module = getattr(adapter, config.cell.upper())(config.I, config.H, num_layers=config.layers,
+                                                   bidirectional=config.bidirectional).to(device)
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((config.T, config.B, config.I)).astype(np.float32)
     dy_np = rng.standard_normal((config.T, config.B, config.H * config.directions)).astype(np.float32)
     x, dy = torch.from_numpy(x_np).to(device), torch.from_numpy(dy_np).to(device)
     backend = module_backend(device)
-    core = getattr(layer, name)(config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
-                                backend=backend)
+    core = LAYERS[config.cell](config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                               backend=backend)
     core.load_state_dict(module.state_dict())
     storage = core._current_backend()
     x_dev, dy_dev = storage.from_user(x_np, "x"), storage.from_user(dy_np, "dy")

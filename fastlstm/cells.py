@@ -71,3 +71,5 @@ class GRUCell:
 
 
 LSTM_CELL = LSTMCell()
+# Each cell by name, with its default options (what --cell and config files name).
+BY_NAME = {"lstm": LSTM_CELL, "gru": GRUCell()}

@@ -11,6 +11,7 @@ import contextlib
 import sys
 
 from . import bench, registry, threads
+from .layer import LAYERS
 from ._arrays import module_available
 
 
@@ -71,7 +72,7 @@ def _bench_parser(sub) -> None:
 
 def _bench_configs(args, parser) -> list:
     cells = args.cell
-    bad = [c for c in cells if c not in ("lstm", "gru")]
+    bad = [c for c in cells if c not in LAYERS]
     if bad or not cells:
         parser.error(f"--cell: expected lstm, gru or lstm,gru, got {','.join(cells)!r}")
     custom = [args.T, args.B, args.I, args.H]

@@ -480,3 +480,6 @@ class GRU(RecurrentLayer):
 
     def _repr_options(self) -> tuple:
         return super()._repr_options() + (("reset_after", self.reset_after, True),)
+
+
+LAYERS = {"lstm": LSTM, "gru": GRU}  # the layer class of each cell (cells.BY_NAME's names)

@@ -13,9 +13,7 @@ import functools
 import numpy as np
 
 from .._arrays import like, module_available, to_numpy
-from ..layer import GRU, LSTM
-
-CELLS = {"lstm": LSTM, "gru": GRU}
+from ..layer import LAYERS
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,9 +51,9 @@ class CharLM:
         self.vocab_size, self.embed_size, self.hidden_size = vocab_size, embed_size, hidden_size
         self.dtype = np.dtype(dtype)
         self.dropout = float(dropout)
-        if cell not in CELLS:
-            raise ValueError(f"cell: expected one of {', '.join(CELLS)}, got {cell!r}")
-        self.rnn = CELLS[cell](embed_size, hidden_size, num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0,
+        if cell not in LAYERS:
+            raise ValueError(f"cell: expected one of {', '.join(LAYERS)}, got {cell!r}")
+        self.rnn = LAYERS[cell](embed_size, hidden_size, num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0,
                          backend=backend, dtype=dtype, seed=int(rng.integers(2**31)))
         bound = 1.0 / np.sqrt(hidden_size)
         self.head = {

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._arrays import module_available
 from ..checkpoint import load_arrays, save_arrays, write_atomic
+from ..layer import LAYERS
 from .charlm import Adam, CharLM
 
 CORPUS = Path(__file__).resolve().parent / "corpus.txt"
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], help="default: the choice in effect (auto)")
     p.add_argument("--minutes", type=_positive_float, default=2.0, help="wall-clock budget for this run (default 2)")
     p.add_argument("--steps", type=_positive_int, help="stop once this many steps (in total, across resumes) are done")
-    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="the recurrent cell (default lstm)")
+    p.add_argument("--cell", choices=list(LAYERS), default="lstm", help="the recurrent cell (default lstm)")
     p.add_argument("--hidden", type=_positive_int, default=128)
     p.add_argument("--embed", type=_positive_int, default=32)
     p.add_argument("--layers", type=_positive_int, default=1)
