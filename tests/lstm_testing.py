@@ -98,15 +98,19 @@ def assert_unchanged(lstm, before: dict) -> None:
     assert after["training"] == before["training"]
 
 
-def forward_backward(lstm, x, state, lengths, dy, dstate) -> dict:
-    """Outputs, final states and every gradient of one forward + backward, as host arrays."""
-    y, (h_n, c_n) = lstm(x, state, lengths)
-    dx, (dh0, dc0) = lstm.backward(dy, dstate)
-    out = {"y": y, "h_n": h_n, "c_n": c_n, "dx": dx}
+def forward_backward(layer, x, state, lengths, dy, dstate) -> dict:
+    """Outputs, final states and every gradient of one forward + backward, as host arrays
+    (an LSTM's state parts h and c, a GRU's h)."""
+    y, final = layer(x, state, lengths)
+    dx, dstate0 = layer.backward(dy, dstate)
+    parts = layer._spec.cell.state_parts
+    if len(parts) == 1:
+        final, dstate0 = (final,), (dstate0,)
+    out = {"y": y, "dx": dx, **{f"{part}_n": value for part, value in zip(parts, final)}}
     if state is not None:
-        out.update(dh0=dh0, dc0=dc0)
-    out.update(lstm.grads)
-    return {k: np.asarray(lstm._storage.to_host(v)) for k, v in out.items()}
+        out.update({f"d{part}0": value for part, value in zip(parts, dstate0)})
+    out.update(layer.grads)
+    return {k: np.asarray(layer._storage.to_host(v)) for k, v in out.items()}
 
 
 def assert_layers_agree(layer, reference, problem, rtol: float, what: str = "") -> None:

@@ -15,6 +15,7 @@ if not fastlstm.available_backends()["numba"].available:
 import threadpoolctl  # noqa: E402
 
 from fastlstm.backends import numba_backend  # noqa: E402
+from fastlstm.kernels import numba_common as common  # noqa: E402
 from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
 from lstm_testing import assert_close, assert_layers_agree, forward_backward  # noqa: E402
 
@@ -32,8 +33,8 @@ def whole_real_line(dtype):
 def test_activations_are_accurate_on_the_whole_real_line(dtype):
     x = whole_real_line(dtype)
     tanh_out, sigmoid_out = np.empty_like(x), np.empty_like(x)
-    kernels.apply_tanh(x, tanh_out)
-    kernels.apply_sigmoid(x, sigmoid_out)
+    common.apply_tanh(x, tanh_out)
+    common.apply_sigmoid(x, sigmoid_out)
     exact = x.astype(np.float64)
     with np.errstate(over="ignore"):
         sigmoid_exact = 1.0 / (1.0 + np.exp(-exact))
@@ -45,8 +46,8 @@ def test_activations_are_accurate_on_the_whole_real_line(dtype):
 def test_activations_special_values(dtype):
     x = np.array([np.nan, np.inf, -np.inf, 0.0], dtype=dtype)
     t, s = np.empty_like(x), np.empty_like(x)
-    kernels.apply_tanh(x, t)
-    kernels.apply_sigmoid(x, s)
+    common.apply_tanh(x, t)
+    common.apply_sigmoid(x, s)
     assert np.isnan(t[0]) and np.isnan(s[0])
     np.testing.assert_array_equal(t[1:], [1, -1, 0])
     np.testing.assert_array_equal(s[1:], [1, 0, 0.5])
@@ -204,7 +205,7 @@ def test_workers_run_one_after_another_do_not_deadlock(monkeypatch):
     def run():
         lstm = fastlstm.LSTM(16, 64, bidirectional=True, backend="numba", seed=4)
         plan = lstm._current_backend()._plan(4, 64, np.float32)
-        assert plan.parallel and plan.num_blocks == 2 and plan.mode == kernels.GEMM_PACKED
+        assert plan.parallel and plan.num_blocks == 2 and plan.mode == common.GEMM_PACKED
         return forward_backward(lstm, x, None, lengths, dy, None)
 
     threaded = run()
@@ -232,7 +233,7 @@ def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatc
     monkeypatch.setattr(kernels, "forward_serial", spy)
     before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
     lstm = fastlstm.LSTM(8, 64, backend="numba", dtype="float64")  # float64: per-step GEMMs through BLAS
-    assert lstm._current_backend()._plan(32, 64, np.float64).mode == kernels.GEMM_BLAS
+    assert lstm._current_backend()._plan(32, 64, np.float64).mode == common.GEMM_BLAS
     lstm(np.ones((3, 32, 8)))
     assert seen and all(count == 1 for counts in seen for count in counts)
     after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
@@ -259,14 +260,14 @@ def test_thread_count_controls_the_plan():
 def test_block_bounds_cover_every_unit_once():
     for hidden in (1, 7, 8, 9, 64, 100, 257):
         for blocks in (1, 2, 3, 4):
-            bounds = kernels.block_bounds(hidden, blocks)
+            bounds = common.block_bounds(hidden, blocks)
             assert bounds[0] == 0 and bounds[-1] == hidden
             assert np.all(np.diff(bounds) > 0)
-            perm = kernels.block_permutation(bounds, hidden)
+            perm = common.block_permutation(bounds, hidden, 4)
             assert sorted(perm) == list(range(4 * hidden))
 
 
-@pytest.mark.parametrize("mode", [kernels.GEMM_BLAS, kernels.GEMM_SMALL, kernels.GEMM_PACKED])
+@pytest.mark.parametrize("mode", [common.GEMM_BLAS, common.GEMM_SMALL, common.GEMM_PACKED])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 16, 17])
 def test_per_step_gemm_modes_and_operand_layouts(mode, rows):
     """Every GEMM mode against NumPy, with operands laid out by pack_operands both ways."""
@@ -274,16 +275,16 @@ def test_per_step_gemm_modes_and_operand_layouts(mode, rows):
 
     @njit
     def gemm(a, operand, inner, cols, out, mode):
-        kernels._gemm(a, operand, inner, cols, out, mode)
+        common._gemm(a, operand, inner, cols, out, mode)
 
     rng = np.random.default_rng(rows)
     hidden, width = 64, 96  # two blocks of 32 units: 128 gate rows each
     bounds = np.array([0, 32, 64])
     w_p = rng.standard_normal((4 * hidden, width)).astype(np.float32)
     forward_ops = np.empty((2, width * 128), np.float32)
-    kernels.pack_operands(w_p, bounds, mode, False, forward_ops)
+    common.pack_operands(w_p, bounds, 4, mode, False, forward_ops)
     backward_ops = np.empty((2, width * 128), np.float32)
-    kernels.pack_operands(w_p, bounds, mode, True, backward_ops)
+    common.pack_operands(w_p, bounds, 4, mode, True, backward_ops)
     for k in range(2):
         block = w_p[128 * k : 128 * (k + 1)]
         a = rng.standard_normal((rows, width)).astype(np.float32)
@@ -300,31 +301,31 @@ def test_per_step_gemm_modes_and_operand_layouts(mode, rows):
 def test_packed_forward_operand_is_the_transposed_weights_in_panels(width):
     """The forward's packed operand of block k is W_blk^T cut into (width, PANEL) column
     panels; its whole-vector tiles are transposed in registers, the rest element-wise."""
-    hidden = 2 * kernels.PANEL  # two blocks of PANEL units: four panels of gate rows each
-    bounds = kernels.block_bounds(hidden, 2)
+    hidden = 2 * common.PANEL  # two blocks of PANEL units: four panels of gate rows each
+    bounds = common.block_bounds(hidden, 2)
     wide = np.random.default_rng(width).standard_normal((4 * hidden, width + 3)).astype(np.float32)
     w_p = wide[:, :width]  # rows width + 3 apart: the row stride is read, not assumed
     out = np.full((2, 2 * hidden * width), np.nan, np.float32)
-    kernels.pack_operands(w_p, bounds, kernels.GEMM_PACKED, False, out)
+    common.pack_operands(w_p, bounds, 4, common.GEMM_PACKED, False, out)
     for k in range(2):
         rows = w_p[4 * bounds[k] : 4 * bounds[k + 1]]
-        panels = rows.reshape(-1, kernels.PANEL, width).transpose(0, 2, 1)
+        panels = rows.reshape(-1, common.PANEL, width).transpose(0, 2, 1)
         assert np.array_equal(out[k].reshape(panels.shape), panels)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 17])
-@pytest.mark.parametrize("inner", [5, kernels._K_CHUNK, 2 * kernels._K_CHUNK + 37])  # one, exactly one, three chunks
+@pytest.mark.parametrize("inner", [5, common._K_CHUNK, 2 * common._K_CHUNK + 37])  # one, exactly one, three chunks
 def test_unpacked_gemm_for_the_gradients(transposed, rows, inner):
     """c (+)= op(a) @ b on operands read in place (row slices of wider arrays), against NumPy."""
     from numba import njit
 
     @njit
     def gemm(a, a_transposed, b, c, accumulate):
-        kernels._gemm_unpacked(a, a_transposed, b, c, accumulate)
+        common._gemm_unpacked(a, a_transposed, b, c, accumulate)
 
     rng = np.random.default_rng(rows * inner)
-    cols = 2 * kernels.PANEL
+    cols = 2 * common.PANEL
     wide_a = rng.standard_normal((inner + 3, rows + 9) if transposed else (rows + 3, inner + 9)).astype(np.float32)
     a = wide_a[:inner, :rows] if transposed else wide_a[:rows, :inner]
     b = rng.standard_normal((inner, cols + 16)).astype(np.float32)[:, :cols]
@@ -346,7 +347,7 @@ def test_weight_gradients_through_the_micro_kernel_match_numpy():
         pytest.skip("needs 2 cores")
     numba_layer, numpy_layer = layer_pair("float32", input_size=64, hidden_size=96, bidirectional=True)
     plan = numba_layer._current_backend()._plan(16, 96, np.float32)
-    assert plan.parallel and plan.mode == kernels.GEMM_PACKED and 64 % kernels.PANEL == 0
+    assert plan.parallel and plan.mode == common.GEMM_PACKED and 64 % common.PANEL == 0
     rng = np.random.default_rng(5)
     x = rng.standard_normal((30, 16, 64))
     state = tuple(0.5 * rng.standard_normal((2, 16, 96)) for _ in range(2))

@@ -28,7 +28,7 @@ to the layer and None when ``training`` is False (nothing is kept for backward).
 (NumPy, or CuPy for a GPU fallback): one GEMM for the input projection of all
 steps, one recurrent GEMM per step, the weight gradients as GEMMs over all steps
 after the loop. Faster backends subclass it and override the primitives; what they do
-not override (the GRU's, on numba and cupy for now) runs this reference on their arrays.
+not override (the GRU's, on cupy for now) runs this reference on their arrays.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The Numba backend: the sequence primitives as compiled CPU kernels (``kernels/numba_lstm.py``).
+"""The Numba backend: the sequence primitives of both cells as compiled CPU kernels
+(``kernels/numba_lstm.py``, ``kernels/numba_gru.py``, on ``kernels/numba_common.py``).
 
 Importing this module imports numba, scipy (Numba's ``np.dot`` calls scipy's BLAS)
 and threadpoolctl; the registry does that only when this backend is asked for.
@@ -35,8 +36,10 @@ import scipy.linalg.cython_blas  # noqa: F401  - Numba's np.dot needs it; fail h
 import threadpoolctl
 
 from .. import threads
+from ..kernels import numba_common as common
+from ..kernels import numba_gru as gru_kernels
 from ..kernels import numba_lstm as kernels
-from .base import ReferenceBackend, input_and_weight_grads
+from .base import ReferenceBackend, input_and_weight_grads, previous_states
 
 # Below this many multiply-adds per step, the per-step barrier and moving h between cores
 # cost more than a second thread saves (measured: batch 1, H = 64 breaks even; H = 128 gains).
@@ -62,7 +65,7 @@ _MULTICORE = threading.RLock()
 class _Plan:
     bounds: np.ndarray  # block boundaries over hidden units
     perm: np.ndarray  # weight row order matching the blocks
-    mode: int  # kernels.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED
+    mode: int  # common.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED
     num_blocks: int
     max_units: int
 
@@ -71,11 +74,13 @@ class _Plan:
         """One block per thread; a single block runs on the calling thread."""
         return self.num_blocks > 1
 
-    def permute(self, array):
-        """Rows (or entries) of a weight in the blocks' order; no copy for a single block."""
+    def permute(self, array, gates=None):
+        """Rows (or entries) of a weight in the blocks' order; no copy for a single block.
+        `gates`: how many gate blocks `array` has when not the plan's cell's (Cho's parts)."""
         if self.num_blocks == 1:
             return np.ascontiguousarray(array)
-        return np.ascontiguousarray(array[self.perm])
+        perm = self.perm if gates is None else common.block_permutation(self.bounds, len(array) // gates, gates)
+        return np.ascontiguousarray(array[perm])
 
 
 @dataclass
@@ -93,6 +98,22 @@ class _NumbaSaved:
     c_states: np.ndarray
 
 
+@dataclass
+class _NumbaSavedGRU:
+    plan: _Plan
+    x2: np.ndarray
+    w_ih: np.ndarray
+    w_ops: np.ndarray  # the blocks' recurrent weight rows as backward GEMM operands
+    w_ops_n: np.ndarray  # Cho: W_hn's likewise
+    h0: np.ndarray
+    lengths: np.ndarray
+    reverse: bool
+    reset_after: bool
+    gates: np.ndarray  # (T*B, 3H) activated r, z, n
+    hidden_n: np.ndarray  # (T, B, H) what the reset met: W_hn h + b_hn, or r * h
+    h_states: np.ndarray
+
+
 class NumbaBackend(ReferenceBackend):
     name = "numba"
     xp = np
@@ -108,29 +129,31 @@ class NumbaBackend(ReferenceBackend):
         )
 
     # -- planning ---------------------------------------------------------------------
-    def _plan(self, batch: int, hidden: int, dtype) -> _Plan:
+    def _plan(self, batch: int, hidden: int, dtype, gates: int = 4, widths: tuple = (4,)) -> _Plan:
+        """Blocks and GEMM mode for a cell with `gates` gate blocks whose per-step GEMMs have
+        `widths` columns per unit (LSTM (4,); GRU (3,), or (2, 1) for Cho's two products)."""
         num_threads = threads.get_num_threads()
-        key = (batch, hidden, np.dtype(dtype), num_threads)
-        if key not in self._plans:  # small: one entry per layer shape, dtype and thread count
-            step_work = batch * hidden * 4 * hidden
+        key = (batch, hidden, np.dtype(dtype), num_threads, gates, widths)
+        if key not in self._plans:  # small: one entry per layer shape, dtype, cell and thread count
+            step_work = batch * hidden * gates * hidden
             parallel = num_threads > 1 and step_work >= _PARALLEL_MIN_STEP_WORK
             num_blocks = min(num_threads, max(1, hidden // _MIN_UNITS_PER_BLOCK)) if parallel else 1
-            bounds = kernels.block_bounds(hidden, num_blocks)
+            bounds = common.block_bounds(hidden, num_blocks)
             sizes = np.diff(bounds)
-            aligned = hidden % kernels.PANEL == 0 and np.all(4 * sizes % kernels.PANEL == 0)
+            aligned = hidden % common.PANEL == 0 and all(np.all(w * sizes % common.PANEL == 0) for w in widths)
             if np.dtype(dtype) == np.float32 and aligned:
-                mode = kernels.GEMM_PACKED
+                mode = common.GEMM_PACKED
             else:
-                mode = kernels.GEMM_SMALL if batch <= _SMALL_BATCH else kernels.GEMM_BLAS
+                mode = common.GEMM_SMALL if batch <= _SMALL_BATCH else common.GEMM_BLAS
             self._plans[key] = _Plan(
-                bounds, kernels.block_permutation(bounds, hidden), mode, len(bounds) - 1, int(sizes.max()),
+                bounds, common.block_permutation(bounds, hidden, gates), mode, len(bounds) - 1, int(sizes.max()),
             )
         return self._plans[key]
 
     def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
         """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
         does every GEMM, the kernel calls BLAS from its threads: BLAS then runs on one."""
-        packed = plan.mode == kernels.GEMM_PACKED
+        packed = plan.mode == common.GEMM_PACKED
         if packed and not plan.parallel:  # one thread, no BLAS: runs beside other threads' calls
             return serial_kernel(*args)
         with _MULTICORE, contextlib.nullcontext() if packed else self._blas.limit(limits=1, user_api="blas"):
@@ -146,10 +169,11 @@ class NumbaBackend(ReferenceBackend):
         with _MULTICORE, self._blas.limit(limits=threads.get_num_threads(), user_api="blas"):
             yield
 
-    def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool) -> np.ndarray:
-        """Each block's rows of w_p laid out as a per-step GEMM operand (kernels.pack_operands)."""
-        out = np.empty((plan.num_blocks, w_p.shape[1] * 4 * plan.max_units), dtype=w_p.dtype)
-        kernels.pack_operands(w_p, plan.bounds, plan.mode, rows_are_inputs, out)
+    def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool, gates: int = 4) -> np.ndarray:
+        """Each block's rows of w_p (`gates` gate blocks, in block order) laid out as a per-step
+        GEMM operand (numba_common.pack_operands)."""
+        out = np.empty((plan.num_blocks, w_p.shape[1] * gates * plan.max_units), dtype=w_p.dtype)
+        common.pack_operands(w_p, plan.bounds, gates, plan.mode, rows_are_inputs, out)
         return out
 
     # -- primitives -------------------------------------------------------------------
@@ -229,6 +253,92 @@ class NumbaBackend(ReferenceBackend):
         dw_ih[plan.perm], dw_hh[plan.perm], dbias[plan.perm] = dw_ih_p, dw_hh_p, dbias_p
         return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
 
+    # -- GRU ----------------------------------------------------------------------------
+    def _gru_plan(self, batch, hidden, dtype, reset_after):
+        return self._plan(batch, hidden, dtype, gates=3, widths=(3,) if reset_after else (2, 1))
+
+    def _gru_operands(self, plan, w_hh, reset_after, rows_are_inputs):
+        """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, unused), or
+        Cho's (W_hr and W_hz, W_hn)."""
+        hidden = w_hh.shape[1]
+        if reset_after:
+            return self._operands(plan, plan.permute(w_hh), rows_are_inputs, gates=3), np.empty((1, 1), w_hh.dtype)
+        return (self._operands(plan, plan.permute(w_hh[: 2 * hidden], gates=2), rows_are_inputs, gates=2),
+                self._operands(plan, plan.permute(w_hh[2 * hidden :], gates=1), rows_are_inputs, gates=1))
+
+    def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
+        num_steps, batch, input_size = x.shape
+        hidden = w_hh.shape[1]
+        dtype = x.dtype
+        plan = self._gru_plan(batch, hidden, dtype, reset_after)
+        x2 = x.reshape(num_steps * batch, input_size)
+        gates = np.empty((num_steps * batch, 3 * hidden), dtype)
+        # The input projection of all steps: on the parallel plan each block's, in the kernel
+        # (see numba_gru._forward); on one block, one GEMM on NumPy's BLAS threads.
+        if plan.parallel:
+            w_ih_ops = self._operands(plan, plan.permute(w_ih), rows_are_inputs=False, gates=3)
+        else:
+            w_ih_ops = np.empty((1, 1), dtype)
+            with self._numpy_blas():
+                np.dot(x2, w_ih.T, out=gates)
+        w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False)
+        step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
+        rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
+        y = np.empty((num_steps, batch, hidden), dtype)
+        state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
+        h_states, hidden_n = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
+        h_n = self._run(
+            plan, gru_kernels.forward_parallel, gru_kernels.forward_serial,
+            x2, w_ih_ops, plan.parallel, gates, w_ops, w_ops_n, np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh),
+            np.ascontiguousarray(h0),
+            step_lengths, reverse, plan.bounds, reset_after, training, plan.mode, rec, y, h_states, hidden_n,
+        )
+        saved = None
+        if training:
+            saved = _NumbaSavedGRU(plan, x2, w_ih, *self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=True),
+                                   h0, step_lengths, reverse, reset_after, gates, hidden_n, h_states)
+        return y, h_n, saved
+
+    def gru_backward_sequence(self, saved: _NumbaSavedGRU, dy, dh_n):
+        plan = saved.plan
+        num_steps, batch, hidden = saved.h_states.shape
+        rows = num_steps * batch
+        two = 2 * hidden
+        d_in = np.empty_like(saved.gates)
+        d_hidden_n = np.empty((rows, hidden), dy.dtype) if saved.reset_after else d_in[:, two:]
+        dh0 = self._run(
+            plan, gru_kernels.backward_loop_parallel, gru_kernels.backward_loop_serial,
+            saved.gates, saved.h_states, np.ascontiguousarray(saved.h0), saved.hidden_n, saved.w_ops, saved.w_ops_n,
+            np.ascontiguousarray(dy), np.ascontiguousarray(dh_n), saved.lengths, saved.reverse, plan.bounds,
+            saved.reset_after, plan.max_units, plan.mode, d_in, d_hidden_n if saved.reset_after else d_in,
+        )
+        # After the loop: dx and the weight gradients as GEMMs over all T*B rows; per block on
+        # the parallel plan (Numba's threads, no BLAS threads left spinning), else on NumPy's BLAS.
+        dx2 = np.empty(saved.x2.shape, dy.dtype)
+        dw_ih = np.empty(saved.w_ih.shape, dy.dtype)
+        dw_hh = np.empty((3 * hidden, hidden), dy.dtype)
+        db_ih, db_hh = np.empty(3 * hidden, dy.dtype), np.empty(3 * hidden, dy.dtype)
+        if plan.parallel:
+            with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
+                numba.set_num_threads(plan.num_blocks)
+                gru_kernels.gradients(
+                    d_in, d_hidden_n if saved.reset_after else np.empty((1, 1), dy.dtype), saved.x2, saved.h_states,
+                    np.ascontiguousarray(saved.h0), saved.hidden_n, np.ascontiguousarray(saved.w_ih), saved.reverse,
+                    saved.reset_after, plan.bounds, plan.mode, dw_ih, dw_hh, db_ih, db_hh, dx2,
+                )
+            return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
+        h_prev = previous_states(np, saved.h_states, saved.h0, saved.reverse).reshape(rows, hidden)
+        with self._numpy_blas():
+            np.dot(d_in, saved.w_ih, out=dx2)
+            np.dot(d_in.T, saved.x2, out=dw_ih)
+            np.dot(d_in[:, :two].T, h_prev, out=dw_hh[:two])  # r and z met h
+            # W_hn met h (reset_after) or r * h (Cho)
+            met = h_prev if saved.reset_after else saved.hidden_n.reshape(rows, hidden)
+            np.dot(d_hidden_n.T, met, out=dw_hh[two:])
+        np.sum(d_in, axis=0, out=db_ih)
+        db_hh[:two] = db_ih[:two]
+        np.sum(d_hidden_n, axis=0, out=db_hh[two:])
+        return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
 
 def create_backend() -> NumbaBackend:
     return NumbaBackend()

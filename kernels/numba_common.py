@@ -1,0 +1,619 @@
+"""What the Numba CPU kernels of every cell share: activations, the blocking of hidden units,
+the step barrier, the per-step GEMMs (a register-tiled float32 micro-kernel over packed
+weights, BLAS, a batch-1 kernel) and the operand packing. The cells' time loops live in
+``numba_lstm.py`` and ``numba_gru.py``.
+
+Work is split by hidden units into blocks, one block per thread. A block owns all gates
+of its units: its rows of the (permuted) weights and its units of the state. The whole
+time loop of a cell is one parallel region: the workers meet at a spin barrier after
+each step (see "step synchronisation"), and the only state shared between blocks is h
+(dh in the backward), double-buffered. So there is one fork/join per sequence, no BLAS
+thread pool competing with Numba's threads, and each thread's weights stay in its core's
+cache from step to step.
+
+Permuted layout: block k covers units [u0, u1) (nu of them); its weight rows are the
+cell's gate blocks restricted to those units, gate after gate (``block_permutation``).
+
+Activations: float32 uses a clamped odd rational approximation of tanh (own fit,
+max abs error 3.7e-7 in float32 arithmetic; sigma(x) = tanh(x/2)/2 + 1/2), built
+from multiply, add, divide and compares only so that LLVM vectorizes it; float64
+uses libm (exact, scalar).
+
+Numba's cache checks only the source file of a cached function, not the files whose
+functions it inlines: each cell's kernel file carries ``COMMON_SOURCE_DIGEST``, the digest
+of this file, which a test keeps current, so an edit here also edits (and so recompiles)
+the cells' kernels.
+
+All kernels use error_model="numpy": the default "python" model puts a zero test
+before every division, which stops the loops from vectorizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pathlib
+from types import FunctionType
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
+
+
+def _parallel_and_serial(body):
+    """Compile one body twice: on threads (prange runs in parallel) and on the calling
+    thread (prange is then a plain range: no threads to start for small problems).
+
+    The serial copy gets its own qualified name because Numba's cache tells cached
+    functions apart by name and line, not by compile options.
+    """
+    serial_body = FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial",
+                               body.__defaults__, body.__closure__)
+    serial_body.__qualname__ = body.__qualname__ + "_serial"
+    serial_body.__doc__ = body.__doc__
+    return njit(parallel=True, **_OPTS)(body), njit(**_OPTS)(serial_body)
+
+
+# -- activations ----------------------------------------------------------------------
+_F = np.float32
+_CLAMP = _F(7.9)  # tanh(7.9) = 1 - 2.7e-7
+_P0, _P1, _P2, _P3, _P4, _P5 = (
+    _F(1.0000000346190072),
+    _F(0.1288114704612534),
+    _F(0.0028790625605799865),
+    _F(8.86499076751633e-06),
+    _F(-1.1450219355761799e-08),
+    _F(1.4370813822891392e-11),
+)
+_Q0, _Q1, _Q2 = _F(0.4621443089688248), _F(0.023594652236063395), _F(0.00022220457612625707)
+_ONE, _HALF = _F(1.0), _F(0.5)
+
+
+@njit(inline="always")
+def _tanh_rational(x):
+    # Compare-and-select (not min/max) so that NaN passes through as NaN.
+    y = x
+    if y > _CLAMP:
+        y = _CLAMP
+    if y < -_CLAMP:
+        y = -_CLAMP
+    z = y * y
+    num = y * (_P0 + z * (_P1 + z * (_P2 + z * (_P3 + z * (_P4 + z * _P5)))))
+    out = num / (_ONE + z * (_Q0 + z * (_Q1 + z * _Q2)))
+    if x >= _CLAMP:  # saturated: exactly +-1 (the fit gives 1 - 3.6e-7 there)
+        out = _ONE
+    if x <= -_CLAMP:
+        out = -_ONE
+    return out
+
+
+def tanh(x):
+    """tanh for float32 (vectorizing approximation) and float64 (libm) inside kernels."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+def sigmoid(x):
+    """Logistic function inside kernels; never overflows."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(tanh)
+def _tanh_overload(x):
+    if x == types.float32:
+        return lambda x: _tanh_rational(x)
+    return lambda x: math.tanh(x)
+
+
+@overload(sigmoid)
+def _sigmoid_overload(x):
+    if x == types.float32:
+        return lambda x: _HALF * _tanh_rational(_HALF * x) + _HALF
+
+    def exact(x):
+        e = math.exp(-abs(x))
+        return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
+
+    return exact
+
+
+@njit(**_OPTS)
+def apply_tanh(values, out):
+    """Elementwise tanh as the kernels compute it (for tests of accuracy)."""
+    for n in range(values.shape[0]):
+        out[n] = tanh(values[n])
+
+
+@njit(**_OPTS)
+def apply_sigmoid(values, out):
+    for n in range(values.shape[0]):
+        out[n] = sigmoid(values[n])
+
+
+# -- blocking -------------------------------------------------------------------------
+def block_bounds(hidden: int, num_blocks: int) -> np.ndarray:
+    """Unit boundaries of `num_blocks` near-equal blocks (sizes kept multiples of 8 when possible)."""
+    num_blocks = max(1, min(num_blocks, hidden))
+    step = hidden / num_blocks
+    cuts = [0]
+    for k in range(1, num_blocks):
+        cut = int(round(k * step / 8.0)) * 8 if hidden >= 8 * num_blocks else int(round(k * step))
+        cuts.append(min(max(cut, cuts[-1] + 1), hidden - (num_blocks - k)))
+    cuts.append(hidden)
+    return np.asarray(cuts, dtype=np.int64)
+
+
+def block_permutation(bounds: np.ndarray, hidden: int, gates: int) -> np.ndarray:
+    """Row order that turns torch's gate rows ([i; f; g; o], [r; z; n]: `gates` blocks of
+    `hidden` rows) into per-block gate groups."""
+    rows = []
+    for u0, u1 in zip(bounds[:-1], bounds[1:]):
+        for gate in range(gates):
+            rows.append(np.arange(gate * hidden + u0, gate * hidden + u1))
+    return np.concatenate(rows).astype(np.int64)
+
+
+@njit(inline="always")
+def _block_view(flat, k, rows, cols):
+    """Block k's contiguous (rows, cols) region of a flat per-block buffer."""
+    return flat[k, : rows * cols].reshape((rows, cols))
+
+
+# -- step synchronisation ---------------------------------------------------------------
+# The parallel kernels run the whole time loop inside one parallel region: worker w does
+# block w at every step and waits at a spin barrier for the other blocks before the next
+# step (a fork/join per step costs ~1.6 us on this machine; a barrier ~0.1-0.3 us). Blocks
+# are *claimed* (an atomic counter per block and step), not owned: a worker that has waited
+# long for a block nobody has started, or whose partner worker has not even started (a
+# threading layer may run the workers one after another, e.g. TBB under nested
+# parallelism), does that block itself. So no schedule can deadlock; normally each worker
+# only ever claims its own block, and its weights stay in its core's cache.
+#
+# Layout of the int64 sync array: a header [workers started, lone worker seen], then per
+# step the claim count of each block and the step's done count.
+_SYNC_HEADER = 2
+_SPINS_BEFORE_STEALING = 1 << 16  # pause instructions, ~1-3 ms: far above a normal wait
+
+
+@intrinsic
+def _atomic_add(typingctx, address, value):
+    """*address += value as one atomic read-modify-write (sequentially consistent); returns
+    the old value. The barrier's release: every write before it is visible to whoever sees it."""
+    sig = types.int64(types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", pointer, args[1], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, address):
+    """*address read atomically with acquire order: no later read moves before it."""
+    sig = types.int64(types.intp)
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load_atomic(pointer, "acquire", 8)
+
+    return sig, codegen
+
+
+_X86 = llvm_binding.get_process_triple().startswith(("x86_64", "i686", "i386"))
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """A spin-wait hint (x86 `pause`: frees the core's resources, saves power); a no-op elsewhere."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            pause = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                   "llvm.x86.sse2.pause")
+            builder.call(pause, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _new_sync(num_steps, num_blocks):
+    """A fresh sync array for one call of a time-loop kernel."""
+    return np.zeros(_SYNC_HEADER + num_steps * (num_blocks + 1), np.int64)
+
+
+@njit(inline="always")
+def _try_claim(address):
+    # Read first: a claimed block costs a shared read, not a write to the other core's line.
+    return _atomic_load(address) == 0 and _atomic_add(address, 1) == 0
+
+
+@njit(inline="always")
+def _claim_block(sync, s, w, num_blocks):
+    """The next block of step s for worker w (one worker per block) to run, or -1 once all
+    the step's blocks are done (the barrier). Own block first. Another block only if
+    nobody has claimed it and this worker has waited long for it, or a worker is missing
+    (not started) and one has already waited long for it once in this call. Call again
+    after running the block."""
+    started, lone = sync.ctypes.data, sync.ctypes.data + 8
+    base = sync.ctypes.data + 8 * (_SYNC_HEADER + s * (num_blocks + 1))
+    done = base + 8 * num_blocks
+    if _try_claim(base + 8 * w):
+        return np.int64(w)  # a prange index may be unsigned: keep one signed return type
+    spins = 0
+    while _atomic_load(done) < num_blocks:
+        missing = _atomic_load(started) < num_blocks
+        if spins >= _SPINS_BEFORE_STEALING or (missing and _atomic_load(lone) > 0):
+            if missing:
+                _atomic_add(lone, 1)
+            for k in range(num_blocks):
+                if _try_claim(base + 8 * k):
+                    return np.int64(k)
+        spins += 1
+        _spin_pause()
+    return np.int64(-1)
+
+
+@njit(inline="always")
+def _block_done(sync, s, num_blocks):
+    _atomic_add(sync.ctypes.data + 8 * (_SYNC_HEADER + s * (num_blocks + 1) + num_blocks), 1)
+
+
+@njit(inline="always")
+def _worker_started(sync):
+    _atomic_add(sync.ctypes.data, 1)
+
+
+# -- per-step GEMMs ---------------------------------------------------------------------
+# How a kernel multiplies by a weight block (the caller lays the operand out to match):
+GEMM_BLAS = 0  # np.dot (scipy's BLAS, one thread); operand (K, N) row-major
+GEMM_SMALL = 1  # _matmul_small, batch 1; operand (K, N) row-major
+GEMM_PACKED = 2  # _gemm_packed, float32; operand (N / PANEL, K, PANEL) column panels
+
+# Packed float32 GEMM: the operand is packed once per sequence into column panels, and
+# a register-tiled micro-kernel (LLVM vector IR, below) multiplies by it with no
+# per-call packing, which is what BLAS spends 20-40 % of a small per-step GEMM on.
+# Tile shapes fit the vector registers: 32 of 512 bits with AVX-512, 16 of 256 without.
+_AVX512 = "+avx512f" in llvm_binding.get_host_cpu_features().flatten().split(",")
+_LANES = 16 if _AVX512 else 8  # float32 per vector register
+PANEL = 2 * _LANES  # columns per panel: two vectors
+_TILE_ROWS = 8 if _AVX512 else 6  # 16 (12) accumulators + 2 operand vectors + 1 broadcast
+
+
+def _tile_kernel(rows):
+    """An intrinsic computing C[rows, PANEL] (+)= A[rows, K] @ B[K, PANEL] for one panel.
+
+    Arguments are addresses and element strides: (a, a_row, a_col, b, ldb, c, ldc, K,
+    accumulate): A[m, k] at a + m * a_row + k * a_col (so A may be a transposed view),
+    B[k, 0:PANEL] at b + k * ldb (a packed panel: ldb = PANEL), C[m, 0:PANEL] at c + m * ldc.
+    The accumulators stay in registers across the whole K loop (SSA phi values).
+    """
+    vec = ir.VectorType(ir.FloatType(), _LANES)
+    i64 = ir.IntType(64)
+
+    @intrinsic
+    def tile(typingctx, a, a_row, a_col, b, ldb, c, ldc, inner, accumulate):
+        sig = types.void(*([types.intp] * 8), types.boolean)
+
+        def codegen(context, builder, signature, args):
+            a_addr, a_row_v, a_col_v, p_addr, ldb_v, c_addr, ldc_v, k_count, accum = args
+            fptr = ir.FloatType().as_pointer()
+            a_ptr, p_ptr, c_ptr = (builder.inttoptr(v, fptr) for v in (a_addr, p_addr, c_addr))
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{_LANES}f32")
+            zero = ir.Constant(vec, [0.0] * _LANES)
+            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
+            entry = builder.block
+            loop = builder.append_basic_block("tile_loop")
+            done = builder.append_basic_block("tile_done")
+            builder.cbranch(builder.icmp_signed(">", k_count, ir.Constant(i64, 0)), loop, done)
+
+            builder.position_at_end(loop)
+            kk = builder.phi(i64)
+            kk.add_incoming(ir.Constant(i64, 0), entry)
+            acc = [[builder.phi(vec) for _ in range(2)] for _ in range(rows)]
+            for row in acc:
+                for phi in row:
+                    phi.add_incoming(zero, entry)
+            p_row = builder.mul(kk, ldb_v)
+            a_col_offset = builder.mul(kk, a_col_v)
+            operands = []
+            for v in range(2):
+                address = builder.gep(p_ptr, [builder.add(p_row, ir.Constant(i64, v * _LANES))])
+                load = builder.load(builder.bitcast(address, vec.as_pointer()))
+                load.align = 4
+                operands.append(load)
+            updated = []
+            for m in range(rows):
+                a_offset = builder.add(builder.mul(ir.Constant(i64, m), a_row_v), a_col_offset)
+                a_val = builder.load(builder.gep(a_ptr, [a_offset]))
+                splat = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vec, ir.Undefined), a_val, ir.Constant(ir.IntType(32), 0)),
+                    ir.Constant(vec, ir.Undefined), splat_mask)
+                updated.append([builder.call(fma, [splat, operands[v], acc[m][v]]) for v in range(2)])
+            k_next = builder.add(kk, ir.Constant(i64, 1))
+            kk.add_incoming(k_next, loop)
+            for m in range(rows):
+                for v in range(2):
+                    acc[m][v].add_incoming(updated[m][v], loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_count), loop, done)
+
+            builder.position_at_end(done)
+            totals = [[builder.phi(vec) for _ in range(2)] for _ in range(rows)]  # phis first
+            for m in range(rows):
+                for v in range(2):
+                    totals[m][v].add_incoming(zero, entry)
+                    totals[m][v].add_incoming(updated[m][v], loop)
+            for m in range(rows):
+                for v in range(2):
+                    total = totals[m][v]
+                    offset = builder.add(builder.mul(ir.Constant(i64, m), ldc_v), ir.Constant(i64, v * _LANES))
+                    address = builder.bitcast(builder.gep(c_ptr, [offset]), vec.as_pointer())
+                    old = builder.load(address)
+                    old.align = 4
+                    store = builder.store(builder.select(accum, builder.fadd(old, total), total), address)
+                    store.align = 4
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile_big = _tile_kernel(_TILE_ROWS)
+_tile_4 = _tile_kernel(4)
+_tile_1 = _tile_kernel(1)
+
+
+@njit(inline="always")
+def _tiles_of_panel(a_addr, a_row, a_col, rows, b_addr, ldb, c_addr, ldc, inner, accumulate):
+    """C[:, panel] (+)= A @ B[:, panel] for all `rows` rows of A, in register tiles."""
+    m = 0
+    while m + _TILE_ROWS <= rows:
+        _tile_big(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        m += _TILE_ROWS
+    while m + 4 <= rows:
+        _tile_4(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        m += 4
+    while m < rows:
+        _tile_1(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        m += 1
+
+
+@njit(inline="always")
+def _gemm_packed(a, panels, c, accumulate):
+    """c (M, N) (+)= a (M, K) @ W for float32, W packed as panels (N / PANEL, K, PANEL).
+
+    a and c may be row slices of larger arrays (unit stride along rows).
+    """
+    rows, inner = a.shape
+    lda = a.strides[0] // 4
+    ldc = c.strides[0] // 4
+    a_addr, c_addr, p_addr = a.ctypes.data, c.ctypes.data, panels.ctypes.data
+    for p in range(panels.shape[0]):
+        _tiles_of_panel(a_addr, lda, 1, rows, p_addr + p * inner * PANEL * 4, PANEL, c_addr + p * PANEL * 4, ldc,
+                        inner, accumulate)
+
+
+# The weight and input gradients multiply tall operands (K = T*B rows): K is cut into
+# chunks whose A and B parts stay in L2 (1 MiB a core here) while every tile reuses them.
+_K_CHUNK = 128
+
+
+@njit(inline="always")
+def _gemm_unpacked(a, a_transposed, b, c, accumulate):
+    """c (M, N) (+)= op(a) @ b for float32 with N a multiple of PANEL, b read in place.
+
+    op(a) = a (M, K), or a.T when a_transposed (a is (K, M)); a, b and c may be row
+    slices of larger arrays (unit stride along rows).
+    """
+    rows, cols = c.shape
+    inner = a.shape[0] if a_transposed else a.shape[1]
+    lda, ldb, ldc = a.strides[0] // 4, b.strides[0] // 4, c.strides[0] // 4
+    a_row, a_col = (1, lda) if a_transposed else (lda, 1)
+    for k0 in range(0, inner, _K_CHUNK):
+        kc = min(_K_CHUNK, inner - k0)
+        a_addr = a.ctypes.data + k0 * a_col * 4
+        b_addr = b.ctypes.data + k0 * ldb * 4
+        for p in range(cols // PANEL):
+            _tiles_of_panel(a_addr, a_row, a_col, rows, b_addr + p * PANEL * 4, ldb, c.ctypes.data + p * PANEL * 4,
+                            ldc, kc, accumulate or k0 > 0)
+
+
+@njit(inline="always")
+def _panels(operand, inner, cols):
+    """A flat GEMM_PACKED operand as its (cols / PANEL, inner, PANEL) column panels."""
+    return operand[: inner * cols].reshape((cols // PANEL, inner, PANEL))
+
+
+@njit(inline="always")
+def _gemm(a, operand, inner, cols, out, mode):
+    """out (M, cols) = a (M, inner) @ W, W the flat block operand laid out for `mode`."""
+    if mode == GEMM_PACKED:
+        _gemm_packed(a, _panels(operand, inner, cols), out, False)
+    else:
+        w = operand[: inner * cols].reshape((inner, cols))
+        if mode == GEMM_SMALL:
+            _matmul_small(a, w, out)
+        else:
+            np.dot(a, w, out)
+
+
+@intrinsic
+def _transpose_tile(typingctx, src, src_stride, dst, dst_stride):
+    """dst[j, i] = src[i, j] for a _LANES x _LANES float32 tile: (src, src_stride) and
+    (dst, dst_stride) are the tiles' addresses and row strides in elements. The rows are
+    loaded as vectors and transposed in registers (log2(_LANES) rounds of shuffles that
+    swap the off-diagonal blocks of every 2b x 2b block): 3-6x faster than element copies."""
+    vec = ir.VectorType(ir.FloatType(), _LANES)
+    i64 = ir.IntType(64)
+    sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_addr, src_step, dst_addr, dst_step = args
+
+        def row_pointer(address, step, i):
+            offset = builder.mul(ir.Constant(i64, i * 4), step)
+            return builder.inttoptr(builder.add(address, offset), vec.as_pointer())
+
+        rows = []
+        for i in range(_LANES):
+            load = builder.load(row_pointer(src_addr, src_step, i))
+            load.align = 4
+            rows.append(load)
+        mask_type = ir.VectorType(ir.IntType(32), _LANES)
+        block = 1
+        while block < _LANES:  # rows i and i + block swap their off-diagonal block x block parts
+            low = ir.Constant(mask_type, [j if j & block == 0 else _LANES + (j ^ block) for j in range(_LANES)])
+            high = ir.Constant(mask_type, [j ^ block if j & block == 0 else _LANES + j for j in range(_LANES)])
+            swapped = list(rows)
+            for i in range(_LANES):
+                if i & block == 0:
+                    swapped[i] = builder.shuffle_vector(rows[i], rows[i + block], low)
+                    swapped[i + block] = builder.shuffle_vector(rows[i], rows[i + block], high)
+            rows = swapped
+            block *= 2
+        for j in range(_LANES):
+            store = builder.store(rows[j], row_pointer(dst_addr, dst_step, j))
+            store.align = 4
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**_OPTS)
+def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
+    """Lay out each block's weight rows as the operand of a per-step GEMM, flat in out[k].
+
+    w_p: (gates*H, K) permuted weights; block k owns rows [gates*u0, gates*u1).
+    rows_are_inputs: False for the forward (block rows are GEMM outputs: W_blk^T,
+    (K, gates*nu)), True for the backward's recurrent GEMM (block rows are GEMM inputs:
+    W_blk itself, (gates*nu, K)).
+    """
+    width = w_p.shape[1]
+    for k in range(bounds.shape[0] - 1):
+        r0 = gates * bounds[k]
+        n_rows = gates * bounds[k + 1] - r0
+        if rows_are_inputs:  # operand (gates*nu, K)
+            if mode == GEMM_PACKED:
+                dst = out[k, : n_rows * width].reshape((width // PANEL, n_rows, PANEL))
+                for p in range(width // PANEL):
+                    for i in range(n_rows):
+                        for q in range(PANEL):  # a plain loop: a slice copy per row costs a view
+                            dst[p, i, q] = w_p[r0 + i, p * PANEL + q]
+            else:
+                out[k, : n_rows * width] = w_p[r0 : r0 + n_rows].ravel()
+        elif mode == GEMM_PACKED:  # operand (K, gates*nu) as column panels: float32 only
+            dst = out[k, : n_rows * width].reshape((n_rows // PANEL, width, PANEL))
+            ld = w_p.strides[0] // 4
+            whole = width - width % _LANES
+            for p in range(n_rows // PANEL):
+                for i0 in range(0, PANEL, _LANES):  # dst[p, j, i] = w_p[r0 + p * PANEL + i, j]
+                    row0 = r0 + p * PANEL + i0
+                    for j0 in range(0, whole, _LANES):
+                        _transpose_tile(w_p.ctypes.data + (row0 * ld + j0) * 4, ld,
+                                        dst.ctypes.data + ((p * width + j0) * PANEL + i0) * 4, PANEL)
+                    for j in range(whole, width):
+                        for i in range(_LANES):
+                            dst[p, j, i0 + i] = w_p[row0 + i, j]
+        else:  # operand (K, gates*nu): the transpose, in 16x16 tiles
+            dst = _block_view(out, k, width, n_rows)
+            for i0 in range(0, n_rows, 16):
+                for j0 in range(0, width, 16):
+                    for i in range(i0, min(i0 + 16, n_rows)):
+                        for j in range(j0, min(j0 + 16, width)):
+                            dst[j, i] = w_p[r0 + i, j]
+
+
+# -- small GEMMs ------------------------------------------------------------------------
+@njit(inline="always")
+def _matmul_small(a, b, out):
+    """out (M, N) = a (M, K) @ b (K, N) as rank-four updates that vectorize along N.
+
+    For batch 1, where BLAS dispatches to a slower matrix-vector path and its call
+    overhead is a large share; BLAS wins from batch 2 on (measured on AVX-512).
+    """
+    rows, inner = a.shape
+    cols = b.shape[1]
+    inner4 = inner - inner % 4
+    for m in range(rows):
+        o = out[m]
+        o[:] = 0
+        for q in range(0, inner4, 4):
+            s0, s1, s2, s3 = a[m, q], a[m, q + 1], a[m, q + 2], a[m, q + 3]
+            b0, b1, b2, b3 = b[q], b[q + 1], b[q + 2], b[q + 3]
+            for n in range(cols):
+                o[n] += s0 * b0[n] + s1 * b1[n] + s2 * b2[n] + s3 * b3[n]
+        for q in range(inner4, inner):
+            s = a[m, q]
+            bq = b[q]
+            for n in range(cols):
+                o[n] += s * bq[n]
+
+
+# -- row helpers -----------------------------------------------------------------------
+# Row copies as plain loops: Numba's slice assignment and in-place array operators check
+# for overlap and broadcast on every call, which costs more than the few vectors they move.
+@njit(inline="always")
+def _copy(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(inline="always")
+def _add(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] += src[j]
+
+
+@njit(inline="always")
+def _fill(dst, value):
+    for j in range(dst.shape[0]):
+        dst[j] = value
+
+
+
+# -- tall GEMMs after the time loop ------------------------------------------------------
+@njit(**_OPTS)  # not inlined: its call sites share one compiled body (compile time)
+def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
+    """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the
+    operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS."""
+    if packed and c.shape[1] % PANEL == 0:
+        _gemm_unpacked(a, a_transposed, b, c, accumulate)
+        return
+    a = np.ascontiguousarray(a)  # a column slice (the GRU's gate columns) through a copy: BLAS wants it whole
+    if accumulate:
+        c += np.dot(a.T, b) if a_transposed else np.dot(a, b)
+    elif a_transposed:
+        np.dot(a.T, b, c)
+    else:
+        np.dot(a, b, c)
+
+
+@njit(**_OPTS)
+def _times_previous_states(d, h_states, h0, reverse, out, packed):
+    """out (N, H) = d.T @ h_prev over all T*B rows of d (T*B, N), h_prev being the state each
+    step started from. h_{t-1} of every step but the first is another step's h: two GEMMs
+    into one output, no (T, B, H) copy of the shifted states."""
+    num_steps, batch, hidden = h_states.shape
+    rows = num_steps * batch
+    h2 = h_states.reshape((rows, hidden))
+    if reverse:  # the first step is the last time step; it started from h0
+        _gemm_tall(d[rows - batch :], True, h0, out, False, packed)
+        if rows > batch:
+            _gemm_tall(d[: rows - batch], True, h2[batch:], out, True, packed)
+    else:
+        _gemm_tall(d[:batch], True, h0, out, False, packed)
+        if rows > batch:
+            _gemm_tall(d[batch:], True, h2[: rows - batch], out, True, packed)
+
+
+def source_digest() -> str:
+    """The digest of this file that each cell's kernel file records (COMMON_SOURCE_DIGEST)."""
+    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]

@@ -1,0 +1,158 @@
+"""The Numba GRU kernels (kernels/numba_gru.py): parity with the NumPy reference on every
+feature (hypothesis), every GEMM mode and block plan of both reset conventions, threaded
+against one thread, determinism; and the cache digests that tie each cell's kernel file to
+numba_common.py."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlstm
+
+if not fastlstm.available_backends()["numba"].available:
+    pytest.skip(f"numba backend unavailable: {fastlstm.available_backends()['numba'].reason}", allow_module_level=True)
+
+from fastlstm.kernels import numba_common as common  # noqa: E402
+from fastlstm.kernels import numba_gru, numba_lstm  # noqa: E402
+from lstm_testing import assert_close, assert_layers_agree, forward_backward  # noqa: E402
+
+PARITY = {"float32": 1e-5, "float64": 1e-9}
+
+
+def gru_pair(dtype, seed=0, **config):
+    """A numba GRU and a numpy GRU with the same weights and dropout stream."""
+    a = fastlstm.GRU(backend="numba", dtype=dtype, seed=seed, **config)
+    b = fastlstm.GRU(backend="numpy", dtype=dtype, seed=seed, **config)
+    b.load_state_dict(a.state_dict())
+    b._dropout_rng.bit_generator.state = a._dropout_rng.bit_generator.state
+    return a, b
+
+
+def inputs(gru, num_steps, batch, seed, with_state=True, lengths=None):
+    rng = np.random.default_rng(seed)
+    d = gru.num_layers * gru.num_directions
+    shape = (batch, num_steps) if gru.batch_first else (num_steps, batch)
+    x = rng.standard_normal(shape + (gru.input_size,))
+    h0 = 0.5 * rng.standard_normal((d, batch, gru.hidden_size)) if with_state else None
+    dy = rng.standard_normal(shape + (gru.hidden_size * gru.num_directions,))
+    dh = rng.standard_normal((d, batch, gru.hidden_size))
+    return x, h0, lengths, dy, dh
+
+
+@st.composite
+def problems(draw):
+    config = dict(
+        input_size=draw(st.integers(1, 6)),
+        hidden_size=draw(st.sampled_from([1, 3, 8, 17, 32, 40, 64, 96])),
+        num_layers=draw(st.integers(1, 3)),
+        bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.3])),
+        reset_after=draw(st.booleans()),
+    )
+    if config["num_layers"] == 1:
+        config["dropout"] = 0.0
+    num_steps = draw(st.integers(1, 7))
+    batch = draw(st.sampled_from([1, 2, 5, 16]))
+    lengths = draw(st.none() | st.lists(st.integers(1, num_steps), min_size=batch, max_size=batch))
+    return config, num_steps, batch, lengths, draw(st.booleans()), draw(st.sampled_from(["float32", "float64"])), \
+        draw(st.integers(0, 1000))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_matches_numpy_on_every_feature(problem):
+    config, num_steps, batch, lengths, with_state, dtype, seed = problem
+    numba_gru_layer, numpy_gru_layer = gru_pair(dtype, **config)
+    args = inputs(numba_gru_layer, num_steps, batch, seed, with_state, lengths)
+    assert_layers_agree(numba_gru_layer, numpy_gru_layer, args, PARITY[dtype])
+    # eval mode keeps nothing for backward: the kernels' other path
+    (y, h_n), (y_ref, h_ref) = (layer.eval()(*args[:3]) for layer in (numba_gru_layer, numpy_gru_layer))
+    assert_close(y, y_ref, PARITY[dtype], "eval y")
+    assert_close(h_n, h_ref, PARITY[dtype], "eval h_n")
+
+
+# Plans the heuristics pick on two threads: (batch, hidden, dtype) -> mode, blocks.
+PLANS = [
+    pytest.param(16, 64, "float32", common.GEMM_PACKED, 2, id="packed-2-blocks"),
+    pytest.param(1, 128, "float32", common.GEMM_PACKED, 2, id="packed-batch-1-2-blocks"),
+    pytest.param(4, 96, "float32", common.GEMM_BLAS, 2, id="blas-unaligned-2-blocks"),
+    pytest.param(4, 64, "float64", common.GEMM_BLAS, 2, id="blas-float64-2-blocks"),
+    pytest.param(1, 40, "float64", common.GEMM_SMALL, 1, id="small-batch-1-1-block"),
+    pytest.param(2, 32, "float32", common.GEMM_PACKED, 1, id="packed-1-block"),
+]
+
+
+def plan_of(gru, batch, dtype):
+    return gru._current_backend()._gru_plan(batch, gru.hidden_size, np.dtype(dtype), gru._spec.cell.reset_after)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize(("batch", "hidden", "dtype", "mode", "blocks"), PLANS)
+def test_every_plan_matches_numpy_threaded_and_in_turn(batch, hidden, dtype, mode, blocks, reset_after, monkeypatch):
+    """Each GEMM mode and block count, with lengths, both directions and an initial state;
+    the threaded time loop gives bit for bit what the same blocks give run in turn."""
+    if fastlstm.threads.available_cores() < 2 and blocks > 1:
+        pytest.skip("needs 2 cores")
+    fastlstm.set_num_threads(min(2, fastlstm.threads.available_cores()))
+    try:
+        layer, reference = gru_pair(dtype, input_size=5, hidden_size=hidden, bidirectional=True,
+                                    reset_after=reset_after, seed=7)
+        plan = plan_of(layer, batch, dtype)
+        assert (plan.mode, plan.num_blocks) == (mode, blocks)
+        lengths = np.arange(batch) % 6 + 1
+        args = inputs(layer, 6, batch, seed=3, lengths=lengths)
+        assert_layers_agree(layer, reference, args, PARITY[dtype])
+        threaded = forward_backward(layer, *args)
+        monkeypatch.setattr(numba_gru, "forward_parallel", numba_gru.forward_serial)
+        monkeypatch.setattr(numba_gru, "backward_loop_parallel", numba_gru.backward_loop_serial)
+        layer.zero_grad()
+        in_turn = forward_backward(layer, *args)
+    finally:
+        fastlstm.set_num_threads(None)
+    for name in threaded:
+        assert np.array_equal(threaded[name], in_turn[name]), name
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_deterministic(reset_after):
+    results = []
+    for _ in range(2):
+        gru = fastlstm.GRU(8, 64, num_layers=2, bidirectional=True, backend="numba", seed=0, reset_after=reset_after)
+        args = inputs(gru, 20, 16, seed=5, lengths=np.arange(20, 4, -1))
+        results.append(forward_backward(gru, *args))
+    for name in results[0]:
+        assert np.array_equal(results[0][name], results[1][name]), name
+
+
+def test_output_gradients_past_the_end_reach_nothing():
+    """Whatever dy holds past a sequence's end (here inf) reaches no gradient: the kernels
+    select, they do not multiply by a mask."""
+    for reset_after in (True, False):
+        gru = fastlstm.GRU(3, 32, backend="numba", seed=1, reset_after=reset_after, dtype="float64")
+        x, h0, _, dy, dh = inputs(gru, 5, 4, seed=2)
+        lengths = np.array([5, 3, 1, 2])
+        clean = forward_backward(gru, x, h0, lengths, dy, dh)
+        dy_bad = dy.copy()
+        for b, n in enumerate(lengths):
+            dy_bad[n:, b] = np.inf
+        gru.zero_grad()
+        dirty = forward_backward(gru, x, h0, lengths, dy_bad, dh)
+        for name in clean:
+            np.testing.assert_array_equal(dirty[name], clean[name], err_msg=name)
+
+
+@pytest.mark.parametrize("cell_kernels", [numba_lstm, numba_gru], ids=["lstm", "gru"])
+def test_cell_kernels_record_the_common_source_they_were_compiled_against(cell_kernels):
+    """Numba's cache checks only a cached function's own file: a changed numba_common.py must
+    change every cell's file too (its COMMON_SOURCE_DIGEST), or stale kernels would load."""
+    assert cell_kernels.COMMON_SOURCE_DIGEST == common.source_digest(), (
+        f"numba_common.py changed: set COMMON_SOURCE_DIGEST = {common.source_digest()!r} in "
+        f"{pathlib.Path(cell_kernels.__file__).name} (and every other cell's kernel file)"
+    )
