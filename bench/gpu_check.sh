@@ -7,7 +7,7 @@
 # Then fastlstm.torch on CUDA tensors: its GPU tests (tests/test_gpu_torch.py: parity with
 # cuDNN through autograd, torch's stream and allocator, compile, autocast) and a whole
 # training step against nn.LSTM on cuDNN (fastlstm bench --torch --device cuda).
-# Results go under $OUT (default bench/results/gpu-local): 7 files, 8 with FASTLSTM_NCU=1
+# Results go under $OUT (default bench/results/gpu-local): 8 files, 9 with FASTLSTM_NCU=1
 # (the device tool returns at most 8: write nothing else there). Budget: about 5 minutes (each
 # step has a timeout: 180 + 140 + 100 + 150 s at most; runs 8-10 took 84-98 s for all but the torch
 # step; FASTLSTM_NCU=1 adds two profiles, 90 s each at most).
@@ -41,6 +41,12 @@ timeout 140 "$PY" -m fastlstm bench --backends cupy,torch-cuda,torch-cuda-tf32 \
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: ${SECONDS}s so far"
 
+# 2a. the GRU against cuDNN's GRU on the design configs (per-step kernels, graphs)
+timeout 60 "$PY" -m fastlstm bench --cell gru --backends cupy,torch-cuda,torch-cuda-tf32 \
+  --configs train-m,train-l,small,stream-1 --repeats 5 --json "$OUT/gpu_gru_bench.json" 2>&1 | tee -a "$OUT/gpu_bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: ${SECONDS}s so far"
+
 # 2b. a whole PyTorch training step (LSTM + Linear + cross-entropy + Adam): fastlstm.torch on
 #     cupy against nn.LSTM on cuDNN (IEEE float32 and TF32), and the adapter's cost over the
 #     bare call; the table goes after the layer benchmark's in gpu_bench.txt
@@ -51,7 +57,7 @@ echo "gpu_check: ${SECONDS}s so far"
 
 # 3. where the time goes: host vs device, per-step loop from graphs vs launched, GEMM call
 #    paths, ceilings, persistent kernels by block count (rows print as they finish)
-timeout 150 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
+timeout 100 "$PY" bench/gpu_probe.py "$OUT" 2>&1 | tee "$OUT/gpu_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: ${SECONDS}s so far"
 

@@ -9,7 +9,7 @@
 //
 // column_sum: deterministic column sums (bias gradient) without atomics: each thread sums
 // its column over a fixed chunk of rows in order; a second launch sums the chunks in order.
-#include "lstm_common.cuh"
+#include "rnn_common.cuh"
 
 template <typename T>
 __global__ void lstm_backward_step(const int batch, const int hidden, const int t,

@@ -6,7 +6,7 @@
 // gates (order i, f, g, o, as in torch.nn.LSTM), the new cell and hidden state, and,
 // when Training, writes the activated gates back over the pre-activations for backward.
 // A sequence past its length (t >= lengths[b]) carries its state and outputs zero.
-#include "lstm_common.cuh"
+#include "rnn_common.cuh"
 
 template <typename T, bool Training>
 __global__ void lstm_forward_step(const int batch, const int hidden, const int t,

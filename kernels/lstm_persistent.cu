@@ -17,7 +17,7 @@
 //   T tile[batch * (tile_k + 1)]   a k-tile of the shared input (padded: no bank conflicts),
 //                                  and after the last k-tile the split-k partial sums of
 //                                  the register tiles (slices * tiles * 16, if split)
-#include "lstm_common.cuh"
+#include "rnn_common.cuh"
 
 #define FL_LOADS_IN_FLIGHT 4  // 16-byte loads a thread issues before it waits for the first
 #define FL_MAX_SLICES 64      // split-k slices per register tile at most (more would idle in the sum)

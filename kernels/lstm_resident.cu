@@ -27,7 +27,7 @@
 //   backward: long long length[padded]; T w[4H][H] (W_hh as it is: consecutive units k
 //             are consecutive banks); T da[padded * 4H] interleaved;
 //             T partial[4][padded][H]; T dh_carried[padded][H]; T dc[padded][H]
-#include "lstm_common.cuh"
+#include "rnn_common.cuh"
 
 #define FL_RESIDENT_GROUP 4  // RESIDENT_GROUP in cupy_backend.py: sequences per product pass
 // Elements of the next step's projection a forward thread loads: a block has at least

@@ -153,13 +153,12 @@ def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n
                 _fill(y[t, b, u0 : u0 + nu], 0)
             if training:
                 _copy(h_new, h_states[t, b, u0 : u0 + nu])
-                what_reset_met = hidden_n[t, b, u0 : u0 + nu]
+                # What the reset met; the backward reads it only where the sequence runs (and
+                # Cho's weight gradient reads r * h everywhere: zero past the end, phase 0).
                 if reset_after and active:
-                    _copy(rec_k[b, 2 * nu : 3 * nu], what_reset_met)
-                elif reset_after:
-                    _fill(what_reset_met, 0)
-                else:
-                    _copy(reset_h[b, u0 : u0 + nu], what_reset_met)
+                    _copy(rec_k[b, 2 * nu : 3 * nu], hidden_n[t, b, u0 : u0 + nu])
+                elif not reset_after:
+                    _copy(reset_h[b, u0 : u0 + nu], hidden_n[t, b, u0 : u0 + nu])
         else:  # Cho's phase 0
             rh = reset_h[b, u0 : u0 + nu]
             if active:

@@ -292,6 +292,31 @@ def test_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy):
     assert {size for _, size in workspaces - {None}} == {32 * 1024 * 1024}
 
 
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_training_through_the_layer_replays_graphs_and_matches_numpy(fake_cupy, reset_after):
+    """The GRU's per-step loops (both conventions) through the real CupyBackend: several
+    training steps and an eval call on new data, replayed from their graphs from the third
+    step on, against the NumPy layer."""
+    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.3, dtype="float64", seed=4, reset_after=reset_after)
+    gpu = fastlstm.GRU(3, 5, backend="cupy", **kwargs)
+    cpu = fastlstm.GRU(3, 5, backend="numpy", **kwargs)
+    cpu.load_state_dict(gpu.state_dict())
+    backend = gpu._current_backend()
+    assert backend.graphs.enabled
+    rng = np.random.default_rng(0)
+    lengths = np.array([6, 3, 1, 5])
+    for step in range(4):
+        x, h0 = rng.standard_normal((6, 4, 3)), rng.standard_normal((4, 4, 5))
+        dy, dh = rng.standard_normal((6, 4, 10)), rng.standard_normal((4, 4, 5))
+        assert_layers_agree(gpu, cpu, (x, h0, lengths, dy, dh), 1e-12, f"step {step}: ")
+    assert backend.graphs.counts == {"eager": 4, "captured": 4, "replayed": 24}
+    for layer in (gpu, cpu):
+        layer.eval()
+    (y, h_n), (y_ref, h_ref) = (layer(x, h0, lengths) for layer in (gpu, cpu))
+    assert_close(np.asarray(y), y_ref, 1e-12, "eval y")
+    assert_close(np.asarray(h_n), h_ref, 1e-12, "eval h_n")
+
+
 def test_the_cublas_workspace_is_the_recommended_size():
     assert cupy_backend.cublas_workspace_bytes(8) == 4 * 1024 * 1024
     assert cupy_backend.cublas_workspace_bytes(9) == cupy_backend.cublas_workspace_bytes(10) == 32 * 1024 * 1024

@@ -231,6 +231,39 @@ def check_against_numpy(backend, num_steps, batch, input_size, hidden, dtype, re
         assert_close(a, b, tol, name, floor=0.01)
 
 
+def gru_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths):
+    x = rng.standard_normal((num_steps, batch, input_size)).astype(dtype)
+    w_ih = (0.3 * rng.standard_normal((3 * hidden, input_size))).astype(dtype)
+    w_hh = (0.3 * rng.standard_normal((3 * hidden, hidden))).astype(dtype)
+    b_ih, b_hh = ((0.3 * rng.standard_normal(3 * hidden)).astype(dtype) for _ in range(2))
+    h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(dtype)
+    lengths = rng.integers(1, num_steps + 1, size=batch).astype(np.int64) if with_lengths else None
+    return x, w_ih, w_hh, b_ih, b_hh, h0, lengths
+
+
+@settings(max_examples=30, deadline=None)
+@given(**sequence_problems(num_steps=6, batch=5, input_size=5, hidden=40), reset_after=st.booleans())
+def test_host_built_gru_kernels_match_numpy(emulated, num_steps, batch, input_size, hidden, dtype, reverse,
+                                            with_lengths, seed, reset_after):
+    """The GRU's per-step kernels (both conventions) against the reference: forward in
+    training and eval, backward, every gradient."""
+    rng = np.random.default_rng(seed)
+    args = gru_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths)
+    reference, tol = NumpyBackend(), TOLERANCE[dtype]
+    y_ref, h_ref, saved_ref = reference.gru_forward_sequence(*args, reverse, True, reset_after)
+    y, h, saved = emulated.gru_forward_sequence(*args, reverse, True, reset_after)
+    y_eval, h_eval, nothing = emulated.gru_forward_sequence(*args, reverse, False, reset_after)
+    assert nothing is None
+    for name, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("y (eval)", y_eval, y_ref), ("h_n (eval)", h_eval, h_ref)):
+        assert_close(a, b, tol, name, floor=0.01)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dh_n = rng.standard_normal(h.shape).astype(dtype)
+    expected = reference.gru_backward_sequence(saved_ref, dy, dh_n)
+    actual = emulated.gru_backward_sequence(saved, dy, dh_n)
+    for name, a, b in zip(("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), actual, expected):
+        assert_close(a, b, tol, name, floor=0.01)
+
+
 def test_bias_gradient_is_deterministic_and_chunked(emulated):
     rng = np.random.default_rng(0)
     a2 = rng.standard_normal((1000, 37)).astype(np.float32)  # 4 chunks of 256 rows, one short
@@ -271,6 +304,13 @@ def test_cupy_backend_end_to_end_on_the_fake_device(fake_cupy):
         ("lstm_forward_resident<float, true>", "lstm_forward_resident<float, false>",
          "lstm_forward_resident<double, true>", "lstm_forward_resident<double, false>",
          "lstm_backward_resident<float>", "lstm_backward_resident<double>"),
+        ("gru_forward_step<float, true>", "gru_forward_step<float, false>",
+         "gru_forward_step<double, true>", "gru_forward_step<double, false>",
+         "gru_new_step<float, true>", "gru_new_step<float, false>",
+         "gru_new_step<double, true>", "gru_new_step<double, false>",
+         "gru_reset_step<float>", "gru_reset_step<double>"),
+        ("gru_backward_step<float>", "gru_backward_step<double>", "gru_backward_new_step<float>",
+         "gru_backward_new_step<double>", "gru_backward_reset_step<float>", "gru_backward_reset_step<double>"),
     }
 
 

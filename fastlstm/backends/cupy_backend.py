@@ -1,7 +1,7 @@
-"""The CuPy backend: CUDA kernels (``kernels/lstm_forward.cu``, ``lstm_backward.cu``) plus cuBLAS.
+"""The CuPy backend: CUDA kernels (``kernels/*.cu``) plus cuBLAS.
 
 Per layer and direction: the input projection of all steps is one GEMM; then the
-time loop runs one of three ways (``LOOPS``; the default rule is ``_plan``):
+LSTM's time loop runs one of three ways (``LOOPS``; the default rule is ``_plan``):
 
 - resident (``kernels/lstm_resident.cu``), when W_hh fits one block's shared memory:
   one launch runs every step, each block holding the weights and the state of a few
@@ -17,6 +17,11 @@ time loop runs one of three ways (``LOOPS``; the default rule is ``_plan``):
 
 Backward mirrors it; the weight gradients are GEMMs over all steps after the loop and
 the bias gradient is a deterministic column sum.
+
+The GRU (``kernels/gru_forward.cu``, ``gru_backward.cu``) runs the per-step loop only, with
+graphs: per step one GEMM and one fused kernel (``reset_after``), or two of each (Cho's
+convention: W_hn multiplies r * h, which needs every unit's r first). It has no persistent
+or resident kernels yet.
 
 The sequence logic (``CudaSequenceBackend``) is written against three seams, an
 array module, a GEMM and a kernel launcher (plus, optionally, a graph cache), so that
@@ -192,6 +197,20 @@ class _CudaSaved:
     gates: object  # (T, B, 4H) activated
     h_states: object  # (T, B, H) carried
     c_states: object
+
+
+@dataclass
+class _CudaSavedGRU:
+    x2: object  # (T*B, I)
+    w_ih: object
+    w_hh: object
+    h0: object
+    lengths: object  # (B,) int64
+    reverse: bool
+    reset_after: bool
+    gates: object  # (T, B, 3H) activated r, z, n
+    hidden_n: object  # (T, B, H) what the reset met: W_hn h + b_hn, or r h
+    h_states: object  # (T, B, H) carried
 
 
 class CudaSequenceBackend(ReferenceBackend):
@@ -446,6 +465,116 @@ class CudaSequenceBackend(ReferenceBackend):
         self._run_loop(("backward", saved.reverse), inputs, outputs, loop)
         return (dh, dh_other)[len(order) % 2], dc  # after an even number of swaps, dh holds the last
 
+    # -- GRU: the per-step loop (a GEMM or two and fused kernels a step, replayed from CUDA
+    # graphs where they are on); no persistent or resident kernels for this cell yet -------
+    def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
+        xp = self.xp
+        num_steps, batch, input_size = x.shape
+        hidden = w_hh.shape[1]
+        step_lengths = self._full_lengths(batch, num_steps) if lengths is None else lengths
+        x2 = x.reshape(num_steps * batch, input_size)
+        gates = xp.empty((num_steps, batch, 3 * hidden), dtype=x.dtype)
+        self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 3 * hidden), 0.0)
+        y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        # hidden_n: what the reset met (W_hn h + b_hn, or r h), kept for the backward; Cho's
+        # loop writes r h there every step, so without training it is one step's scratch.
+        hidden_n = xp.empty_like(y) if training else (xp.empty((1, batch, hidden), x.dtype) if not reset_after
+                                                       else None)
+        h_states = xp.empty_like(y) if training else None
+        rec = xp.empty((batch, (3 if reset_after else 2) * hidden), dtype=x.dtype)
+        rec_n = None if reset_after else xp.empty((batch, hidden), dtype=x.dtype)
+        inputs = {"gates": gates, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "lengths": step_lengths}
+        outputs = {"y": y, "rec": rec}
+        if not reset_after:
+            outputs.update(rec_n=rec_n, hidden_n=hidden_n)
+        if training:  # every step's state is kept; the last one is the final state
+            inputs["h0"] = h0
+            outputs.update(gates=gates, h_states=h_states, hidden_n=hidden_n)
+        else:  # one buffer, starting as h0, updated in place (each thread owns its element)
+            h_n = xp.empty(h0.shape, dtype=h0.dtype)
+            inputs["h_run"] = h0
+            outputs["h_run"] = h_n
+        kernels, gemm = self._kernels, self._gemm
+        order = step_order(num_steps, reverse)
+
+        def loop(gates, w_hh, b_ih, b_hh, lengths, y, rec, rec_n=None, hidden_n=None, h0=None, h_states=None,
+                 h_run=None):
+            h_prev = h0 if training else h_run
+            for t in order:
+                h_out = h_states[t] if training else h_run
+                if reset_after:
+                    gemm("N", "T", h_prev, w_hh, rec, 0.0)
+                    kernels.gru_forward_step(t, training, gates[t], rec, b_ih, b_hh, h_prev, h_out, y[t],
+                                             hidden_n[t] if training else y[t], lengths)
+                else:
+                    reset_h = hidden_n[t if training else 0]
+                    gemm("N", "T", h_prev, w_hh[: 2 * hidden], rec, 0.0)
+                    kernels.gru_reset_step(t, gates[t], rec, b_ih, b_hh, h_prev, reset_h, lengths)
+                    gemm("N", "T", reset_h, w_hh[2 * hidden :], rec_n, 0.0)
+                    kernels.gru_new_step(t, training, gates[t], rec_n, b_ih, b_hh, h_prev, h_out, y[t], lengths)
+                h_prev = h_out
+
+        self._run_loop(("gru-forward", training, reverse, reset_after), inputs, outputs, loop)
+        saved = None
+        if training:
+            h_n = h_states[order[-1]].copy()
+            saved = _CudaSavedGRU(x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n, h_states)
+        return y, h_n, saved
+
+    def gru_backward_sequence(self, saved: _CudaSavedGRU, dy, dh_n):
+        xp = self.xp
+        num_steps, batch, hidden = saved.h_states.shape
+        rows, input_size = saved.x2.shape
+        two = 2 * hidden
+        order = list(step_order(num_steps, saved.reverse))
+        d_in = xp.empty_like(saved.gates)
+        d_hid = xp.empty_like(saved.gates) if saved.reset_after else None
+        dh, dh_other = (xp.empty(dh_n.shape, dtype=dh_n.dtype) for _ in range(2))  # dh in / out swap each step
+        inputs = {"gates": saved.gates, "hidden_n": saved.hidden_n, "h_states": saved.h_states, "h0": saved.h0,
+                  "dy": dy, "w_hh": saved.w_hh, "lengths": saved.lengths, "dh": dh_n}
+        outputs = {"d_in": d_in, "dh": dh, "dh_other": dh_other}
+        if saved.reset_after:
+            outputs["d_hid"] = d_hid
+        else:
+            outputs.update(dh_t=xp.empty_like(dh_n), d_reset_h=xp.empty_like(dh_n))
+        kernels, gemm, reset_after = self._kernels, self._gemm, saved.reset_after
+
+        def loop(gates, hidden_n, h_states, h0, dy, w_hh, lengths, dh, d_in, dh_other, d_hid=None, dh_t=None,
+                 d_reset_h=None):
+            dh_in, dh_out = dh, dh_other
+            for position in reversed(range(len(order))):
+                t = order[position]
+                h_before = h0 if position == 0 else h_states[order[position - 1]]
+                if reset_after:
+                    kernels.gru_backward_step(t, gates[t], hidden_n[t], h_before, dy[t], dh_in, dh_out, d_in[t],
+                                              d_hid[t], lengths)
+                    gemm("N", "N", d_hid[t], w_hh, dh_out, 1.0)
+                else:
+                    kernels.gru_backward_new_step(t, gates[t], h_before, dy[t], dh_in, dh_t, d_in[t], lengths)
+                    gemm("N", "N", d_in[t][:, two:], w_hh[two:], d_reset_h, 0.0)
+                    kernels.gru_backward_reset_step(t, gates[t], h_before, d_reset_h, dh_t, dh_out, d_in[t], lengths)
+                    gemm("N", "N", d_in[t][:, :two], w_hh[:two], dh_out, 1.0)
+                dh_in, dh_out = dh_out, dh_in
+
+        self._run_loop(("gru-backward", saved.reverse, reset_after), inputs, outputs, loop)
+        dh0 = (dh, dh_other)[len(order) % 2]  # after an even number of swaps, dh holds the last
+        # After the loop: dx and the weight gradients as GEMMs over all steps.
+        d_rows = d_in.reshape(rows, 3 * hidden)
+        dx2 = xp.empty((rows, input_size), dtype=dy.dtype)
+        gemm("N", "N", d_rows, saved.w_ih, dx2, 0.0)
+        dw_ih = xp.empty((3 * hidden, input_size), dtype=dy.dtype)
+        gemm("T", "N", d_rows, saved.x2, dw_ih, 0.0)
+        dw_hh = xp.empty((3 * hidden, hidden), dtype=dy.dtype)
+        db_ih = self._column_sums(d_rows)
+        if reset_after:  # every gate's recurrent product met h
+            self._times_previous_states(d_hid, saved.h_states, saved.h0, saved.reverse, dw_hh)
+            db_hh = self._column_sums(d_hid.reshape(rows, 3 * hidden))
+        else:  # r and z met h, W_hn met r h
+            self._times_previous_states(d_in[:, :, :two], saved.h_states, saved.h0, saved.reverse, dw_hh[:two])
+            gemm("T", "N", d_rows[:, two:], saved.hidden_n.reshape(rows, hidden), dw_hh[two:], 0.0)
+            db_hh = db_ih.copy()
+        return dx2.reshape(num_steps, batch, input_size), dh0, dw_ih, dw_hh, db_ih, db_hh
+
     # -- helpers ------------------------------------------------------------------------
     def _stream_key(self):
         """The device and stream a call's work is queued on (None for arrays without one)."""
@@ -468,20 +597,25 @@ class CudaSequenceBackend(ReferenceBackend):
         return lengths
 
     def _recurrent_weight_grad(self, saved: _CudaSaved, d_gates):
-        """sum_t d_gates[t]^T h_{t-1}: h_{t-1} is another step's state except at the first
-        step, where it is h0 -- two GEMMs into one output, no shifted copy of the states."""
-        num_steps, batch, hidden = saved.h_states.shape
+        hidden = saved.h_states.shape[2]
         dw_hh = self.xp.empty((4 * hidden, hidden), dtype=d_gates.dtype)
-        first = num_steps - 1 if saved.reverse else 0
-        self._gemm("T", "N", d_gates[first], saved.h0, dw_hh, 0.0)
+        self._times_previous_states(d_gates, saved.h_states, saved.h0, saved.reverse, dw_hh)
+        return dw_hh
+
+    def _times_previous_states(self, d, h_states, h0, reverse, out):
+        """out (N, H) = sum_t d[t]^T h_{t-1}, d (T, B, N) (rows may be strided): h_{t-1} is
+        another step's state except at the first step, where it is h0 -- two GEMMs into one
+        output, no shifted copy of the states."""
+        num_steps, batch, hidden = h_states.shape
+        first = num_steps - 1 if reverse else 0
+        self._gemm("T", "N", d[first], h0, out, 0.0)
         if num_steps > 1:
             rows = (num_steps - 1) * batch
-            if saved.reverse:  # step t started from the state after step t+1
-                d_rest, h_rest = d_gates[: num_steps - 1], saved.h_states[1:]
+            if reverse:  # step t started from the state after step t+1
+                d_rest, h_rest = d[: num_steps - 1], h_states[1:]
             else:
-                d_rest, h_rest = d_gates[1:], saved.h_states[: num_steps - 1]
-            self._gemm("T", "N", d_rest.reshape(rows, 4 * hidden), h_rest.reshape(rows, hidden), dw_hh, 1.0)
-        return dw_hh
+                d_rest, h_rest = d[1:], h_states[: num_steps - 1]
+            self._gemm("T", "N", d_rest.reshape(rows, d.shape[2]), h_rest.reshape(rows, hidden), out, 1.0)
 
     def _column_sums(self, a2):
         """Deterministic column sums: fixed chunks of rows, then the chunks, each in order."""
@@ -511,6 +645,10 @@ def kernel_sources() -> dict[str, list[str]]:
         + [f"lstm_backward_persistent<{t}>" for t in types],
         "lstm_resident.cu": [f"lstm_forward_resident<{t}, {flag}>" for t in types for flag in training]
         + [f"lstm_backward_resident<{t}>" for t in types],
+        "gru_forward.cu": [f"{k}<{t}, {flag}>" for k in ("gru_forward_step", "gru_new_step") for t in types
+                           for flag in training] + [f"gru_reset_step<{t}>" for t in types],
+        "gru_backward.cu": [f"{k}<{t}>" for k in ("gru_backward_step", "gru_backward_new_step",
+                                                  "gru_backward_reset_step") for t in types],
     }
 
 
@@ -664,6 +802,36 @@ class CupyKernels:
              gates, c_states, c0, dy, w_hh, dh_n, dc_n, d_gates, dh0, dc0, lengths),
             plan.shared_backward,
         )
+
+    # -- the GRU's per-step kernels (kernels/gru_forward.cu, gru_backward.cu) -------------------
+    def _per_element(self, name, batch, hidden, t, *arrays):
+        """Launch a per-step kernel with one thread per (sequence, unit): (batch, hidden, t, arrays...)."""
+        grid, block = launch_shape(batch * hidden)
+        self._function(name)((grid,), (block,), (np.int32(batch), np.int32(hidden), np.int32(t), *arrays))
+
+    def gru_forward_step(self, t, training, gates_t, rec, b_ih, b_hh, h_prev, h_out, y_t, hidden_n_t, lengths):
+        name = f"gru_forward_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
+        self._per_element(name, *h_out.shape, t, gates_t, rec, b_ih, b_hh, h_prev, h_out, y_t, hidden_n_t, lengths)
+
+    def gru_reset_step(self, t, gates_t, rec, b_ih, b_hh, h_prev, reset_h, lengths):
+        self._per_element(f"gru_reset_step<{self._ctype(reset_h)}>", *reset_h.shape, t, gates_t, rec, b_ih, b_hh,
+                          h_prev, reset_h, lengths)
+
+    def gru_new_step(self, t, training, gates_t, rec_n, b_ih, b_hh, h_prev, h_out, y_t, lengths):
+        name = f"gru_new_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
+        self._per_element(name, *h_out.shape, t, gates_t, rec_n, b_ih, b_hh, h_prev, h_out, y_t, lengths)
+
+    def gru_backward_step(self, t, gates_t, hidden_n_t, h_before, dy_t, dh_in, dh_out, d_in_t, d_hid_t, lengths):
+        self._per_element(f"gru_backward_step<{self._ctype(dh_out)}>", *dh_out.shape, t, gates_t, hidden_n_t,
+                          h_before, dy_t, dh_in, dh_out, d_in_t, d_hid_t, lengths)
+
+    def gru_backward_new_step(self, t, gates_t, h_before, dy_t, dh_in, dh_t, d_in_t, lengths):
+        self._per_element(f"gru_backward_new_step<{self._ctype(dh_t)}>", *dh_t.shape, t, gates_t, h_before, dy_t,
+                          dh_in, dh_t, d_in_t, lengths)
+
+    def gru_backward_reset_step(self, t, gates_t, h_before, d_reset_h, dh_t, dh_out, d_in_t, lengths):
+        self._per_element(f"gru_backward_reset_step<{self._ctype(dh_out)}>", *dh_out.shape, t, gates_t, h_before,
+                          d_reset_h, dh_t, dh_out, d_in_t, lengths)
 
 
 class CublasGemm:

@@ -5,6 +5,8 @@
 #include "lstm_backward.cu"
 #include "lstm_persistent.cu"
 #include "lstm_resident.cu"
+#include "gru_forward.cu"
+#include "gru_backward.cu"
 
 #define FL_ENTRY_POINTS(T, SUFFIX)                                                                 \
     extern "C" void forward_step_##SUFFIX(unsigned grid, unsigned block, int training, int batch,  \
@@ -83,3 +85,48 @@
 
 FL_ENTRY_POINTS(float, f32)
 FL_ENTRY_POINTS(double, f64)
+
+// The GRU's per-step kernels: (grid, block[, training], the kernel's arguments).
+#define FL_ONE_THREAD_PER_ELEMENT(NAME, KERNEL, SUFFIX, PARAMS, ARGS)                               \
+    extern "C" void NAME##_##SUFFIX(unsigned grid, unsigned block, FL_UNPAREN PARAMS) {             \
+        fl_dim3 g = {grid, 1, 1}, b = {block, 1, 1};                                                \
+        fl_launch(g, b, KERNEL, FL_UNPAREN ARGS);                                                   \
+    }
+#define FL_TRAINING_SWITCH(NAME, KERNEL, SUFFIX, T, PARAMS, ARGS)                                   \
+    extern "C" void NAME##_##SUFFIX(unsigned grid, unsigned block, int training, FL_UNPAREN PARAMS) { \
+        fl_dim3 g = {grid, 1, 1}, b = {block, 1, 1};                                                \
+        if (training)                                                                               \
+            fl_launch(g, b, KERNEL<T, true>, FL_UNPAREN ARGS);                                      \
+        else                                                                                        \
+            fl_launch(g, b, KERNEL<T, false>, FL_UNPAREN ARGS);                                     \
+    }
+#define FL_UNPAREN(...) __VA_ARGS__
+
+#define FL_GRU_ENTRY_POINTS(T, SUFFIX)                                                              \
+    FL_TRAINING_SWITCH(gru_forward_step, gru_forward_step, SUFFIX, T,                               \
+        (int batch, int hidden, int t, T* gates, const T* rec, const T* b_ih, const T* b_hh,        \
+         const T* h_prev, T* h_out, T* y, T* hidden_n, const long long* lengths),                   \
+        (batch, hidden, t, gates, rec, b_ih, b_hh, h_prev, h_out, y, hidden_n, lengths))            \
+    FL_ONE_THREAD_PER_ELEMENT(gru_reset_step, gru_reset_step<T>, SUFFIX,                            \
+        (int batch, int hidden, int t, T* gates, const T* rec, const T* b_ih, const T* b_hh,        \
+         const T* h_prev, T* reset_h, const long long* lengths),                                    \
+        (batch, hidden, t, gates, rec, b_ih, b_hh, h_prev, reset_h, lengths))                       \
+    FL_TRAINING_SWITCH(gru_new_step, gru_new_step, SUFFIX, T,                                       \
+        (int batch, int hidden, int t, T* gates, const T* rec_n, const T* b_ih, const T* b_hh,      \
+         const T* h_prev, T* h_out, T* y, const long long* lengths),                                \
+        (batch, hidden, t, gates, rec_n, b_ih, b_hh, h_prev, h_out, y, lengths))                    \
+    FL_ONE_THREAD_PER_ELEMENT(gru_backward_step, gru_backward_step<T>, SUFFIX,                      \
+        (int batch, int hidden, int t, const T* gates, const T* hidden_n, const T* h_before,        \
+         const T* dy, const T* dh_in, T* dh_out, T* d_in, T* d_hid, const long long* lengths),      \
+        (batch, hidden, t, gates, hidden_n, h_before, dy, dh_in, dh_out, d_in, d_hid, lengths))     \
+    FL_ONE_THREAD_PER_ELEMENT(gru_backward_new_step, gru_backward_new_step<T>, SUFFIX,              \
+        (int batch, int hidden, int t, const T* gates, const T* h_before, const T* dy,              \
+         const T* dh_in, T* dh_t, T* d_in, const long long* lengths),                               \
+        (batch, hidden, t, gates, h_before, dy, dh_in, dh_t, d_in, lengths))                        \
+    FL_ONE_THREAD_PER_ELEMENT(gru_backward_reset_step, gru_backward_reset_step<T>, SUFFIX,          \
+        (int batch, int hidden, int t, const T* gates, const T* h_before, const T* d_reset_h,       \
+         const T* dh_t, T* dh_out, T* d_in, const long long* lengths),                              \
+        (batch, hidden, t, gates, h_before, d_reset_h, dh_t, dh_out, d_in, lengths))
+
+FL_GRU_ENTRY_POINTS(float, f32)
+FL_GRU_ENTRY_POINTS(double, f64)

@@ -1,4 +1,4 @@
-// Shared by the kernels in kernels/*.cu: numerically stable activations and the
+// Shared by the kernels in kernels/*.cu (both cells): numerically stable activations and the
 // thread -> (sequence, unit) mapping. Plain CUDA C++ using only what the tests' host
 // emulation header (tests/cuda_emulation/cuda_host.h) also defines, so the tests can
 // build the same sources on the host.
