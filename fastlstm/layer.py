@@ -185,9 +185,12 @@ class RecurrentLayer:
         return registry.backend_object(self._backend_choice)
 
     def to(self, backend: str | None) -> "RecurrentLayer":
-        """Fix this layer to `backend` (None: follow the global choice); moves parameters."""
-        self._backend_choice = None if backend is None else registry._check_name(backend)
-        self._move_to(self._current_backend())
+        """Fix this layer to `backend` (None: follow the global choice); moves parameters.
+        A backend that cannot be used raises and leaves the layer as it was."""
+        choice = None if backend is None else registry._check_name(backend)
+        target = registry.backend_object(choice)  # raises (naming why) before anything changes
+        self._move_to(target)
+        self._backend_choice = choice
         return self
 
     def _move_to(self, target) -> None:

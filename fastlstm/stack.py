@@ -106,9 +106,22 @@ def _roles(spec: StackSpec, params, layer: int, direction: int) -> dict:
 def forward(spec: StackSpec, backend, params, x, states0, lengths, masks, keep: bool):
     """Run every layer and direction. Returns ``y, states_n, record`` (record None unless
     `keep`). states0: one array or None (zeros) per state part of the cell; masks: None or
-    one entry per layer (None: no mask)."""
+    one entry per layer (None: no mask). What x holds past a sequence's length is never
+    read; with `keep`, the record holds its own copies of x, states0 and the parameters."""
     xp = backend.xp
     num_steps, batch = x.shape[:2]
+    if lengths is not None:
+        # Padding (the steps past a sequence's length) reaches no result: zeroed once here, so
+        # that no backend multiplies a zero gradient by what the caller left there (0 * NaN).
+        active = xp.arange(num_steps)[:, None, None] < lengths[None, :, None]
+        x = xp.where(active, x, x.dtype.type(0))
+    elif keep:
+        x = x.copy()
+    if keep:
+        # The record owns what its backward reads: a caller may change x, the state or the
+        # weights in place (the next batch, an optimizer step) before calling backward.
+        states0 = tuple(None if s is None else s.copy() for s in states0)
+        params = {name: params[name].copy() for name in spec.parameter_names}
     states0 = tuple(_zeros_state(spec, xp, batch) if s is None else s for s in states0)
     masks = [None] * spec.num_layers if masks is None else list(masks)
     finals = tuple(xp.empty_like(s) for s in states0)

@@ -99,8 +99,8 @@ def assert_unchanged(lstm, before: dict) -> None:
 
 
 def forward_backward(layer, x, state, lengths, dy, dstate) -> dict:
-    """Outputs, final states and every gradient of one forward + backward, as host arrays
-    (an LSTM's state parts h and c, a GRU's h)."""
+    """Outputs, final states and every gradient of one forward + backward, as host arrays of
+    their own (an LSTM's state parts h and c, a GRU's h)."""
     y, final = layer(x, state, lengths)
     dx, dstate0 = layer.backward(dy, dstate)
     parts = layer._spec.cell.state_parts
@@ -110,15 +110,17 @@ def forward_backward(layer, x, state, lengths, dy, dstate) -> dict:
     if state is not None:
         out.update({f"d{part}0": value for part, value in zip(parts, dstate0)})
     out.update(layer.grads)
-    return {k: np.asarray(layer._storage.to_host(v)) for k, v in out.items()}
+    # copies: the layer's grads are live arrays that its next backward adds into
+    return {k: np.array(layer._storage.to_host(v), copy=True) for k, v in out.items()}
 
 
-def assert_layers_agree(layer, reference, problem, rtol: float, what: str = "") -> None:
+def assert_layers_agree(layer, reference, problem, rtol: float, what: str = "", floor: float = 1e-30) -> None:
     """One forward + backward of `problem` (x, state, lengths, dy, dstate) on both layers:
-    outputs, final states and every gradient of `layer` against `reference`'s."""
+    outputs, final states and every gradient of `layer` against `reference`'s (errors
+    relative to each result's largest magnitude, but at least to `floor`)."""
     expected, actual = forward_backward(reference, *problem), forward_backward(layer, *problem)
     for name in expected:
-        assert_close(actual[name], expected[name], rtol, f"{what}{name}")
+        assert_close(actual[name], expected[name], rtol, f"{what}{name}", floor=floor)
 
 
 def torch_forward_backward(module, x, state, lengths, dy, dstate, batch_first, dtype, device="cpu") -> dict:

@@ -109,7 +109,9 @@ def assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, dtype)
 @given(problems())
 def test_matches_numpy_on_every_feature(problem):
     (numba_layer, numpy_layer), x, state, lengths, dy, dstate = problem_setup(problem)
-    assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), PARITY[problem[5]])
+    # inputs are O(1): a gradient that is nearly zero (one hidden unit, say) is compared at the
+    # scale of 0.01, or float32 rounding of a cancelling sum reads as a large relative error
+    assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), PARITY[problem[5]], floor=0.01)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

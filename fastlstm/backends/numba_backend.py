@@ -26,6 +26,7 @@ after the calls.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 
@@ -123,16 +124,15 @@ class NumbaBackend(ReferenceBackend):
         self._plans = {}
 
     def describe(self) -> str:
-        return (
-            f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, "
-            f"{threads.get_num_threads()} threads"
-        )
+        limit = f" (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})" if _numba_threads() < threads.get_num_threads() \
+            else ""
+        return f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, {_numba_threads()} threads{limit}"
 
     # -- planning ---------------------------------------------------------------------
     def _plan(self, batch: int, hidden: int, dtype, gates: int = 4, widths: tuple = (4,)) -> _Plan:
         """Blocks and GEMM mode for a cell with `gates` gate blocks whose per-step GEMMs have
         `widths` columns per unit (LSTM (4,); GRU (3,), or (2, 1) for Cho's two products)."""
-        num_threads = threads.get_num_threads()
+        num_threads = _numba_threads()
         key = (batch, hidden, np.dtype(dtype), num_threads, gates, widths)
         if key not in self._plans:  # small: one entry per layer shape, dtype, cell and thread count
             step_work = batch * hidden * gates * hidden
@@ -340,5 +340,40 @@ class NumbaBackend(ReferenceBackend):
         np.sum(d_hidden_n, axis=0, out=db_hh[two:])
         return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
 
+def _numba_threads() -> int:
+    """Threads the kernels run on: fastlstm's count, at most the size of Numba's pool
+    (NUMBA_NUM_THREADS, fixed when Numba starts, e.g. by a narrowed CPU affinity); one in a
+    child forked after GNU OpenMP ran here (see _after_fork_in_child)."""
+    if _openmp_unusable_after_fork:
+        return 1
+    return min(threads.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+# GNU OpenMP cannot run in a child forked after it started (Numba's omp layer aborts the
+# child: "fork() called from a process already using GNU OpenMP"): such a child runs every
+# kernel on its own thread (the serial kernels call no OpenMP). The other layers (tbb,
+# workqueue) keep their threads across fork.
+_openmp_unusable_after_fork = False
+
+
+def _after_fork_in_child() -> None:
+    global _openmp_unusable_after_fork
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run: nothing started yet
+        return
+    if layer == "omp":
+        _openmp_unusable_after_fork = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def create_backend() -> NumbaBackend:
+    if numba.config.DISABLE_JIT:
+        raise RuntimeError(
+            "NUMBA_DISABLE_JIT is set: the numba backend's kernels must be compiled (they use LLVM "
+            "intrinsics that have no pure-Python form); unset it, or use backend='numpy'"
+        )
     return NumbaBackend()

@@ -1,0 +1,190 @@
+"""Careless and hostile use (issue 17): padding that holds NaN, caller arrays changed between a
+forward and its backward, a failed backend switch, odd Numba environments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm import registry
+from lstm_testing import CPU_BACKENDS, forward_backward
+
+CELLS = ["lstm", "gru"]
+
+
+def make_layer(cell, backend, **kwargs):
+    cls = fastlstm.LSTM if cell == "lstm" else fastlstm.GRU
+    return cls(3, 5, num_layers=2, bidirectional=True, backend=backend, seed=1, **kwargs)
+
+
+def problem(layer, seed=0):
+    rng = np.random.default_rng(seed)
+    d = layer.num_layers * layer.num_directions
+    x = rng.standard_normal((6, 4, 3))
+    state = tuple(rng.standard_normal((d, 4, 5)) for _ in layer._spec.cell.state_parts)
+    dy = rng.standard_normal((6, 4, 10))
+    dstate = tuple(rng.standard_normal((d, 4, 5)) for _ in layer._spec.cell.state_parts)
+    if len(state) == 1:
+        state, dstate = state[0], dstate[0]
+    return x, state, np.array([6, 3, 1, 5]), dy, dstate
+
+
+def poisoned(x, lengths, value):
+    """x with `value` in every step past each sequence's length."""
+    x = x.copy()
+    for b, n in enumerate(lengths):
+        x[n:, b] = value
+    return x
+
+
+def check_padding_reaches_nothing(layer):
+    x, state, lengths, dy, dstate = problem(layer)
+    clean = forward_backward(layer, x, state, lengths, dy, dstate)
+    for value in (np.nan, np.inf, -np.inf):
+        layer.zero_grad()
+        dirty = forward_backward(layer, poisoned(x, lengths, value), state, lengths, poisoned(dy, lengths, value),
+                                 dstate)
+        for name in clean:
+            np.testing.assert_array_equal(dirty[name], clean[name], err_msg=f"{value} in the padding: {name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_and_inf_in_the_padding_reach_no_result(backend, cell, dtype):
+    """Callers fill padding from np.empty: whatever it holds, outputs and every gradient are
+    those of zero padding, bit for bit (the padding's own dx is zero)."""
+    check_padding_reaches_nothing(make_layer(cell, backend, dtype=dtype))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_padding_on_the_cupy_backend_host_emulated(fake_cupy, cell):
+    check_padding_reaches_nothing(make_layer(cell, "cupy", dtype="float64"))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_changing_inputs_and_weights_before_backward_changes_no_gradient(backend, cell):
+    """A training forward keeps what its backward reads: the caller may reuse x and the state
+    for the next batch, or an optimizer may step, before the backward."""
+    for with_lengths in (False, True):
+        layer = make_layer(cell, backend, dtype="float32")
+        x, state, lengths, dy, dstate = problem(layer)
+        lengths = lengths if with_lengths else None
+        x, state = x.astype(np.float32), (np.asarray(state, np.float32) if cell == "gru"
+                                          else tuple(s.astype(np.float32) for s in state))
+        expected = forward_backward(layer, x, state, lengths, dy, dstate)
+        layer.zero_grad()
+        y, _ = layer(x, state, lengths)
+        x += 1.0  # in place: the same arrays the forward was given
+        for part in (state,) if cell == "gru" else state:
+            part *= 3.0
+        for p in layer.params.values():
+            p += 0.5
+        dx, _ = layer.backward(dy, dstate)
+        np.testing.assert_array_equal(dx, expected["dx"])
+        for name, g in layer.grads.items():
+            np.testing.assert_array_equal(g, expected[name], err_msg=name)
+
+
+def test_a_failed_switch_to_an_unusable_backend_changes_nothing():
+    if fastlstm.available_backends()["cupy"].available:
+        pytest.skip("a GPU is usable here")
+    layer = fastlstm.LSTM(3, 4, backend="numpy", seed=0)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    with pytest.raises(registry.BackendUnavailableError, match="cupy"):
+        layer.to("cupy")
+    assert layer.backend == "numpy" and "numpy" in repr(layer)
+    y, _ = layer(np.ones((2, 1, 3), np.float32))
+    assert y.shape == (2, 1, 4)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def run_python(code: str, **env) -> dict:
+    """`code` in a fresh interpreter with `env` added; its last stdout line as JSON."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+NUMBA_ENV_CHECK = """
+import json, numpy as np, fastlstm
+status = fastlstm.available_backends()["numba"]
+out = {"available": status.available, "reason": status.reason, "auto": fastlstm.get_backend()}
+if status.available:
+    fastlstm.set_num_threads(fastlstm.threads.available_cores())
+    for cell in (fastlstm.LSTM, fastlstm.GRU):  # parallel-sized on two cores
+        layer = cell(16, 256, backend="numba", seed=0)
+        y, _ = layer(np.ones((3, 64, 16), np.float32))
+        layer.backward(np.ones_like(y))
+    out["ran"] = True
+print(json.dumps(out))
+"""
+
+
+def numba_usable():
+    return fastlstm.available_backends()["numba"].available
+
+
+@pytest.mark.skipif(not numba_usable(), reason="numba backend unavailable")
+def test_a_numba_pool_smaller_than_the_cores_runs_on_the_pool():
+    """NUMBA_NUM_THREADS=1 (or an affinity narrowed when Numba started): parallel-sized calls
+    run on the threads Numba has, and the backend says so."""
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores")
+    result = run_python(NUMBA_ENV_CHECK, NUMBA_NUM_THREADS="1")
+    assert result["available"] and result["ran"], result
+    assert "1 threads (NUMBA_NUM_THREADS=1)" in result["reason"], result
+
+
+@pytest.mark.skipif(not numba_usable(), reason="numba backend unavailable")
+def test_numba_with_its_jit_disabled_is_reported_unavailable():
+    result = run_python(NUMBA_ENV_CHECK, NUMBA_DISABLE_JIT="1")
+    assert not result["available"] and "NUMBA_DISABLE_JIT" in result["reason"], result
+    assert result["auto"] == "numpy"
+
+
+FORK_CHECK = """
+import json, multiprocessing, numpy as np, fastlstm
+
+def run(seed):
+    x = np.random.default_rng(seed).standard_normal((3, 64, 16)).astype(np.float32)
+    out = []
+    for cell in (fastlstm.LSTM, fastlstm.GRU):
+        layer = cell(16, 256, backend="numba", seed=0)
+        y, _ = layer(x)
+        dx, _ = layer.backward(np.ones_like(y))
+        out.append([float(np.abs(y).sum()), float(np.abs(dx).sum())])
+    return out
+
+if __name__ == "__main__":
+    here = run(0)  # parallel kernels run here first
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        children = pool.map(run, [0, 0])
+    print(json.dumps({"here": here, "children": children}))
+"""
+
+
+@pytest.mark.skipif(not numba_usable(), reason="numba backend unavailable")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_children_forked_after_a_parallel_call_run(tmp_path):
+    """Linux's default multiprocessing start method forks: the children must work (with
+    GNU OpenMP, on one thread each) and agree with the parent."""
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores")
+    script = tmp_path / "fork_check.py"
+    script.write_text(FORK_CHECK)
+    # without the fix the pool hangs: the timeout turns that into a failure
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for child in found["children"]:
+        np.testing.assert_allclose(child, found["here"], rtol=1e-5)
