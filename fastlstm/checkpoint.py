@@ -2,22 +2,33 @@
 
 Used for layer files (``LSTM.save``) and the training demo's checkpoints. A file
 is written to a temporary name in the target folder, flushed to disk and renamed
-over the target, so a crash never leaves a half-written file under the real name.
-Reading checks the format tag and refuses truncated or foreign files with a
-``CheckpointError`` (a ValueError) that says what is wrong.
+over the target, so a crash never leaves a half-written file under the real name; a
+symlink is written through (its target is replaced), and an existing file keeps its
+permissions (a new one gets the umask's).
+
+Reading assumes nothing of the file until checked, and every failure is a
+``CheckpointError`` (a ValueError) that names the file and says what is wrong. Members
+must be stored uncompressed, as ``np.savez`` writes them (a compressed member could
+expand to any size), so the data a file makes us allocate is data the file holds. Each
+member's .npy header is read and checked (a numeric dtype, a shape whose bytes are the
+member's size; with ``expect``, the very names, shapes and dtypes the caller expects)
+before any of its data is.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 _HEADER_KEY = "__fastlstm_header__"
+_MAX_HEADER_BYTES = 1 << 20  # the JSON header: a layer's is a few hundred bytes
+MAX_FILE_MEMBERS = 100_000
 
 
 class CheckpointError(ValueError):
@@ -25,19 +36,31 @@ class CheckpointError(ValueError):
 
 
 def write_atomic(path, writer) -> None:
-    """Call writer(file_object) on a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    """Call writer(file_object) on a temp file beside `path` (beside a symlink's target),
+    then rename it over `path`, keeping an existing file's permissions."""
+    path = Path(os.path.realpath(path))  # through symlinks: replace the target, keep the link
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory {str(folder)!r}")
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    # a short name of its own (a long target name plus a suffix could pass the name limit)
+    tmp = folder / f".fastlstm-{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             writer(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
@@ -53,23 +76,93 @@ def save_arrays(path, kind: str, header: dict, arrays: dict) -> None:
     write_atomic(path, lambda handle: np.savez(handle, **payload))
 
 
-def load_arrays(path, kind: str) -> tuple[dict, dict]:
-    """(header, arrays) from a file written by `save_arrays` with the same `kind`."""
+def load_arrays(path, kind: str, expect=None) -> tuple[dict, dict]:
+    """(header, arrays) from a file written by `save_arrays` with the same `kind`.
+
+    expect(header) -> {name: shape} (or None): the arrays the file must hold, checked
+    against the members' headers before any data is read; it may raise CheckpointError.
+    """
     path = Path(path)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path}: a single .npy array, not a fastlstm {kind} file")
-        with loaded as archive:
-            if _HEADER_KEY not in archive.files:
+        if path.is_file() and not zipfile.is_zipfile(path):
+            with open(path, "rb") as handle:
+                if handle.read(6) == b"\x93NUMPY":
+                    raise CheckpointError(f"{path}: a single .npy array, not a fastlstm {kind} file")
+        with zipfile.ZipFile(path) as archive:
+            members = _members(archive, path)
+            if _HEADER_KEY not in members:
                 raise CheckpointError(f"{path}: not a fastlstm file (no header); expected a {kind} file")
-            header = json.loads(archive[_HEADER_KEY].tobytes().decode("utf-8"))
-            if not isinstance(header, dict) or header.get("format") != kind:
-                found = header.get("format") if isinstance(header, dict) else None
-                raise CheckpointError(f"{path}: expected a {kind} file, got format {found!r}")
-            arrays = {name: archive[name] for name in archive.files if name != _HEADER_KEY}
+            header_info = members.pop(_HEADER_KEY)
+            if header_info.file_size > _MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: a header of {header_info.file_size} bytes (at most {_MAX_HEADER_BYTES})")
+            header = _parse_header(_read_member(archive, header_info, path, None).tobytes(), path, kind)
+            expected = expect(header) if expect is not None else None
+            if expected is not None and set(expected) != set(members):
+                missing, unexpected = sorted(set(expected) - set(members)), sorted(set(members) - set(expected))
+                raise CheckpointError(f"{path}: the parameters do not match the configuration: missing {missing}, "
+                                      f"unexpected {unexpected}")
+            arrays = {name: _read_member(archive, info, path, None if expected is None else expected[name])
+                      for name, info in members.items()}
     except (CheckpointError, FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable {kind} file (truncated or foreign?): {exc}") from exc
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError,
+            RecursionError, MemoryError, zlib.error) as exc:
+        raise CheckpointError(f"{path}: not a readable {kind} file (truncated or foreign?): "
+                              f"{type(exc).__name__}: {exc}") from exc
     return header, arrays
+
+
+def _members(archive: zipfile.ZipFile, path: Path) -> dict:
+    """name -> ZipInfo of every .npy member, checked to be stored uncompressed."""
+    infos = archive.infolist()
+    if len(infos) > MAX_FILE_MEMBERS:
+        raise CheckpointError(f"{path}: {len(infos)} members (at most {MAX_FILE_MEMBERS})")
+    members = {}
+    for info in infos:
+        name = info.filename.removesuffix(".npy")
+        if name == info.filename or name in members:
+            raise CheckpointError(f"{path}: unexpected member {info.filename!r} (expected distinct NAME.npy arrays)")
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise CheckpointError(f"{path}: member {info.filename!r} is compressed; fastlstm files store arrays "
+                                  "uncompressed (a compressed member could expand to any size)")
+        members[name] = info
+    return members
+
+
+def _parse_header(raw: bytes, path: Path, kind: str) -> dict:
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict) or header.get("format") != kind:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path}: expected a {kind} file, got format {found!r}")
+    return header
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, shape) -> np.ndarray:
+    """One member's array; its .npy header is checked (and against `shape`, if given) first."""
+    what = f"{path}: array {info.filename.removesuffix('.npy')!r}"
+    with archive.open(info) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            declared, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            declared, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise CheckpointError(f"{what}: .npy format version {version} (expected 1.0 or 2.0)")
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise CheckpointError(f"{what}: dtype {dtype} (expected numbers)")
+        if shape is not None and (tuple(declared) != tuple(shape) or dtype.kind != "f"):
+            raise CheckpointError(f"{path}: the parameters do not match the configuration: {info.filename[:-4]!r} is "
+                                  f"{dtype} of shape {tuple(declared)}, expected floating point of shape {tuple(shape)}")
+        count = int(np.prod(declared, dtype=object))
+        nbytes = count * dtype.itemsize
+        if stream.tell() + nbytes != info.file_size:
+            raise CheckpointError(f"{what}: declares shape {tuple(declared)} ({nbytes} bytes of data) but the member "
+                                  f"holds {info.file_size - stream.tell()}")
+        flat = np.empty(count, dtype)
+        buffer, done = flat.view(np.uint8), 0
+        while done < nbytes:
+            got = stream.readinto(buffer[done:])
+            if not got:
+                raise CheckpointError(f"{what}: ends after {done} of {nbytes} bytes")
+            done += got
+    return flat.reshape(declared, order="F" if fortran else "C")

@@ -15,6 +15,7 @@ calling thread's last training forward only. What threads may share is in
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import types
@@ -26,7 +27,7 @@ import numpy as np
 from . import _inputs, registry, stack
 from ._arrays import check_real, resolve_dtype, to_numpy
 from .cells import LSTM_CELL, GRUCell
-from .checkpoint import load_arrays, save_arrays
+from .checkpoint import MAX_FILE_MEMBERS, CheckpointError, load_arrays, save_arrays
 
 
 def _positive_int(value, name: str) -> int:
@@ -82,6 +83,15 @@ class Pullback:
         return result
 
 
+def _validated_spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, dtype) -> stack.StackSpec:
+    """The stack's structure from a layer's arguments, each checked (nothing is allocated)."""
+    return stack.StackSpec(
+        _positive_int(input_size, "input_size"), _positive_int(hidden_size, "hidden_size"),
+        _positive_int(num_layers, "num_layers"), 2 if _flag(bidirectional, "bidirectional") else 1,
+        _flag(bias, "bias"), resolve_dtype(dtype), cell,
+    )
+
+
 class RecurrentLayer:
     """A multi-layer, optionally bidirectional recurrent layer with a PyTorch-compatible
     API, for the cell a subclass names (``LSTM``, ``GRU``).
@@ -110,12 +120,11 @@ class RecurrentLayer:
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, backend=None, dtype="float32", seed=None):
-        self.input_size = _positive_int(input_size, "input_size")
-        self.hidden_size = _positive_int(hidden_size, "hidden_size")
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.bias = _flag(bias, "bias")
+        self._spec = _validated_spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, dtype)
+        self.input_size, self.hidden_size, self.num_layers = (
+            self._spec.input_size, self._spec.hidden_size, self._spec.num_layers)
+        self.bias, self.bidirectional, self.dtype = self._spec.bias, self._spec.num_directions == 2, self._spec.dtype
         self.batch_first = _flag(batch_first, "batch_first")
-        self.bidirectional = _flag(bidirectional, "bidirectional")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating, np.integer)):
             raise TypeError(f"dropout: expected a number in [0, 1], got {type(dropout).__name__}")
         if not 0.0 <= float(dropout) <= 1.0:
@@ -125,10 +134,6 @@ class RecurrentLayer:
             warnings.warn(
                 "dropout applies between layers only; with num_layers=1 it has no effect", stacklevel=2
             )
-        self.dtype = resolve_dtype(dtype)
-        self._spec = stack.StackSpec(
-            self.input_size, self.hidden_size, self.num_layers, self.num_directions, self.bias, self.dtype, cell
-        )
         self._backend_choice = None if backend is None else registry._check_name(backend)
         self._storage = registry.backend_object(self._backend_choice)
         init_seed, dropout_seed = np.random.SeedSequence(seed).spawn(2)
@@ -405,10 +410,8 @@ class RecurrentLayer:
     @classmethod
     def load(cls, path, backend=None) -> "RecurrentLayer":
         """A layer read from a file written by ``save`` (of this cell: another's is refused)."""
-        header, arrays = load_arrays(path, cls._FILE_KIND)
-        config = header.get("config")
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: the file has no layer configuration")
+        header, arrays = load_arrays(path, cls._FILE_KIND, lambda header: cls._file_parameter_shapes(header, path))
+        config = header["config"]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -420,6 +423,31 @@ class RecurrentLayer:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: the parameters do not match the configuration: {exc}") from exc
         return layer
+
+    @classmethod
+    def _file_parameter_shapes(cls, header: dict, path) -> dict:
+        """name -> shape of the parameters a file's configuration needs, worked out from the
+        configuration alone (checked as the constructor checks it) before any array is read."""
+        config = header.get("config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: the file has no layer configuration")
+        try:
+            inspect.signature(cls).bind(**config)  # names the constructor takes, nothing else
+            spec = _validated_spec(cls._cell_of(config), *(config.get(name, default) for name, default in (
+                ("input_size", None), ("hidden_size", None), ("num_layers", 1), ("bias", True),
+                ("bidirectional", False), ("dtype", "float32"))))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the layer configuration in the file is not valid: {exc}") from exc
+        arrays = spec.num_states * len(spec.names(0, 0))
+        if arrays > MAX_FILE_MEMBERS:  # before listing them: num_layers=200000 would be a long list
+            raise CheckpointError(f"{path}: the configuration needs {arrays} parameter arrays (a file holds at most "
+                                  f"{MAX_FILE_MEMBERS})")
+        return spec.parameter_shapes()
+
+    @classmethod
+    def _cell_of(cls, config: dict):
+        """The cell a configuration describes (a subclass with options overrides this)."""
+        return cls._CELL
 
     def _repr_options(self) -> tuple:
         """(name, value, default) of the options a repr shows when they differ."""
@@ -447,6 +475,7 @@ class LSTM(RecurrentLayer):
     """
 
     _FILE_KIND = "fastlstm-lstm"
+    _CELL = LSTM_CELL
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, backend=None, dtype="float32", seed=None):
@@ -480,6 +509,10 @@ class GRU(RecurrentLayer):
 
     def config(self) -> dict:
         return {**super().config(), "reset_after": self.reset_after}
+
+    @classmethod
+    def _cell_of(cls, config: dict):
+        return GRUCell(_flag(config.get("reset_after", True), "reset_after"))
 
     def _repr_options(self) -> tuple:
         return super()._repr_options() + (("reset_after", self.reset_after, True),)

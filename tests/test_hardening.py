@@ -3,10 +3,13 @@ forward and its backward, a failed backend switch, odd Numba environments."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -188,3 +191,94 @@ def test_children_forked_after_a_parallel_call_run(tmp_path):
     found = json.loads(result.stdout.strip().splitlines()[-1])
     for child in found["children"]:
         np.testing.assert_allclose(child, found["here"], rtol=1e-5)
+
+
+# -- files from untrusted sources -----------------------------------------------------------
+def write_zip(path, members: dict, compression=zipfile.ZIP_STORED):
+    """A .npz-like zip of raw member bytes (name -> bytes)."""
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def layer_file_members(config: dict, arrays: dict) -> dict:
+    header = json.dumps({"format": "fastlstm-lstm", "version": 1, "config": config}).encode()
+    members = {"__fastlstm_header__.npy": npy_bytes(np.frombuffer(header, np.uint8))}
+    members.update({f"{name}.npy": npy_bytes(a) for name, a in arrays.items()})
+    return members
+
+
+def refused_cheaply(path, match):
+    """Loading `path` raises CheckpointError matching `match`, allocating little on the way."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(fastlstm.CheckpointError, match=match):
+            fastlstm.LSTM.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"
+
+
+def test_hostile_layer_files_are_refused_before_anything_large_is_allocated(tmp_path):
+    small = fastlstm.LSTM(3, 4, seed=0)
+    config, arrays = small.config(), small.state_dict()
+    cases = {
+        # a zip bomb: one compressed member that expands to 256 MiB of zeros
+        "bomb.npz": ({**layer_file_members(config, {}), "weight_ih_l0.npy": npy_bytes(np.zeros(1)) + bytes(2**28)},
+                     zipfile.ZIP_DEFLATED, "compressed"),
+        # a small file whose configuration declares a huge layer
+        "huge_config.npz": (layer_file_members({**config, "hidden_size": 8000}, arrays), zipfile.ZIP_STORED,
+                            "do not match the configuration"),
+        "many_layers.npz": (layer_file_members({**config, "num_layers": 200000}, arrays), zipfile.ZIP_STORED,
+                            "parameter arrays"),
+        # a member whose .npy header declares far more data than it holds
+        "huge_shape.npz": ({**layer_file_members(config, {}),
+                            "weight_ih_l0.npy": npy_bytes(np.zeros(3, np.float32)).replace(b"(3,)", b"(1000000000000,)")},
+                           zipfile.ZIP_STORED, "do not match|declares shape"),
+        "deep_header.npz": ({"__fastlstm_header__.npy": npy_bytes(np.frombuffer(b"[" * 100000, np.uint8))},
+                            zipfile.ZIP_STORED, "not a readable"),
+        "object_array.npz": ({**layer_file_members(config, arrays),
+                              "weight_ih_l0.npy": npy_bytes(np.zeros((16, 3), np.float32)).replace(b"'<f4'", b"'|O' ")},
+                             zipfile.ZIP_STORED, "dtype|not a readable"),
+        "unknown_option.npz": (layer_file_members({**config, "evil": 1}, arrays), zipfile.ZIP_STORED,
+                               "configuration in the file is not valid"),
+    }
+    for name, (members, compression, match) in cases.items():
+        write_zip(tmp_path / name, members, compression)
+        refused_cheaply(tmp_path / name, match)
+    # a stored member whose data were changed on disk: the CRC check refuses it
+    good = tmp_path / "good.npz"
+    small.save(good)
+    data = bytearray(good.read_bytes())
+    at = data.find(b"weight_hh_l0.npy") + 200  # inside that member's data (local header, then .npy header)
+    data[at] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    refused_cheaply(tmp_path / "flipped.npz", "not a readable")
+
+
+def test_saving_writes_through_symlinks_keeps_permissions_and_takes_long_names(tmp_path):
+    layer = fastlstm.LSTM(3, 4, seed=0)
+    kept = tmp_path / "kept.npz"
+    kept.write_bytes(b"old")
+    kept.chmod(0o644)
+    layer.save(kept)
+    assert kept.stat().st_mode & 0o777 == 0o644
+    target = tmp_path / "real.npz"
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    layer.save(link)
+    assert link.is_symlink() and target.is_file()
+    np.testing.assert_array_equal(fastlstm.LSTM.load(link).state_dict()["weight_ih_l0"], layer.params["weight_ih_l0"])
+    long_name = tmp_path / ("m" * 250 + ".npz")  # 254 characters: a temporary name beside it must not be longer
+    layer.save(long_name)
+    assert fastlstm.LSTM.load(long_name).config() == layer.config()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        layer.save(tmp_path / "missing" / "model.npz")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
