@@ -95,6 +95,20 @@ def check_real(array, name: str) -> None:
         )
 
 
+def check_floating(array, name: str) -> None:
+    """Raise TypeError unless `array` holds floating-point numbers: integers and booleans
+    given as a sequence or a state are a mistake more often than not (a token index, a
+    mask), and would otherwise run silently as the layer's dtype. Floating point of another
+    precision is converted to the layer's dtype."""
+    check_real(array, name)
+    dtype = np.dtype(array.dtype)
+    if dtype.kind != "f":
+        raise TypeError(
+            f"{name}: expected floating-point numbers, got dtype {dtype.name}; convert explicitly "
+            f"(e.g. .astype(np.float32)) if these values are meant as inputs"
+        )
+
+
 def check_shape(array, expected: tuple, name: str) -> None:
     if tuple(array.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(array.shape)}")

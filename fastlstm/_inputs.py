@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._arrays import check_real, refuse_autograd_tensor, to_numpy
+from ._arrays import check_floating, refuse_autograd_tensor, to_numpy
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def sequence_input(backend, value, input_size: int, batch_first: bool, dtype):
     """x -> (internal (T, B, I) array in `dtype`, Layout)."""
     refuse_autograd_tensor(value, "x")
     x = backend.from_user(value, "x")
-    check_real(x, "x")
+    check_floating(x, "x")
     order = "(B, T, input_size)" if batch_first else "(T, B, input_size)"
     if x.ndim not in (2, 3):
         raise ValueError(
@@ -107,7 +107,7 @@ def _state_array(backend, value, name: str, expected: tuple, layout: Layout, dty
     """One state array (h or c) -> internal (L*D, B, H) array in `dtype`, checked."""
     refuse_autograd_tensor(value, name)
     array = backend.from_user(value, name)
-    check_real(array, name)
+    check_floating(array, name)
     if tuple(array.shape) != expected:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(array.shape)}")
     return backend.xp.ascontiguousarray(layout.state_to_internal(array.astype(dtype, copy=False)))
@@ -159,7 +159,7 @@ def output_gradient(backend, value, layout: Layout, features: int, dtype):
         return None
     refuse_autograd_tensor(value, "dy")
     dy = backend.from_user(value, "dy")
-    check_real(dy, "dy")
+    check_floating(dy, "dy")
     expected = layout.user_sequence_shape(features)
     if tuple(dy.shape) != expected:
         raise ValueError(f"dy: expected the shape of the forward's output {expected}, got {tuple(dy.shape)}")

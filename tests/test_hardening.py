@@ -282,3 +282,22 @@ def test_saving_writes_through_symlinks_keeps_permissions_and_takes_long_names(t
     with pytest.raises(FileNotFoundError, match="missing"):
         layer.save(tmp_path / "missing" / "model.npz")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_integer_and_boolean_inputs_are_refused_and_change_nothing(cell):
+    layer = make_layer(cell, "numpy")
+    x, state, lengths, dy, dstate = problem(layer)
+    y, _ = layer(x, state, lengths)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    bad_state = state.astype(np.int32) if cell == "gru" else (state[0].astype(np.int32), state[1])
+    for args, name in (((x.astype(np.int64), state, lengths), "x"), ((x > 0, state, lengths), "x"),
+                       ((x, bad_state, lengths), "state")):
+        with pytest.raises(TypeError, match=f"{name}.*expected floating-point numbers, got dtype"):
+            layer(*args)
+    with pytest.raises(TypeError, match="dy.*expected floating-point numbers"):
+        layer.backward(dy.astype(np.int16), dstate)
+    dx, _ = layer.backward(dy.astype(np.float16), dstate)  # another float precision: converted
+    assert dx.dtype == np.float32
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])

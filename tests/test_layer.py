@@ -117,8 +117,8 @@ def test_dropout_with_single_layer_warns():
         fastlstm.LSTM(3, 4, dropout=0.5)
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.float16, bool])
-def test_real_inputs_are_converted_to_the_layer_dtype(backend, dtype):
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_floating_inputs_are_converted_to_the_layer_dtype(backend, dtype):
     lstm = fastlstm.LSTM(3, 4, backend=backend, dtype="float64")
     x = (np.arange(30).reshape(5, 2, 3) % 3).astype(dtype)
     y, _ = lstm(x)
@@ -126,6 +126,15 @@ def test_real_inputs_are_converted_to_the_layer_dtype(backend, dtype):
     np.testing.assert_allclose(y, lstm(x.astype(np.float64))[0], rtol=1e-12)
     y_list, _ = lstm(x.tolist())
     np.testing.assert_allclose(y_list, y, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, bool])
+def test_integer_and_boolean_inputs_are_refused(backend, dtype):
+    lstm = fastlstm.LSTM(3, 4, backend=backend, dtype="float64")
+    x = (np.arange(30).reshape(5, 2, 3) % 3).astype(dtype)
+    for value in (x, x.tolist()):
+        with pytest.raises(TypeError, match="x: expected floating-point numbers"):
+            lstm(value)
 
 
 def test_extreme_inputs_give_no_warning_and_no_nan(backend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,9 +81,13 @@ def test_batch_order_does_not_matter(problem):
     st.sampled_from([np.int8, np.int32, np.int64, np.uint16, np.float16, np.float32, np.float64, np.bool_]),
     st.sampled_from(["float32", "float64"]),
 )
-def test_any_real_input_dtype_gives_the_layer_dtype(backend, in_dtype, layer_dtype):
+def test_any_floating_input_dtype_gives_the_layer_dtype_and_others_are_refused(backend, in_dtype, layer_dtype):
     lstm = fastlstm.LSTM(2, 3, backend=backend, dtype=layer_dtype, seed=0)
     x = (np.arange(12).reshape(3, 2, 2) % 2).astype(in_dtype)
+    if np.dtype(in_dtype).kind != "f":
+        with pytest.raises(TypeError, match="x: expected floating-point numbers"):
+            lstm(x)
+        return
     y, (h, c) = lstm(x)
     assert y.dtype == h.dtype == c.dtype == np.dtype(layer_dtype)
     dx, (dh0, _) = lstm.backward(np.ones_like(y))
