@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import threading
 import types
 import warnings
@@ -81,6 +82,28 @@ class Pullback:
             result = self._layer._pull_back(self._call, dy, dstate)
             self._call = None  # free the record: it holds every layer's activations
         return result
+
+
+_INIT_BLOCK_ELEMENTS = 1 << 20
+
+
+def _refuse_what_cannot_fit(layer, shapes: dict) -> None:
+    """A MemoryError naming the sizes, before allocating, where a host layer's parameters and
+    gradients alone would not fit this machine's memory."""
+    if layer._storage.xp is not np or not hasattr(os, "sysconf"):
+        return
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    needed = 2 * sum(math.prod(shape) for shape in shapes.values()) * layer.dtype.itemsize
+    if needed > physical:
+        raise MemoryError(
+            f"{type(layer).__name__}(input_size={layer.input_size}, hidden_size={layer.hidden_size}, "
+            f"num_layers={layer.num_layers}): its parameters and gradients need {needed / 2**30:.1f} GiB, "
+            f"more than this machine's {physical / 2**30:.1f} GiB of memory; use a smaller hidden_size or "
+            f"num_layers" + (", or float32" if layer.dtype == np.float64 else "")
+        )
 
 
 def _validated_spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, dtype) -> stack.StackSpec:
@@ -173,12 +196,22 @@ class RecurrentLayer:
         return self._spec.parameter_shapes()
 
     def _initial_parameters(self, rng) -> dict:
-        # torch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
+        # torch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)). Drawn a block of
+        # rows at a time into the layer's dtype (the same numbers as one draw): no float64 copy
+        # of a whole weight.
+        shapes = self.parameter_shapes()
+        _refuse_what_cannot_fit(self, shapes)
         bound = 1.0 / math.sqrt(self.hidden_size)
-        return {
-            name: self._storage.asarray(rng.uniform(-bound, bound, size=shape).astype(self.dtype))
-            for name, shape in self.parameter_shapes().items()
-        }
+        params = {}
+        for name, shape in shapes.items():
+            values = np.empty(shape, dtype=self.dtype)
+            rows = values.reshape(shape[0], -1)
+            step = max(1, _INIT_BLOCK_ELEMENTS // max(1, rows.shape[1]))
+            for r0 in range(0, rows.shape[0], step):
+                block = rows[r0 : r0 + step]
+                block[...] = rng.uniform(-bound, bound, size=block.shape)
+            params[name] = self._storage.asarray(values)
+        return params
 
     # -- backend ------------------------------------------------------------------------
     @property

@@ -301,3 +301,16 @@ def test_integer_and_boolean_inputs_are_refused_and_change_nothing(cell):
     assert dx.dtype == np.float32
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_a_layer_too_large_for_this_machine_is_refused_before_allocating():
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    hidden = 40000 if physical < 40 * 2**30 else 200000  # its parameters and gradients: 48 GiB, 1.2 TiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryError, match=rf"hidden_size={hidden}.*GiB.*smaller hidden_size"):
+            fastlstm.LSTM(512, hidden, backend="numpy")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
