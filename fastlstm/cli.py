@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from . import bench, registry, threads
@@ -283,6 +284,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args, parser)
+    except BrokenPipeError:  # the reader stopped early (`fastlstm info | head -1`): nothing wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except (CommandError, registry.BackendUnavailableError, ValueError, OSError) as exc:
         print(f"fastlstm {args.command}: error: {exc}", file=sys.stderr)
         return 1

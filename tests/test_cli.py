@@ -245,3 +245,32 @@ def test_bench_torch_times_a_training_step(tmp_path):
     assert bad.returncode == 2 and "--backends does not apply" in bad.stderr
     bad = fastlstm_cmd("bench", "--device", "cpu", "--quick")
     assert bad.returncode == 2 and "--device applies with --torch only" in bad.stderr
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    """`fastlstm info | head -1`: the rest of the output has nowhere to go; exit quietly."""
+    process = subprocess.Popen([sys.executable, "-m", "fastlstm", "info"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0 and "Broken pipe" not in stderr and "Error" not in stderr, stderr
+
+
+def test_resume_refuses_another_architecture_and_takes_training_settings(tmp_path):
+    path = tmp_path / "ck.npz"
+    assert fastlstm_cmd("train", *TRAIN_ARGS, "--steps", "3", "--checkpoint", str(path)).returncode == 0
+    best = tmp_path / "ck-best.npz"
+    assert best.is_file()  # the best so far beside the latest
+    args = [a for a in TRAIN_ARGS]
+    args[args.index("--hidden") + 1] = "64"
+    out = fastlstm_cmd("train", *args, "--steps", "4", "--checkpoint", str(path), "--resume")
+    assert out.returncode == 1 and "--hidden 64 (the checkpoint has 32)" in out.stderr, out.stderr
+    out = fastlstm_cmd("train", *TRAIN_ARGS, "--lr", "0.01", "--steps", "4", "--checkpoint", str(path), "--resume")
+    assert out.returncode == 0, out.stderr
+    assert "with --lr 0.01 (was 0.003) from the command line" in out.stderr and "best" in out.stdout
+
+
+def test_train_help_shows_the_default_checkpoint():
+    out = fastlstm_cmd("train", "--help")
+    assert "fastlstm-charlm.npz" in out.stdout and "-best.npz" in out.stdout

@@ -40,22 +40,36 @@ def _positive_float(text):
     return value
 
 
+ARCHITECTURE = ("cell", "embed", "hidden", "layers")
+TRAINING_SETTINGS = ("dropout", "seq_len", "batch", "lr", "clip")
+DEFAULTS = {"cell": "lstm", "hidden": 128, "embed": 32, "layers": 1, "dropout": 0.5, "seq_len": 64, "batch": 32,
+            "lr": 3e-3, "clip": 1.0}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], help="default: the choice in effect (auto)")
     p.add_argument("--minutes", type=_positive_float, default=2.0, help="wall-clock budget for this run (default 2)")
     p.add_argument("--steps", type=_positive_int, help="stop once this many steps (in total, across resumes) are done")
-    p.add_argument("--cell", choices=list(LAYERS), default="lstm", help="the recurrent cell (default lstm)")
-    p.add_argument("--hidden", type=_positive_int, default=128)
-    p.add_argument("--embed", type=_positive_int, default=32)
-    p.add_argument("--layers", type=_positive_int, default=1)
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout on the LSTM output (and between layers)")
-    p.add_argument("--seq-len", type=_positive_int, default=64)
-    p.add_argument("--batch", type=_positive_int, default=32)
-    p.add_argument("--lr", type=_positive_float, default=3e-3)
-    p.add_argument("--clip", type=_positive_float, default=1.0, help="global gradient-norm clip")
+    # The model's architecture (a resumed run must match it) and its training settings (a
+    # resumed run takes those given on the command line): None = not given.
+    p.add_argument("--cell", choices=list(LAYERS), help="the recurrent cell (default lstm)")
+    p.add_argument("--hidden", type=_positive_int, help=f"hidden units (default {DEFAULTS['hidden']})")
+    p.add_argument("--embed", type=_positive_int, help=f"embedding size (default {DEFAULTS['embed']})")
+    p.add_argument("--layers", type=_positive_int, help=f"recurrent layers (default {DEFAULTS['layers']})")
+    p.add_argument("--dropout", type=float,
+                   help=f"dropout on the recurrent output (and between layers) (default {DEFAULTS['dropout']})")
+    p.add_argument("--seq-len", type=_positive_int, help=f"characters a sequence (default {DEFAULTS['seq_len']})")
+    p.add_argument("--batch", type=_positive_int, help=f"sequences a step (default {DEFAULTS['batch']})")
+    p.add_argument("--lr", type=_positive_float, help=f"Adam's learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--clip", type=_positive_float, help=f"global gradient-norm clip (default {DEFAULTS['clip']})")
     p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between validation + checkpoint")
-    p.add_argument("--checkpoint", default="fastlstm-charlm.npz", help="checkpoint path (written atomically)")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--checkpoint", default="fastlstm-charlm.npz",
+                   help="the latest state, written atomically at every evaluation; the best one so far goes "
+                        "beside it as NAME-best.npz (default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint: its architecture (--cell, --hidden, --embed, --layers) must "
+                        "match any given; training settings given here (--dropout, --seq-len, --batch, --lr, "
+                        "--clip) replace the checkpoint's")
     p.add_argument("--plot", metavar="PATH", help="write the loss curve as PNG (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-length", type=int, default=300, help="characters to generate at the end (0: none)")
@@ -107,12 +121,37 @@ def evaluate(model: CharLM, windows) -> float:
     return loss
 
 
-def _config(args, vocab) -> dict:
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
-    return {"vocab": "".join(vocab), "cell": args.cell, "embed": args.embed, "hidden": args.hidden, "layers": args.layers,
-            "dropout": args.dropout,
-            "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "clip": args.clip, "seed": args.seed}
+def _given(args) -> dict:
+    """The architecture and training settings given on the command line."""
+    given = {name: getattr(args, name) for name in ARCHITECTURE + TRAINING_SETTINGS if getattr(args, name) is not None}
+    if "dropout" in given and not 0.0 <= given["dropout"] < 1.0:
+        raise ValueError(f"--dropout: expected a probability in [0, 1), got {given['dropout']}")
+    return given
+
+
+def _config(given: dict, vocab, seed) -> dict:
+    return {"vocab": "".join(vocab), **DEFAULTS, **given, "seed": seed}
+
+
+def _resumed_config(saved: dict, given: dict, path) -> tuple[dict, list]:
+    """The checkpoint's configuration with the training settings given on the command line
+    (and those that changed, described); an architecture option that differs from the
+    checkpoint's is refused."""
+    conflicts = [f"--{name.replace('_', '-')} {given[name]} (the checkpoint has {saved.get(name, DEFAULTS[name])})"
+                 for name in ARCHITECTURE if name in given and given[name] != saved.get(name, DEFAULTS[name])]
+    if conflicts:
+        raise ValueError(f"--resume: {path} holds another architecture: {', '.join(conflicts)}; leave these out "
+                         f"to resume it, or train a new model with another --checkpoint")
+    changed = [f"--{name.replace('_', '-')} {given[name]} (was {saved.get(name, DEFAULTS[name])})"
+               for name in TRAINING_SETTINGS if name in given and given[name] != saved.get(name, DEFAULTS[name])]
+    overrides = {name: given[name] for name in TRAINING_SETTINGS if name in given}
+    return {**saved, **overrides}, changed
+
+
+def best_checkpoint_path(path) -> Path:
+    """Where the best checkpoint so far goes: NAME-best.npz beside NAME.npz."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-best{path.suffix or '.npz'}")
 
 
 def save_checkpoint(path, config, model, optimizer, rng, step, elapsed, history) -> None:
@@ -167,14 +206,16 @@ def run(args, parser) -> int:
             raise ValueError("--plot needs matplotlib: pip install 'fastlstm[plot]' (or pip install matplotlib)")
     text = Path(args.text).read_text(encoding="utf-8") if args.text else CORPUS.read_text(encoding="utf-8")
     corpus = Corpus(text)
-    config = _config(args, corpus.vocab)
+    given = _given(args)
+    config = _config(given, corpus.vocab, args.seed)
+    from_command_line = []
     if args.resume:
         if not Path(args.checkpoint).exists():
             raise ValueError(f"--resume: no checkpoint at {args.checkpoint}")
         saved = read_checkpoint_config(args.checkpoint)
         if saved.get("vocab") != config["vocab"]:
             raise ValueError(f"{args.checkpoint}: trained on another text (its characters differ)")
-        config = saved  # the architecture and hyper-parameters come from the checkpoint
+        config, from_command_line = _resumed_config(saved, given, args.checkpoint)
     model = CharLM(len(corpus.vocab), config["embed"], config["hidden"], config["layers"],
                    dropout=config["dropout"], backend=args.backend, seed=config["seed"],
                    cell=config.get("cell", "lstm"))  # checkpoints from before GRUs hold an LSTM
@@ -189,13 +230,25 @@ def run(args, parser) -> int:
           f"vocabulary {len(corpus.vocab)}; {config.get('cell', 'lstm').upper()} {config['embed']}->{config['hidden']} "
           f"x{config['layers']} "
           f"on {model.rnn.backend}; unigram baseline {baseline:.3f} nats/char"
-          + (f"; resuming at step {step}" if step else ""), file=sys.stderr, flush=True)
+          + (f"; resuming at step {step}" if step else "")
+          + (f" with {', '.join(from_command_line)} from the command line" if from_command_line else ""),
+          file=sys.stderr, flush=True)
     progress = Progress(args.quiet)
     budget = args.minutes * 60.0
     start = time.perf_counter()
     tokens = 0
-    val_loss = history[-1][2] if history else float("nan")
+    val_loss = history[-1][2] if history else None  # shown as "-" until the first evaluation
     loss = float("nan")
+    best_path = best_checkpoint_path(args.checkpoint)
+    best_so_far = min((h[2] for h in history), default=float("inf"))
+
+    def checkpoint(now):
+        nonlocal best_so_far
+        save_checkpoint(args.checkpoint, config, model, optimizer, rng, step, elapsed + now, history)
+        if history[-1][2] < best_so_far:  # NaN never is
+            best_so_far = history[-1][2]
+            save_checkpoint(best_path, config, model, optimizer, rng, step, elapsed + now, history)
+
     while (args.steps is None or step < args.steps) and time.perf_counter() - start < budget:
         inputs, targets = corpus.batch(rng, config["seq_len"], config["batch"])
         model.zero_grad()
@@ -208,20 +261,21 @@ def run(args, parser) -> int:
         if step % args.eval_every == 0:
             val_loss = evaluate(model, val_windows)
             history.append([step, loss, val_loss])
-            save_checkpoint(args.checkpoint, config, model, optimizer, rng, step, elapsed + now, history)
-        progress.update(f"step {step} | loss {loss:.3f} | val {val_loss:.3f} (unigram {baseline:.3f}) | "
+            checkpoint(now)
+        shown = "-" if val_loss is None else f"{val_loss:.3f}"
+        progress.update(f"step {step} | loss {loss:.3f} | val {shown} (unigram {baseline:.3f}) | "
                         f"{tokens / max(now, 1e-9):,.0f} tok/s | {now:.0f}s")
     run_time = time.perf_counter() - start
     if not history or history[-1][0] != step:
         val_loss = evaluate(model, val_windows)
         history.append([step, loss, val_loss])
-    save_checkpoint(args.checkpoint, config, model, optimizer, rng, step, elapsed + run_time, history)
+        checkpoint(run_time)
     progress.done()
     best = min(history, key=lambda h: h[2])
     print(f"step {step}: validation loss {val_loss:.3f} nats/char (best {best[2]:.3f} at step {best[0]}; "
           f"unigram baseline {baseline:.3f}), "
           f"{tokens / max(run_time, 1e-9):,.0f} tokens/s, {run_time:.1f}s this run, "
-          f"{elapsed + run_time:.1f}s in total; checkpoint {args.checkpoint}")
+          f"{elapsed + run_time:.1f}s in total; latest checkpoint {args.checkpoint}, best {best_path}")
     if args.sample_length > 0:
         prompt = corpus.val[:32]
         generated = model.sample(prompt, args.sample_length, np.random.default_rng(args.seed))
