@@ -16,7 +16,7 @@ import pytest
 
 import fastlstm
 from fastlstm import registry
-from lstm_testing import CPU_BACKENDS, forward_backward
+from lstm_testing import CPU_BACKENDS, assert_close, forward_backward
 
 CELLS = ["lstm", "gru"]
 
@@ -314,3 +314,125 @@ def test_a_layer_too_large_for_this_machine_is_refused_before_allocating():
     finally:
         tracemalloc.stop()
     assert peak < 2**20
+
+
+# -- soak and fuzz -------------------------------------------------------------------------
+@pytest.mark.skipif(not numba_usable(), reason="numba backend unavailable")
+def test_soak_changing_shapes_bounded_caches_same_results():
+    """Thousands of calls with batch sizes that keep changing: the plan cache stays bounded,
+    traced memory does not grow, and a fixed call gives the first call's results bit for bit."""
+    from fastlstm.backends import numba_backend
+
+    rng = np.random.default_rng(0)
+    layers = [make_layer(cell, "numba", dtype="float32") for cell in CELLS]
+    fixed = [problem(layer, seed=9) for layer in layers]
+    first = [forward_backward(layer, *args) for layer, args in zip(layers, fixed)]
+    tracemalloc.start()
+    try:
+        for call in range(1500):
+            layer = layers[call % 2]
+            batch = 1 + call % (numba_backend._PLANS_KEPT + 30)
+            x = rng.standard_normal((3, batch, 3)).astype(np.float32)
+            y, _ = layer(x)
+            layer.backward(np.ones_like(y))
+            if call == 500:
+                baseline = tracemalloc.get_traced_memory()[0]
+        grown = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert len(layers[0]._current_backend()._plans) <= numba_backend._PLANS_KEPT
+    assert grown < 2 * 2**20, f"{grown / 2**20:.1f} MiB more after 1000 more calls"
+    for layer, args, expected in zip(layers, fixed, first):
+        layer.zero_grad()
+        again = forward_backward(layer, *args)
+        for name in expected:
+            np.testing.assert_array_equal(again[name], expected[name], err_msg=name)
+
+
+@pytest.mark.skipif(not numba_usable(), reason="numba backend unavailable")
+def test_read_only_inputs_compile_nothing_new():
+    """np.frombuffer or a read-only memory map as x, state or dy: the same kernels as for
+    writable arrays (the kernels are typed by writability: another would compile for seconds)."""
+    from fastlstm.kernels import numba_gru, numba_lstm
+
+    kernels = [numba_lstm.forward_serial, numba_lstm.backward_loop_serial, numba_gru.forward_serial,
+               numba_gru.backward_loop_serial]
+
+    def calls(read_only):
+        for cell in CELLS:
+            cls = fastlstm.LSTM if cell == "lstm" else fastlstm.GRU
+            layer = cls(3, 5, backend="numba", dtype="float64", seed=0)  # one direction: dy goes in as it is
+            rng = np.random.default_rng(0)
+            x, dy = rng.standard_normal((4, 2, 3)), rng.standard_normal((4, 2, 5))
+            state = tuple(rng.standard_normal((1, 2, 5)) for _ in layer._spec.cell.state_parts)
+            for a in (x, dy, *state) if read_only else ():
+                a.flags.writeable = False
+            state = state if cell == "lstm" else state[0]
+            layer.eval()(x, state)  # eval, no lengths: nothing is copied on the way
+            layer.train()(x, state)
+            layer.backward(dy)
+
+    calls(read_only=False)
+    before = [len(k.signatures) for k in kernels]
+    calls(read_only=True)
+    assert [len(k.signatures) for k in kernels] == before
+
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def api_calls(draw):
+    """A layer configuration and one call: right or wrong shapes, dtypes, strides, lengths, states."""
+    config = dict(input_size=draw(st.integers(1, 4)), hidden_size=draw(st.integers(1, 5)),
+                  num_layers=draw(st.integers(1, 2)), bidirectional=draw(st.booleans()),
+                  batch_first=draw(st.booleans()), bias=draw(st.booleans()))
+    steps, batch = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    x_shape = [batch, steps, config["input_size"]] if config["batch_first"] else [steps, batch, config["input_size"]]
+    wrong_axis = draw(st.sampled_from([None, None, None, 0, 1, 2]))
+    if wrong_axis is not None:
+        x_shape[wrong_axis] += 1
+    x_dtype = draw(st.sampled_from(["float32", "float64", "float16", "int64", "complex64", "bool"]))
+    strided = draw(st.booleans())
+    lengths = draw(st.sampled_from(["none", "valid", "zero", "too_long", "wrong_count"]))
+    state = draw(st.sampled_from(["none", "valid", "wrong_shape"]))
+    return (draw(st.sampled_from(CELLS)), draw(st.sampled_from(CPU_BACKENDS)), draw(st.sampled_from(
+        ["float32", "float64"])), config, steps, batch, tuple(x_shape), x_dtype, strided, lengths, state,
+        draw(st.integers(0, 2**31)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(api_calls())
+def test_fuzz_every_call_agrees_with_numpy_or_fails_cleanly(call):
+    """Every call either gives what the NumPy reference gives, or raises TypeError /
+    ValueError and leaves the parameters and gradients as they were."""
+    cell, backend, dtype, config, steps, batch, x_shape, x_dtype, strided, lengths, state, seed = call
+    rng = np.random.default_rng(seed)
+    cls = fastlstm.LSTM if cell == "lstm" else fastlstm.GRU
+    layer = cls(backend=backend, dtype=dtype, seed=1, **config)
+    reference = cls(backend="numpy", dtype=dtype, seed=1, **config)
+    x = rng.standard_normal(x_shape + ((2,) if strided else ())).astype(x_dtype)
+    x = x[..., 0] if strided else x  # a non-contiguous view
+    d = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    state_shape = (d, batch + (state == "wrong_shape"), config["hidden_size"])
+    parts = None if state == "none" else tuple(rng.standard_normal(state_shape) for _ in layer._spec.cell.state_parts)
+    state_value = parts if parts is None or cell == "lstm" else parts[0]
+    length_values = {"none": None, "valid": rng.integers(1, steps + 1, batch), "zero": np.zeros(batch, int),
+                     "too_long": np.full(batch, steps + 1), "wrong_count": np.ones(batch + 1, int)}[lengths]
+    y_shape = x_shape[:2] + (config["hidden_size"] * (2 if config["bidirectional"] else 1),)
+    dy = rng.standard_normal(y_shape)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    try:
+        actual = forward_backward(layer, x, state_value, length_values, dy, None)
+    except (TypeError, ValueError) as exc:
+        event(f"refused: {type(exc).__name__}")
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+        assert all(not np.any(layer._storage.to_host(g)) for g in layer.grads.values())
+        return
+    event("ran")
+    expected = forward_backward(reference, x, state_value, length_values, dy, None)
+    tol = 1e-4 if dtype == "float32" else 1e-9
+    for name in expected:
+        assert_close(actual[name], expected[name], tol, name, floor=0.01)

@@ -20,6 +20,10 @@ from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
 from lstm_testing import assert_close, assert_layers_agree, forward_backward  # noqa: E402
 
 PARITY = {"float32": 1e-5, "float64": 1e-9}
+# Drawn problems (hypothesis) reach corners that fixed ones do not, one hidden unit through
+# several layers, say, where the float32 kernels' tanh approximation (3.7e-7 absolute,
+# against libm in the reference) adds up past 1e-5 relative: 3e-5 there.
+DRAWN_PARITY = {"float32": 3e-5, "float64": 1e-9}
 
 
 def whole_real_line(dtype):
@@ -111,7 +115,8 @@ def test_matches_numpy_on_every_feature(problem):
     (numba_layer, numpy_layer), x, state, lengths, dy, dstate = problem_setup(problem)
     # inputs are O(1): a gradient that is nearly zero (one hidden unit, say) is compared at the
     # scale of 0.01, or float32 rounding of a cancelling sum reads as a large relative error
-    assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), PARITY[problem[5]], floor=0.01)
+    assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, dstate), DRAWN_PARITY[problem[5]],
+                        floor=0.01)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

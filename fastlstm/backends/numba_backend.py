@@ -55,6 +55,8 @@ _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
 # faster). Below it, one tall GEMM over all steps reuses each weight panel far more (batch 1:
 # per-step projection is ~16 % slower).
 _STEPWISE_PROJECTION_MIN_BATCH = 16
+# Plans kept (least recently used dropped first): one per shape, dtype, cell and thread count.
+_PLANS_KEPT = 64
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 # Held by every section that uses more than one core or sets BLAS's thread count (see the
@@ -122,6 +124,7 @@ class NumbaBackend(ReferenceBackend):
     def __init__(self):
         self._blas = threadpoolctl.ThreadpoolController()
         self._plans = {}
+        self._plans_lock = threading.Lock()  # callers on several threads share the cache
 
     def describe(self) -> str:
         limit = f" (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})" if _numba_threads() < threads.get_num_threads() \
@@ -134,7 +137,12 @@ class NumbaBackend(ReferenceBackend):
         `widths` columns per unit (LSTM (4,); GRU (3,), or (2, 1) for Cho's two products)."""
         num_threads = _numba_threads()
         key = (batch, hidden, np.dtype(dtype), num_threads, gates, widths)
-        if key not in self._plans:  # small: one entry per layer shape, dtype, cell and thread count
+        with self._plans_lock:
+            return self._plan_for(key, batch, hidden, dtype, num_threads, gates, widths)
+
+    def _plan_for(self, key, batch, hidden, dtype, num_threads, gates, widths) -> _Plan:
+        plan = self._plans.pop(key, None)
+        if plan is None:
             step_work = batch * hidden * gates * hidden
             parallel = num_threads > 1 and step_work >= _PARALLEL_MIN_STEP_WORK
             num_blocks = min(num_threads, max(1, hidden // _MIN_UNITS_PER_BLOCK)) if parallel else 1
@@ -145,10 +153,12 @@ class NumbaBackend(ReferenceBackend):
                 mode = common.GEMM_PACKED
             else:
                 mode = common.GEMM_SMALL if batch <= _SMALL_BATCH else common.GEMM_BLAS
-            self._plans[key] = _Plan(
-                bounds, common.block_permutation(bounds, hidden, gates), mode, len(bounds) - 1, int(sizes.max()),
-            )
-        return self._plans[key]
+            plan = _Plan(bounds, common.block_permutation(bounds, hidden, gates), mode, len(bounds) - 1,
+                         int(sizes.max()))
+        self._plans[key] = plan  # most recently used last
+        while len(self._plans) > _PLANS_KEPT:  # batch sizes that keep changing must not grow it forever
+            del self._plans[next(iter(self._plans))]
+        return plan
 
     def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
         """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
