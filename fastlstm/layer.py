@@ -87,14 +87,41 @@ class Pullback:
 _INIT_BLOCK_ELEMENTS = 1 << 20
 
 
+def _physical_memory(backend) -> int | None:
+    """Bytes of memory of this machine for a host backend's arrays; None where unknown (or a device's)."""
+    if backend.xp is not np or not hasattr(os, "sysconf"):
+        return None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def _refuse_a_call_that_cannot_fit(layer, backend, layout, keep: bool) -> None:
+    """A MemoryError naming the sizes, before allocating, where a call's arrays (gates, outputs
+    and, in training, the states kept for backward: about T*B*H*(gates + 3) numbers per layer
+    and direction) would not fit this machine's memory."""
+    physical = _physical_memory(backend)
+    if physical is None:
+        return
+    spec = layer._spec
+    per_layer = layout.num_steps * layout.batch * spec.hidden_size * spec.num_directions * (
+        spec.cell.gates + (3 if keep else 1))
+    needed = per_layer * (spec.num_layers if keep else 1) * spec.dtype.itemsize
+    if needed > physical:
+        raise MemoryError(
+            f"{type(layer).__name__}: a {'training' if keep else 'inference'} call on {layout.num_steps} steps x "
+            f"{layout.batch} sequences needs about {needed / 2**30:.1f} GiB, more than this machine's "
+            f"{physical / 2**30:.1f} GiB of memory; split the batch, or the sequence into chunks (carrying the "
+            f"state from one to the next)"
+        )
+
+
 def _refuse_what_cannot_fit(layer, shapes: dict) -> None:
     """A MemoryError naming the sizes, before allocating, where a host layer's parameters and
     gradients alone would not fit this machine's memory."""
-    if layer._storage.xp is not np or not hasattr(os, "sysconf"):
-        return
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+    physical = _physical_memory(layer._storage)
+    if physical is None:
         return
     needed = 2 * sum(math.prod(shape) for shape in shapes.values()) * layer.dtype.itemsize
     if needed > physical:
@@ -282,6 +309,7 @@ class RecurrentLayer:
         backend = self._current_backend()
         # Validate and convert everything before changing anything.
         inputs, layout = _inputs.sequence_input(backend, x, self.input_size, self.batch_first, self.dtype)
+        _refuse_a_call_that_cannot_fit(self, backend, layout, keep)
         states0 = self._states_in(backend, state, "state", layout)
         step_lengths = _inputs.sequence_lengths(backend, lengths, layout)
         self._move_to(backend)

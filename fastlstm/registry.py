@@ -24,6 +24,7 @@ import contextvars
 import importlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 logger = logging.getLogger("fastlstm")
@@ -119,6 +120,10 @@ def _resolve_auto():
             _auto_explained = True
             return backend
         skipped.append(f"skipped {name}: {status.reason}")
+        if name == "numba" and not status.reason.startswith("ModuleNotFoundError") and not _auto_explained:
+            # installed, meant to be used, and broken here: more than an INFO line's worth
+            warnings.warn(f"fastlstm: the numba backend is installed but cannot be used ({status.reason}); "
+                          "'auto' falls back to the slower backends", RuntimeWarning, stacklevel=3)
     raise BackendUnavailableError("no backend is available: " + "; ".join(skipped))
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+import warnings
 import zipfile
 
 import numpy as np
@@ -119,9 +120,13 @@ def run_python(code: str, **env) -> dict:
 
 
 NUMBA_ENV_CHECK = """
-import json, numpy as np, fastlstm
+import json, warnings, numpy as np, fastlstm
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastlstm.LSTM(2, 3)(np.ones((2, 1, 2), np.float32))
 status = fastlstm.available_backends()["numba"]
-out = {"available": status.available, "reason": status.reason, "auto": fastlstm.get_backend()}
+out = {"available": status.available, "reason": status.reason, "auto": fastlstm.get_backend(),
+       "warnings": [str(w.message) for w in caught]}
 if status.available:
     fastlstm.set_num_threads(fastlstm.threads.available_cores())
     for cell in (fastlstm.LSTM, fastlstm.GRU):  # parallel-sized on two cores
@@ -153,6 +158,8 @@ def test_numba_with_its_jit_disabled_is_reported_unavailable():
     result = run_python(NUMBA_ENV_CHECK, NUMBA_DISABLE_JIT="1")
     assert not result["available"] and "NUMBA_DISABLE_JIT" in result["reason"], result
     assert result["auto"] == "numpy"
+    assert any("numba backend is installed but cannot be used" in w and "NUMBA_DISABLE_JIT" in w
+               for w in result["warnings"]), result
 
 
 FORK_CHECK = """
@@ -436,3 +443,79 @@ def test_fuzz_every_call_agrees_with_numpy_or_fails_cleanly(call):
     tol = 1e-4 if dtype == "float32" else 1e-9
     for name in expected:
         assert_close(actual[name], expected[name], tol, name, floor=0.01)
+
+
+def test_a_call_too_large_for_this_machine_is_refused_before_allocating():
+    """A (T, B, I) input whose gates and kept states cannot fit: refused naming the sizes. The
+    input itself is a broadcast view (no memory), so only the layer could allocate."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    layer = fastlstm.LSTM(1, 1024, backend="numpy", seed=0)
+    batch = int(physical // (1000 * 1024 * 7 * 4)) + 1  # T=1000: 7 numbers a unit in training
+    x = np.broadcast_to(np.float32(0.5), (1000, batch, 1))
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryError, match=rf"1000 steps x {batch} sequences needs about .* GiB.*split"):
+            layer(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**26, f"{peak / 2**20:.0f} MiB"
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+ODD_VALUES = st.sampled_from([0, 1, 3, -1, 2.5, True, None, "2", "float32", "float16", [2], np.int64(2), np.float32(0.5)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(cell=st.sampled_from(CELLS), args=st.fixed_dictionaries(
+    {}, optional={name: ODD_VALUES for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                                                "dropout", "bidirectional", "dtype", "seed")}))
+def test_fuzz_constructor_arguments_build_a_layer_or_fail_cleanly(cell, args):
+    cls = fastlstm.LSTM if cell == "lstm" else fastlstm.GRU
+    args = {"input_size": 2, "hidden_size": 3, **args}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dropout with one layer warns
+            layer = cls(backend="numpy", **args)
+    except (TypeError, ValueError) as exc:
+        event(f"refused: {type(exc).__name__}")
+        return
+    event("built")
+    y, _ = layer(np.ones((2, 1, layer.input_size), layer.dtype))
+    assert y.shape == (2, 1, layer.hidden_size * layer.num_directions)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cell=st.sampled_from(CELLS), change=st.sampled_from(
+    ["none", "drop", "extra", "shape", "int", "complex", "float16", "list", "string", "nan"]), which=st.integers(0, 7))
+def test_fuzz_state_dicts_load_or_fail_cleanly(cell, change, which):
+    layer, source = make_layer(cell, "numpy", dtype="float32"), make_layer(cell, "numpy", dtype="float64")
+    state = dict(source.state_dict())
+    name = sorted(state)[which % len(state)]
+    if change == "drop":
+        del state[name]
+    elif change == "extra":
+        state["weight_ih_l9"] = state[name]
+    elif change == "shape":
+        state[name] = state[name][..., :-1]
+    elif change in ("int", "complex", "float16"):
+        state[name] = state[name].astype({"int": np.int32, "complex": np.complex64, "float16": np.float16}[change])
+    elif change == "list":
+        state[name] = state[name].tolist()
+    elif change == "string":
+        state[name] = "weights"
+    elif change == "nan":
+        state[name] = np.full_like(state[name], np.nan)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    try:
+        layer.load_state_dict(state)
+    except (TypeError, ValueError) as exc:
+        event(f"refused {change}: {type(exc).__name__}")
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+        return
+    event(f"loaded {change}")
+    for k, v in layer.state_dict().items():
+        np.testing.assert_allclose(v, np.asarray(state[k], dtype=np.float64), rtol=1e-3, err_msg=k)
