@@ -249,6 +249,12 @@ def test_host_built_gru_kernels_match_numpy(emulated, num_steps, batch, input_si
     training and eval, backward, every gradient."""
     rng = np.random.default_rng(seed)
     args = gru_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths)
+    check_gru_against_numpy(emulated, args, reverse, reset_after, rng)
+
+
+def check_gru_against_numpy(emulated, args, reverse, reset_after, rng):
+    """A GRU forward (training and eval) and backward of `emulated` against the reference."""
+    dtype = args[0].dtype.name
     reference, tol = NumpyBackend(), TOLERANCE[dtype]
     y_ref, h_ref, saved_ref = reference.gru_forward_sequence(*args, reverse, True, reset_after)
     y, h, saved = emulated.gru_forward_sequence(*args, reverse, True, reset_after)
@@ -262,6 +268,33 @@ def test_host_built_gru_kernels_match_numpy(emulated, num_steps, batch, input_si
     actual = emulated.gru_backward_sequence(saved, dy, dh_n)
     for name, a, b in zip(("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), actual, expected):
         assert_close(a, b, tol, name, floor=0.01)
+
+
+@settings(max_examples=25, deadline=None)
+@given(**sequence_problems(num_steps=5, batch=20, input_size=4, hidden=10))
+def test_host_built_gru_resident_kernels_match_numpy(emulated_resident, num_steps, batch, input_size, hidden, dtype,
+                                                     reverse, with_lengths, seed):
+    """The GRU's resident kernels (reset_after): 1-7 sequences a block, the last block partly
+    filled; forward in training and eval, backward, every gradient."""
+    assert emulated_resident._gru_plan(batch, hidden, dtype, True) is not None
+    rng = np.random.default_rng(seed)
+    args = gru_inputs(rng, num_steps, batch, input_size, hidden, dtype, with_lengths)
+    check_gru_against_numpy(emulated_resident, args, reverse, True, rng)
+
+
+def test_gru_loops_follow_the_rule_and_cho_never_runs_resident(library):
+    kernels = host_kernels.emulated_kernels(library)
+    backend = cupy_backend.CudaSequenceBackend(np, host_kernels.numpy_gemm, kernels)
+    assert backend._gru_plan(6, 16, np.float32, True) is not None  # W_hh fits, one wave of blocks
+    assert backend._gru_plan(6, 16, np.float32, False) is None  # Cho: the per-step kernels
+    assert backend._gru_plan(6, 400, np.float32, True) is None  # 3H > 1024 threads
+    assert backend._gru_plan(4000, 16, np.float32, True) is None  # more than a wave: per step (graphs)
+    backend.loop = "per-step"
+    assert backend._gru_plan(6, 16, np.float32, True) is None
+    forward, backward = cupy_backend.resident_shared_bytes(5, 16, 4, gates=3)
+    padded = 8
+    assert forward == 8 * padded + 4 * (3 * 16 * 16 + 2 * padded * 16 + 2 * padded * 3 * 16)
+    assert backward == 8 * padded + 4 * (3 * 16 * 16 + padded * 3 * 16 + 4 * padded * 16)
 
 
 def test_bias_gradient_is_deterministic_and_chunked(emulated):
@@ -311,6 +344,9 @@ def test_cupy_backend_end_to_end_on_the_fake_device(fake_cupy):
          "gru_reset_step<float>", "gru_reset_step<double>"),
         ("gru_backward_step<float>", "gru_backward_step<double>", "gru_backward_new_step<float>",
          "gru_backward_new_step<double>", "gru_backward_reset_step<float>", "gru_backward_reset_step<double>"),
+        ("gru_forward_resident<float, true>", "gru_forward_resident<float, false>",
+         "gru_forward_resident<double, true>", "gru_forward_resident<double, false>",
+         "gru_backward_resident<float>", "gru_backward_resident<double>"),
     }
 
 

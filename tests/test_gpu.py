@@ -231,23 +231,32 @@ def test_resident_kernels_match_numpy_at_a_realistic_size(dtype):
         backend.loop = None
 
 
+@pytest.mark.parametrize("loop", ["per-step", None])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cupy_gru_matches_numpy_reference(reset_after, dtype):
-    """The GRU on the cupy backend: its per-step kernels and GEMMs (kernels/gru_*.cu), replayed
-    from CUDA graphs after the first call of a shape, both conventions."""
+def test_cupy_gru_matches_numpy_reference(reset_after, dtype, loop):
+    """The GRU on the cupy backend, both conventions: the per-step kernels and GEMMs
+    (kernels/gru_forward.cu, gru_backward.cu) replayed from CUDA graphs, and by the default
+    rule (reset_after at these sizes) the resident kernels (gru_resident.cu)."""
     kwargs = dict(num_layers=2, bidirectional=True, dropout=0.25, dtype=dtype, seed=7, reset_after=reset_after)
     gpu = fastlstm.GRU(6, 40, backend="cupy", **kwargs)
     cpu = fastlstm.GRU(6, 40, backend="numpy", **kwargs)
+    backend = gpu._current_backend()
+    if loop is None and reset_after:
+        assert backend._gru_plan(5, 40, np.dtype(dtype), True) is not None
     cpu.load_state_dict(gpu.state_dict())
     rng = np.random.default_rng(3)
     x, h0 = rng.standard_normal((9, 5, 6)), 0.5 * rng.standard_normal((4, 5, 40))
     dy, dh = rng.standard_normal((9, 5, 80)), rng.standard_normal((4, 5, 40))
     lengths = np.array([9, 3, 7, 1, 9])
     results = []
-    for layer in (cpu, gpu):
-        y, h_n = layer(x, h0, lengths)
-        dx, dh0 = layer.backward(dy, dh)
-        results.append([y, h_n, dx, dh0] + [layer._storage.to_host(g) for g in layer.grads.values()])
+    previous, backend.loop = backend.loop, loop
+    try:
+        for layer in (cpu, gpu):
+            y, h_n = layer(x, h0, lengths)
+            dx, dh0 = layer.backward(dy, dh)
+            results.append([y, h_n, dx, dh0] + [layer._storage.to_host(g) for g in layer.grads.values()])
+    finally:
+        backend.loop = previous
     for expected, actual in zip(*results):  # NumPy in, NumPy out: every result is on the host
         assert_close(actual, expected, TOL[dtype])

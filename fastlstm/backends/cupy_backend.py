@@ -18,10 +18,11 @@ LSTM's time loop runs one of three ways (``LOOPS``; the default rule is ``_plan`
 Backward mirrors it; the weight gradients are GEMMs over all steps after the loop and
 the bias gradient is a deterministic column sum.
 
-The GRU (``kernels/gru_forward.cu``, ``gru_backward.cu``) runs the per-step loop only, with
-graphs: per step one GEMM and one fused kernel (``reset_after``), or two of each (Cho's
-convention: W_hn multiplies r * h, which needs every unit's r first). It has no persistent
-or resident kernels yet.
+The GRU runs the resident kernels (``kernels/gru_resident.cu``, ``reset_after`` only) by the
+LSTM's rule, else the per-step loop with graphs (``kernels/gru_forward.cu``,
+``gru_backward.cu``): per step one GEMM and one fused kernel (``reset_after``), or two of each
+(Cho's convention: W_hn multiplies r * h, which needs every unit's r first). It has no
+persistent kernels.
 
 The sequence logic (``CudaSequenceBackend``) is written against three seams, an
 array module, a GEMM and a kernel launcher (plus, optionally, a graph cache), so that
@@ -119,28 +120,32 @@ class ResidentPlan:
     shared_backward: int
 
 
-def resident_shared_bytes(rows, hidden, itemsize) -> tuple[int, int]:
-    """(forward, backward) bytes of the layouts at the top of lstm_resident.cu."""
+def resident_shared_bytes(rows, hidden, itemsize, gates=4) -> tuple[int, int]:
+    """(forward, backward) bytes of the layouts at the top of lstm_resident.cu (gates 4) and
+    gru_resident.cu (gates 3)."""
     padded = -(-rows // RESIDENT_GROUP) * RESIDENT_GROUP
-    weights = 4 * hidden * hidden
-    forward = 8 * padded + itemsize * (weights + padded * hidden * 2 + 2 * padded * 4 * hidden)  # w, h, c, pre x2
-    backward = 8 * padded + itemsize * (weights + padded * 4 * hidden + padded * hidden * 6)  # w, da, partial, dh, dc
+    weights = gates * hidden * hidden
+    # forward: w, two state vectors (LSTM h and c, GRU h and hn), this step's and the next's projection
+    forward = 8 * padded + itemsize * (weights + padded * hidden * 2 + 2 * padded * gates * hidden)
+    # backward: w, da, a partial product per gate, dh carried (and the LSTM's dc)
+    carried = 2 if gates == 4 else 1
+    backward = 8 * padded + itemsize * (weights + padded * gates * hidden + padded * hidden * (gates + carried))
     return forward, backward
 
 
-def resident_plan(batch, hidden, itemsize, multiprocessors, shared_limit) -> ResidentPlan | None:
+def resident_plan(batch, hidden, itemsize, multiprocessors, shared_limit, gates=4) -> ResidentPlan | None:
     """The resident kernels' plan, or None where W_hh does not fit a block's shared memory
-    (or 4H threads a block). Sequences are spread over the multiprocessors, at most as many
-    a block as there are threads for their cells and shared memory for their state."""
-    if 4 * hidden > MAX_BLOCK_THREADS:
+    (or gates * H threads a block). Sequences are spread over the multiprocessors, at most as
+    many a block as there are threads for their cells and shared memory for their state."""
+    if gates * hidden > MAX_BLOCK_THREADS:
         return None
     rows = min(-(-batch // multiprocessors), MAX_BLOCK_THREADS // hidden)
-    while rows > 1 and max(resident_shared_bytes(rows, hidden, itemsize)) > shared_limit:
+    while rows > 1 and max(resident_shared_bytes(rows, hidden, itemsize, gates)) > shared_limit:
         rows -= 1
-    forward, backward = resident_shared_bytes(rows, hidden, itemsize)
+    forward, backward = resident_shared_bytes(rows, hidden, itemsize, gates)
     if max(forward, backward) > shared_limit:
         return None
-    threads = -(-max(4 * hidden, rows * hidden) // WARP) * WARP
+    threads = -(-max(gates * hidden, rows * hidden) // WARP) * WARP
     return ResidentPlan(-(-batch // rows), threads, rows, forward, backward)
 
 
@@ -465,8 +470,19 @@ class CudaSequenceBackend(ReferenceBackend):
         self._run_loop(("backward", saved.reverse), inputs, outputs, loop)
         return (dh, dh_other)[len(order) % 2], dc  # after an even number of swaps, dh holds the last
 
-    # -- GRU: the per-step loop (a GEMM or two and fused kernels a step, replayed from CUDA
-    # graphs where they are on); no persistent or resident kernels for this cell yet -------
+    # -- GRU: the resident kernels (reset_after, where W_hh fits a block and the sequences one
+    # wave of blocks, as the LSTM's rule), else the per-step loop (a GEMM or two and fused
+    # kernels a step, replayed from CUDA graphs where they are on); no persistent kernels ----
+    def _gru_plan(self, batch, hidden, dtype, reset_after) -> ResidentPlan | None:
+        if not reset_after or self.loop in ("per-step", "persistent"):
+            return None
+        kernels = self._kernels
+        plan = resident_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.multiprocessors,
+                             kernels.resident_shared_limit, gates=3)
+        if self.loop == "resident" or (plan is not None and plan.blocks <= kernels.multiprocessors):
+            return plan
+        return None
+
     def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
         xp = self.xp
         num_steps, batch, input_size = x.shape
@@ -476,6 +492,20 @@ class CudaSequenceBackend(ReferenceBackend):
         gates = xp.empty((num_steps, batch, 3 * hidden), dtype=x.dtype)
         self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 3 * hidden), 0.0)
         y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        plan = self._gru_plan(batch, hidden, x.dtype, reset_after)
+        if plan is not None:
+            h_n = xp.empty_like(h0)
+            h_states = hidden_n = None
+            if training:
+                h_states, hidden_n = xp.empty_like(y), xp.empty_like(y)
+            self._kernels.gru_forward_resident(plan, training, reverse, gates, b_ih, b_hh, w_hh, h0,
+                                               y if h_states is None else h_states,  # not written without training
+                                               y if hidden_n is None else hidden_n, y, h_n, step_lengths)
+            saved = None
+            if training:
+                saved = _CudaSavedGRU(x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n,
+                                      h_states)
+            return y, h_n, saved
         # hidden_n: what the reset met (W_hn h + b_hn, or r h), kept for the backward; Cho's
         # loop writes r h there every step, so without training it is one step's scratch.
         hidden_n = xp.empty_like(y) if training else (xp.empty((1, batch, hidden), x.dtype) if not reset_after
@@ -523,12 +553,24 @@ class CudaSequenceBackend(ReferenceBackend):
 
     def gru_backward_sequence(self, saved: _CudaSavedGRU, dy, dh_n):
         xp = self.xp
-        num_steps, batch, hidden = saved.h_states.shape
-        rows, input_size = saved.x2.shape
-        two = 2 * hidden
-        order = list(step_order(num_steps, saved.reverse))
+        _, batch, hidden = saved.h_states.shape
         d_in = xp.empty_like(saved.gates)
         d_hid = xp.empty_like(saved.gates) if saved.reset_after else None
+        plan = self._gru_plan(batch, hidden, dy.dtype, saved.reset_after)
+        if plan is not None:
+            dh0 = xp.empty_like(dh_n)
+            self._kernels.gru_backward_resident(plan, saved.reverse, saved.gates, saved.hidden_n, saved.h_states,
+                                                saved.h0, dy, saved.w_hh, dh_n, d_in, d_hid, dh0, saved.lengths)
+        else:
+            dh0 = self._gru_backward_steps(saved, dy, dh_n, d_in, d_hid)
+        return self._gru_gradients(saved, dy, dh0, d_in, d_hid)
+
+    def _gru_backward_steps(self, saved: _CudaSavedGRU, dy, dh_n, d_in, d_hid):
+        """The GRU's backward time loop from Python; fills d_in (and d_hid). Returns dh0."""
+        xp = self.xp
+        num_steps, _, hidden = saved.h_states.shape
+        two = 2 * hidden
+        order = list(step_order(num_steps, saved.reverse))
         dh, dh_other = (xp.empty(dh_n.shape, dtype=dh_n.dtype) for _ in range(2))  # dh in / out swap each step
         inputs = {"gates": saved.gates, "hidden_n": saved.hidden_n, "h_states": saved.h_states, "h0": saved.h0,
                   "dy": dy, "w_hh": saved.w_hh, "lengths": saved.lengths, "dh": dh_n}
@@ -557,8 +599,15 @@ class CudaSequenceBackend(ReferenceBackend):
                 dh_in, dh_out = dh_out, dh_in
 
         self._run_loop(("gru-backward", saved.reverse, reset_after), inputs, outputs, loop)
-        dh0 = (dh, dh_other)[len(order) % 2]  # after an even number of swaps, dh holds the last
-        # After the loop: dx and the weight gradients as GEMMs over all steps.
+        return (dh, dh_other)[len(order) % 2]  # after an even number of swaps, dh holds the last
+
+    def _gru_gradients(self, saved: _CudaSavedGRU, dy, dh0, d_in, d_hid):
+        """After the time loop: dx and the weight and bias gradients as GEMMs over all steps."""
+        xp, gemm = self.xp, self._gemm
+        num_steps, batch, hidden = saved.h_states.shape
+        rows, input_size = saved.x2.shape
+        two = 2 * hidden
+        reset_after = saved.reset_after
         d_rows = d_in.reshape(rows, 3 * hidden)
         dx2 = xp.empty((rows, input_size), dtype=dy.dtype)
         gemm("N", "N", d_rows, saved.w_ih, dx2, 0.0)
@@ -649,6 +698,8 @@ def kernel_sources() -> dict[str, list[str]]:
                            for flag in training] + [f"gru_reset_step<{t}>" for t in types],
         "gru_backward.cu": [f"{k}<{t}>" for k in ("gru_backward_step", "gru_backward_new_step",
                                                   "gru_backward_reset_step") for t in types],
+        "gru_resident.cu": [f"gru_forward_resident<{t}, {flag}>" for t in types for flag in training]
+        + [f"gru_backward_resident<{t}>" for t in types],
     }
 
 
@@ -832,6 +883,27 @@ class CupyKernels:
     def gru_backward_reset_step(self, t, gates_t, h_before, d_reset_h, dh_t, dh_out, d_in_t, lengths):
         self._per_element(f"gru_backward_reset_step<{self._ctype(dh_out)}>", *dh_out.shape, t, gates_t, h_before,
                           d_reset_h, dh_t, dh_out, d_in_t, lengths)
+
+    def gru_forward_resident(self, plan, training, reverse, gates, b_ih, b_hh, w_hh, h0, h_states, hidden_n, y, h_n,
+                             lengths):
+        steps, batch, hidden = y.shape
+        name = f"gru_forward_resident<{self._ctype(y)}, {'true' if training else 'false'}>"
+        self._launch_with_shared(
+            name, (plan.blocks,), (plan.threads,),
+            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
+             gates, b_ih, b_hh, w_hh, h0, h_states, hidden_n, y, h_n, lengths),
+            plan.shared_forward,
+        )
+
+    def gru_backward_resident(self, plan, reverse, gates, hidden_n, h_states, h0, dy, w_hh, dh_n, d_in, d_hid, dh0,
+                              lengths):
+        steps, batch, hidden = dy.shape
+        self._launch_with_shared(
+            f"gru_backward_resident<{self._ctype(dy)}>", (plan.blocks,), (plan.threads,),
+            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
+             gates, hidden_n, h_states, h0, dy, w_hh, dh_n, d_in, d_hid, dh0, lengths),
+            plan.shared_backward,
+        )
 
 
 class CublasGemm:

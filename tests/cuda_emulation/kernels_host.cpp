@@ -7,6 +7,7 @@
 #include "lstm_resident.cu"
 #include "gru_forward.cu"
 #include "gru_backward.cu"
+#include "gru_resident.cu"
 
 #define FL_ENTRY_POINTS(T, SUFFIX)                                                                 \
     extern "C" void forward_step_##SUFFIX(unsigned grid, unsigned block, int training, int batch,  \
@@ -130,3 +131,31 @@ FL_ENTRY_POINTS(double, f64)
 
 FL_GRU_ENTRY_POINTS(float, f32)
 FL_GRU_ENTRY_POINTS(double, f64)
+
+#define FL_GRU_RESIDENT_ENTRY_POINTS(T, SUFFIX)                                                     \
+    extern "C" void gru_forward_resident_##SUFFIX(                                                  \
+        unsigned grid, unsigned block, unsigned long long shared_bytes, int training, int steps,    \
+        int batch, int hidden, int rows, int reverse, T* gates, const T* b_ih, const T* b_hh,       \
+        const T* w_hh, const T* h0, T* h_states, T* hidden_n, T* y, T* h_n,                         \
+        const long long* lengths) {                                                                 \
+        if (training)                                                                               \
+            fl_launch_threads(grid, block, shared_bytes, gru_forward_resident<T, true>, steps, batch, \
+                              hidden, rows, reverse, gates, b_ih, b_hh, w_hh, h0, h_states,         \
+                              hidden_n, y, h_n, lengths);                                           \
+        else                                                                                        \
+            fl_launch_threads(grid, block, shared_bytes, gru_forward_resident<T, false>, steps,     \
+                              batch, hidden, rows, reverse, gates, b_ih, b_hh, w_hh, h0, h_states,  \
+                              hidden_n, y, h_n, lengths);                                           \
+    }                                                                                               \
+    extern "C" void gru_backward_resident_##SUFFIX(                                                 \
+        unsigned grid, unsigned block, unsigned long long shared_bytes, int steps, int batch,       \
+        int hidden, int rows, int reverse, const T* gates, const T* hidden_n, const T* h_states,    \
+        const T* h0, const T* dy, const T* w_hh, const T* dh_n, T* d_in, T* d_hid, T* dh0,          \
+        const long long* lengths) {                                                                 \
+        fl_launch_threads(grid, block, shared_bytes, gru_backward_resident<T>, steps, batch, hidden, \
+                          rows, reverse, gates, hidden_n, h_states, h0, dy, w_hh, dh_n, d_in,       \
+                          d_hid, dh0, lengths);                                                     \
+    }
+
+FL_GRU_RESIDENT_ENTRY_POINTS(float, f32)
+FL_GRU_RESIDENT_ENTRY_POINTS(double, f64)
