@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(1024)
         const int r = i / hidden, k = i % hidden;
         h[fl_interleaved(r, k, hidden)] = r < mine ? h0[(long long)(b0 + r) * hidden + k] : T(0);
     }
-    for (int r = threadIdx.x; r < padded; r += blockDim.x) length[r] = r < mine ? lengths[b0 + r] : 0;
+    fl_load_lengths(length, lengths, b0, mine, padded);
     __syncthreads();
     const long long plane = (long long)batch * hidden;
     const int j = threadIdx.x;  // the gate row whose products this thread computes
@@ -63,11 +63,7 @@ __global__ void __launch_bounds__(1024)
         const bool more = s + 1 < steps;
         const int t_next = more ? (reverse ? t - 1 : t + 1) : t;
         const T* next_gates = gates + ((long long)t_next * batch + b0) * three_h;
-#pragma unroll
-        for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
-            const int e = threadIdx.x + q * blockDim.x;
-            next[q] = more && e < inputs ? next_gates[e] : T(0);
-        }
+        fl_prefetch(next_gates, inputs, more, next);
         if (j < two_h)  // r and z: pre = (x W_ih^T + h W_hh^T) + (b_ih + b_hh), in place
             fl_resident_products(w, three_h, h, hidden, 0, hidden, j, mine, pre, three_h, pre, bias_j);
         else if (j < three_h)  // n: hn = h W_hn^T (b_hn added below)
@@ -98,11 +94,7 @@ __global__ void __launch_bounds__(1024)
             h[hi] = h_new;
             if (Training) h_states[t * plane + n] = h_new;
         }
-#pragma unroll
-        for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
-            const int e = threadIdx.x + q * blockDim.x;
-            if (more && e < inputs) pre_next[e] = next[q];
-        }
+        fl_store_prefetched(next, inputs, more, pre_next);
         __syncthreads();
         T* done = pre;
         pre = pre_next;
@@ -139,7 +131,7 @@ __global__ void __launch_bounds__(1024)
         const int r = i / hidden;
         dh_carried[i] = r < mine ? dh_n[(long long)(b0 + r) * hidden + i % hidden] : T(0);
     }
-    for (int r = threadIdx.x; r < padded; r += blockDim.x) length[r] = r < mine ? lengths[b0 + r] : 0;
+    fl_load_lengths(length, lengths, b0, mine, padded);
     __syncthreads();
     const long long plane = (long long)batch * hidden;
     // dh_prev[k] = sum_j da[j] W_hh[j][k]: this thread sums the rows j of gate `part` for unit k

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(1024)
         h[fl_interleaved(r, k, hidden)] = r < mine ? h0[n] : T(0);  // padding sequences stay zero
         c[i] = r < mine ? c0[n] : T(0);
     }
-    for (int r = threadIdx.x; r < padded; r += blockDim.x) length[r] = r < mine ? lengths[b0 + r] : 0;
+    fl_load_lengths(length, lengths, b0, mine, padded);
     __syncthreads();
     const long long plane = (long long)batch * hidden;
     const int j = threadIdx.x;  // the gate row whose products this thread computes
@@ -76,11 +76,7 @@ __global__ void __launch_bounds__(1024)
         const bool more = s + 1 < steps;
         const int t_next = more ? (reverse ? t - 1 : t + 1) : t;
         const T* next_gates = gates + ((long long)t_next * batch + b0) * four_h;
-#pragma unroll
-        for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
-            const int e = threadIdx.x + q * blockDim.x;
-            next[q] = more && e < inputs ? next_gates[e] : T(0);
-        }
+        fl_prefetch(next_gates, inputs, more, next);
         if (j < four_h)  // pre = (x W_ih^T + h W_hh^T) + b, in place
             fl_resident_products(w, four_h, h, hidden, 0, hidden, j, mine, pre, four_h, pre, bias_j);
         __syncthreads();
@@ -113,11 +109,7 @@ __global__ void __launch_bounds__(1024)
                 c_states[t * plane + n] = c_new;
             }
         }
-#pragma unroll
-        for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
-            const int e = threadIdx.x + q * blockDim.x;
-            if (more && e < inputs) pre_next[e] = next[q];
-        }
+        fl_store_prefetched(next, inputs, more, pre_next);
         __syncthreads();
         T* done = pre;
         pre = pre_next;
@@ -158,7 +150,7 @@ __global__ void __launch_bounds__(1024)
         dh_carried[i] = r < mine ? dh_n[n] : T(0);
         dc[i] = r < mine ? dc_n[n] : T(0);
     }
-    for (int r = threadIdx.x; r < padded; r += blockDim.x) length[r] = r < mine ? lengths[b0 + r] : 0;
+    fl_load_lengths(length, lengths, b0, mine, padded);
     __syncthreads();
     const long long plane = (long long)batch * hidden;
     // dh_prev[k] = sum_j da[j] W_hh[j][k]: this thread sums the rows j of quarter `part` for unit k

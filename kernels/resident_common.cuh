@@ -77,3 +77,30 @@ __device__ __forceinline__ void fl_resident_products(const T* w, int w_stride, c
 __device__ __forceinline__ int fl_padded(int rows) {
     return (rows + FL_RESIDENT_GROUP - 1) / FL_RESIDENT_GROUP * FL_RESIDENT_GROUP;
 }
+
+// The block's sequences' lengths into shared memory; padding sequences get 0 (never active).
+__device__ __forceinline__ void fl_load_lengths(long long* length, const long long* lengths, int b0, int mine,
+                                                int padded) {
+    for (int r = threadIdx.x; r < padded; r += blockDim.x) length[r] = r < mine ? lengths[b0 + r] : 0;
+}
+
+// The next step's input projection (`inputs` elements from `step`, the block's rows): each
+// thread loads its elements into registers before the step's products, so that their
+// latency is off the chain of steps, and stores them to shared memory after the update.
+template <typename T>
+__device__ __forceinline__ void fl_prefetch(const T* step, int inputs, bool more, T* next) {
+#pragma unroll
+    for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
+        const int e = threadIdx.x + q * blockDim.x;
+        next[q] = more && e < inputs ? step[e] : T(0);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void fl_store_prefetched(const T* next, int inputs, bool more, T* pre_next) {
+#pragma unroll
+    for (int q = 0; q < FL_RESIDENT_PREFETCH; ++q) {
+        const int e = threadIdx.x + q * blockDim.x;
+        if (more && e < inputs) pre_next[e] = next[q];
+    }
+}
