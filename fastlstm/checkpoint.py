@@ -43,19 +43,18 @@ def write_atomic(path, writer) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no such directory {str(folder)!r}")
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        mode = os.stat(path).st_mode & 0o7777  # an existing file keeps its permissions
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        mode = None  # a new one gets 0o666 less the umask, as open() would give it
     # a short name of its own (a long target name plus a suffix could pass the name limit)
     tmp = folder / f".fastlstm-{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is not None else 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             writer(handle)
             handle.flush()
-            os.fchmod(handle.fileno(), mode)
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -492,8 +492,11 @@ class RecurrentLayer:
         config = header.get("config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: the file has no layer configuration")
+        unknown = set(config) - (set(inspect.signature(cls).parameters) - {"backend", "seed"})
+        if unknown:  # a file says what a layer is, not where it runs or how it was seeded
+            raise CheckpointError(f"{path}: the layer configuration in the file is not valid: unknown options "
+                                  f"{sorted(unknown)}")
         try:
-            inspect.signature(cls).bind(**config)  # names the constructor takes, nothing else
             spec = _validated_spec(cls._cell_of(config), *(config.get(name, default) for name, default in (
                 ("input_size", None), ("hidden_size", None), ("num_layers", 1), ("bias", True),
                 ("bidirectional", False), ("dtype", "float32"))))

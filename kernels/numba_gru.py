@@ -4,9 +4,12 @@ Built on ``numba_common.py`` (blocking, step barrier, per-step GEMMs, activation
 docstring describes the scheme). A block owns the three gates r, z, n of its units. Per
 time step each block runs its recurrent GEMM (float32: the packed micro-kernel; otherwise
 single-threaded BLAS, or a hand-written kernel for batch 1) and then the fused pointwise
-cell update. What runs outside the loop (the input projection x W_ih^T of all steps, and
-after the backward loop dx and the weight gradients) is a few large GEMMs over all T*B
-rows, which the caller runs on NumPy's BLAS threads.
+cell update. The input projection x W_ih^T of all steps, and after the backward loop dx and
+the weight gradients, are large GEMMs over all T*B rows: on the parallel plan each block's
+share runs on the loop's own threads (the projection at the first step, ``gradients``
+after the loop), because a multi-threaded BLAS call next to the loop leaves BLAS's
+threads spinning on the cores the loop needs (stream-1: 8 ms instead of 0.5); on one block
+the caller runs them on NumPy's BLAS.
 
 The two conventions differ in how many GEMMs a step needs:
 

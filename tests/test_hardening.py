@@ -256,6 +256,8 @@ def test_hostile_layer_files_are_refused_before_anything_large_is_allocated(tmp_
                              zipfile.ZIP_STORED, "dtype|not a readable"),
         "unknown_option.npz": (layer_file_members({**config, "evil": 1}, arrays), zipfile.ZIP_STORED,
                                "configuration in the file is not valid"),
+        "backend_in_file.npz": (layer_file_members({**config, "backend": "cupy"}, arrays), zipfile.ZIP_STORED,
+                                r"unknown options \['backend'\]"),
     }
     for name, (members, compression, match) in cases.items():
         write_zip(tmp_path / name, members, compression)
@@ -519,3 +521,12 @@ def test_fuzz_state_dicts_load_or_fail_cleanly(cell, change, which):
     event(f"loaded {change}")
     for k, v in layer.state_dict().items():
         np.testing.assert_allclose(v, np.asarray(state[k], dtype=np.float64), rtol=1e-3, err_msg=k)
+
+
+def test_a_new_file_gets_the_permissions_open_would_give_it(tmp_path):
+    old = os.umask(0o027)
+    try:
+        fastlstm.LSTM(3, 4, seed=0).save(tmp_path / "new.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.npz").stat().st_mode & 0o777 == 0o640
