@@ -5,9 +5,10 @@ and what the adapter costs over the bare call.
 A step is LSTM -> Linear -> cross-entropy -> backward -> Adam, on DESIGN.md's
 configurations (batch-first off, targets drawn once). Runners:
 
-- ``nn.LSTM step`` and ``fastlstm step``: the whole step, CPU tensors (and, where torch sees
-  a GPU, CUDA tensors: cuDNN in IEEE float32, and with torch's default TF32 setting);
-- ``fastlstm.torch lstm`` and ``fastlstm bare``: only the LSTM's forward + backward, once
+- ``nn.LSTM step`` (``nn.GRU step``) and ``fastlstm step``: the whole step, CPU tensors (and,
+  where torch sees a GPU, CUDA tensors: cuDNN in IEEE float32, and with torch's default TF32
+  setting);
+- ``fastlstm.torch lstm`` (``gru``) and ``fastlstm bare``: only the layer's forward + backward, once
   through the torch module (the adapter) and once on the NumPy-level layer with the same
   backend and weights. Their ratio is the adapter's overhead;
 - ``head step``: the rest of the step alone (Linear, loss, backward, Adam on a fixed LSTM
@@ -189,19 +190,24 @@ def module_backend(device: str) -> str:
     return _torch_ops.resolve_backend("", torch.device(device)).name
 
 
+def runner_names(cell: str) -> dict:
+    """role -> runner name for `cell`: torch's step, the module's forward + backward (the
+    LSTM's names are "nn.LSTM step" and "fastlstm.torch lstm"; the GRU's say GRU, gru)."""
+    return {"torch": f"nn.{cell.upper()} step", "layer": f"fastlstm.torch {cell}"}
+
+
 def runners(config: Config, device: str) -> dict:
+    names = runner_names(config.cell)
+    torch_steps = {names["torch"]: _training_step(config, device, "torch")}
     if device == "cuda":
-        return {
-            "nn.LSTM step (cuDNN fp32)": _training_step(config, device, "torch"),
-            "nn.LSTM step (cuDNN TF32)": _training_step(config, device, "torch", allow_tf32=True),
-            "fastlstm step": _training_step(config, device, "fastlstm"),
-            **dict(zip(("fastlstm.torch lstm", "fastlstm bare"), _adapter_pair(config, device))),
-            "head step": _head_step(config, device),
+        torch_steps = {
+            f"{names['torch']} (cuDNN fp32)": _training_step(config, device, "torch"),
+            f"{names['torch']} (cuDNN TF32)": _training_step(config, device, "torch", allow_tf32=True),
         }
     return {
-        "nn.LSTM step": _training_step(config, device, "torch"),
+        **torch_steps,
         "fastlstm step": _training_step(config, device, "fastlstm"),
-        **dict(zip(("fastlstm.torch lstm", "fastlstm bare"), _adapter_pair(config, device))),
+        **dict(zip((names["layer"], "fastlstm bare"), _adapter_pair(config, device))),
         "head step": _head_step(config, device),
     }
 
@@ -238,18 +244,20 @@ def run(configs=None, repeats: int = 7, warmup: int = 2, progress=None, devices=
 
 def format_table(report: StepReport) -> str:
     configs = list(dict.fromkeys(c for c, _ in report.times))
-    rows = [("config", "runner", "ms", "vs nn.LSTM step", "adapter overhead", "step - parts")]
+    rows = [("config", "runner", "ms", "vs torch.nn step", "adapter overhead", "step - parts")]
     for config in configs:
-        torch_runner = "nn.LSTM step" if (config, "nn.LSTM step") in report.times else "nn.LSTM step (cuDNN fp32)"
+        names = [runner for c, runner in report.times if c == config]
+        # torch's step (IEEE float32 on a GPU) and the module's forward + backward, of either cell
+        torch_runner = next(r for r in names if r.startswith("nn.") and (r.endswith(" step") or "fp32" in r))
+        layer_runner = next(r for r in names if r.startswith("fastlstm.torch "))
         speedup = report.ratio(config, torch_runner, "fastlstm step")
-        overhead = report.ratio(config, "fastlstm.torch lstm", "fastlstm bare")
-        lstm, head = report.median(config, "fastlstm.torch lstm"), report.median(config, "head step")
-        for (c, runner) in report.times:
-            if c != config:
-                continue
+        overhead = report.ratio(config, layer_runner, "fastlstm bare")
+        lstm, head = report.median(config, layer_runner), report.median(config, "head step")
+        for runner in names:
+            c = config
             t = report.median(c, runner)
             versus = f"{speedup:.2f}x" if runner == "fastlstm step" and speedup else ""
-            extra = f"{overhead - 1:+.1%}" if runner == "fastlstm.torch lstm" and overhead else ""
+            extra = f"{overhead - 1:+.1%}" if runner == layer_runner and overhead else ""
             parts = f"{(t - lstm - head) * 1e3:+.2f} ms" if runner == "fastlstm step" and lstm and head else ""
             rows.append((c, runner, f"{t * 1e3:.2f}", versus, extra, parts))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -258,5 +266,5 @@ def format_table(report: StepReport) -> str:
     title = (f"fastlstm bench --torch: a training step (LSTM or GRU + Linear({HEAD_CLASSES}) + cross-entropy + Adam), "
              f"float32, {report.threads} threads, median of {report.repeats} alternated rounds (blocks of "
              "consecutive steps); ratios are medians of the ratios within rounds; "
-             "'vs nn.LSTM step' above 1: fastlstm faster")
+             "'vs torch.nn step' above 1: fastlstm faster than torch.nn.LSTM / GRU")
     return title + "\n" + "\n".join(lines)

@@ -235,11 +235,15 @@ def test_bench_torch_times_a_training_step(tmp_path):
                        "--repeats", "2", "--threads", "1", "--device", "cpu", "--json", str(path))
     assert out.returncode == 0, out.stderr
     for word in ("nn.LSTM step", "fastlstm step", "fastlstm.torch lstm", "fastlstm bare", "head step",
-                 "vs nn.LSTM step", "adapter overhead", "step - parts"):
+                 "vs torch.nn step", "adapter overhead", "step - parts"):
         assert word in out.stdout
     data = json.loads(path.read_text())
     runners = {m["runner"] for m in data["measurements"]}
     assert runners == {"nn.LSTM step", "fastlstm step", "fastlstm.torch lstm", "fastlstm bare", "head step"}
+    gru = fastlstm_cmd("bench", "--torch", "--cell", "gru", "--T", "4", "--B", "2", "--I", "3", "--H", "8",
+                       "--repeats", "2", "--threads", "1", "--device", "cpu")
+    assert gru.returncode == 0, gru.stderr
+    assert "nn.GRU step" in gru.stdout and "fastlstm.torch gru" in gru.stdout and "LSTM step" not in gru.stdout
     assert all(m["config"] == "custom (cpu)" and len(m["times_s"]) == 2 for m in data["measurements"])
     bad = fastlstm_cmd("bench", "--torch", "--backends", "numpy")
     assert bad.returncode == 2 and "--backends does not apply" in bad.stderr
