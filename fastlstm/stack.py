@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends.base import active_steps
 from .cells import LSTM_CELL
 
 
@@ -113,8 +114,7 @@ def forward(spec: StackSpec, backend, params, x, states0, lengths, masks, keep: 
     if lengths is not None:
         # Padding (the steps past a sequence's length) reaches no result: zeroed once here, so
         # that no backend multiplies a zero gradient by what the caller left there (0 * NaN).
-        active = xp.arange(num_steps)[:, None, None] < lengths[None, :, None]
-        x = xp.where(active, x, x.dtype.type(0))
+        x = xp.where(active_steps(xp, lengths, num_steps), x, x.dtype.type(0))
     elif keep:
         x = x.copy()
     if keep:
