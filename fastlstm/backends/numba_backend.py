@@ -106,8 +106,7 @@ class _NumbaSavedGRU:
     plan: _Plan
     x2: np.ndarray
     w_ih: np.ndarray
-    w_ops: np.ndarray  # the blocks' recurrent weight rows as backward GEMM operands
-    w_ops_n: np.ndarray  # Cho: W_hn's likewise
+    w_hh: np.ndarray
     h0: np.ndarray
     lengths: np.ndarray
     reverse: bool
@@ -305,8 +304,8 @@ class NumbaBackend(ReferenceBackend):
         )
         saved = None
         if training:
-            saved = _NumbaSavedGRU(plan, x2, w_ih, *self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=True),
-                                   h0, step_lengths, reverse, reset_after, gates, hidden_n, h_states)
+            saved = _NumbaSavedGRU(plan, x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n,
+                                   h_states)
         return y, h_n, saved
 
     def gru_backward_sequence(self, saved: _NumbaSavedGRU, dy, dh_n):
@@ -316,9 +315,10 @@ class NumbaBackend(ReferenceBackend):
         two = 2 * hidden
         d_in = np.empty_like(saved.gates)
         d_hidden_n = np.empty((rows, hidden), dy.dtype) if saved.reset_after else d_in[:, two:]
+        w_ops, w_ops_n = self._gru_operands(plan, saved.w_hh, saved.reset_after, rows_are_inputs=True)
         dh0 = self._run(
             plan, gru_kernels.backward_loop_parallel, gru_kernels.backward_loop_serial,
-            saved.gates, saved.h_states, np.ascontiguousarray(saved.h0), saved.hidden_n, saved.w_ops, saved.w_ops_n,
+            saved.gates, saved.h_states, np.ascontiguousarray(saved.h0), saved.hidden_n, w_ops, w_ops_n,
             np.ascontiguousarray(dy), np.ascontiguousarray(dh_n), saved.lengths, saved.reverse, plan.bounds,
             saved.reset_after, plan.max_units, plan.mode, d_in, d_hidden_n if saved.reset_after else d_in,
         )
