@@ -264,9 +264,9 @@ class CudaSequenceBackend(ReferenceBackend):
         return persistent_plan(batch, hidden, itemsize, kernels.persistent_blocks,
                                kernels.persistent_threads[itemsize], kernels.persistent_shared_limit)
 
-    def _resident_plan(self, batch, hidden, itemsize) -> ResidentPlan | None:
+    def _resident_plan(self, batch, hidden, itemsize, gates=4) -> ResidentPlan | None:
         kernels = self._kernels
-        return resident_plan(batch, hidden, itemsize, kernels.multiprocessors, kernels.resident_shared_limit)
+        return resident_plan(batch, hidden, itemsize, kernels.multiprocessors, kernels.resident_shared_limit, gates)
 
     def _plan(self, batch, hidden, dtype) -> PersistentPlan | ResidentPlan | None:
         """The time loop of a call: a plan of the resident or the persistent kernels, or None
@@ -476,10 +476,8 @@ class CudaSequenceBackend(ReferenceBackend):
     def _gru_plan(self, batch, hidden, dtype, reset_after) -> ResidentPlan | None:
         if not reset_after or self.loop in ("per-step", "persistent"):
             return None
-        kernels = self._kernels
-        plan = resident_plan(batch, hidden, np.dtype(dtype).itemsize, kernels.multiprocessors,
-                             kernels.resident_shared_limit, gates=3)
-        if self.loop == "resident" or (plan is not None and plan.blocks <= kernels.multiprocessors):
+        plan = self._resident_plan(batch, hidden, np.dtype(dtype).itemsize, gates=3)
+        if self.loop == "resident" or (plan is not None and plan.blocks <= self._kernels.multiprocessors):
             return plan
         return None
 
@@ -785,23 +783,18 @@ class CupyKernels:
     def _ctype(array) -> str:
         return "float" if array.dtype == np.float32 else "double"
 
-    def forward_step(self, t, training, gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths):
-        batch, hidden = h_out.shape
-        name = f"lstm_forward_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
+    def _per_element(self, name, batch, hidden, t, *arrays):
+        """Launch a per-step kernel with one thread per (sequence, unit): (batch, hidden, t, arrays...)."""
         grid, block = launch_shape(batch * hidden)
-        self._function(name)(
-            (grid,), (block,),
-            (np.int32(batch), np.int32(hidden), np.int32(t), gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths),
-        )
+        self._function(name)((grid,), (block,), (np.int32(batch), np.int32(hidden), np.int32(t), *arrays))
+
+    def forward_step(self, t, training, gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths):
+        name = f"lstm_forward_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
+        self._per_element(name, *h_out.shape, t, gates_t, bias, h_prev, c_prev, h_out, c_out, y_t, lengths)
 
     def backward_step(self, t, gates_t, c_t, c_before, dy_t, dh_in, dh_out, dc, d_gates_t, lengths):
-        batch, hidden = dc.shape
-        grid, block = launch_shape(batch * hidden)
-        self._function(f"lstm_backward_step<{self._ctype(dc)}>")(
-            (grid,), (block,),
-            (np.int32(batch), np.int32(hidden), np.int32(t), gates_t, c_t, c_before, dy_t, dh_in, dh_out, dc,
-             d_gates_t, lengths),
-        )
+        self._per_element(f"lstm_backward_step<{self._ctype(dc)}>", *dc.shape, t, gates_t, c_t, c_before, dy_t,
+                          dh_in, dh_out, dc, d_gates_t, lengths)
 
     def column_sum(self, a2, rows_per_chunk, partial):
         rows, cols = a2.shape
@@ -833,33 +826,24 @@ class CupyKernels:
         )
 
 
+    def _resident(self, name, plan, shared_bytes, sequence, reverse, *arrays):
+        """Launch a resident kernel of `plan`: (steps, batch, hidden, rows, reverse, arrays...),
+        the sizes those of `sequence` (a (T, B, H) array)."""
+        self._launch_with_shared(name, (plan.blocks,), (plan.threads,),
+                                 (*map(np.int32, (*sequence.shape, plan.rows, reverse)), *arrays), shared_bytes)
+
     def forward_resident(self, plan, training, reverse, gates, bias, w_hh, h0, c0, h_states, c_states, y, h_n, c_n,
                          lengths):
-        steps, batch, hidden = y.shape
         name = f"lstm_forward_resident<{self._ctype(y)}, {'true' if training else 'false'}>"
-        self._launch_with_shared(
-            name, (plan.blocks,), (plan.threads,),
-            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
-             gates, bias, w_hh, h0, c0, h_states, c_states, y, h_n, c_n, lengths),
-            plan.shared_forward,
-        )
+        self._resident(name, plan, plan.shared_forward, y, reverse, gates, bias, w_hh, h0, c0, h_states, c_states, y,
+                       h_n, c_n, lengths)
 
     def backward_resident(self, plan, reverse, gates, c_states, c0, dy, w_hh, dh_n, dc_n, d_gates, dh0, dc0,
                           lengths):
-        steps, batch, hidden = dy.shape
-        self._launch_with_shared(
-            f"lstm_backward_resident<{self._ctype(dy)}>", (plan.blocks,), (plan.threads,),
-            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
-             gates, c_states, c0, dy, w_hh, dh_n, dc_n, d_gates, dh0, dc0, lengths),
-            plan.shared_backward,
-        )
+        self._resident(f"lstm_backward_resident<{self._ctype(dy)}>", plan, plan.shared_backward, dy, reverse, gates,
+                       c_states, c0, dy, w_hh, dh_n, dc_n, d_gates, dh0, dc0, lengths)
 
     # -- the GRU's per-step kernels (kernels/gru_forward.cu, gru_backward.cu) -------------------
-    def _per_element(self, name, batch, hidden, t, *arrays):
-        """Launch a per-step kernel with one thread per (sequence, unit): (batch, hidden, t, arrays...)."""
-        grid, block = launch_shape(batch * hidden)
-        self._function(name)((grid,), (block,), (np.int32(batch), np.int32(hidden), np.int32(t), *arrays))
-
     def gru_forward_step(self, t, training, gates_t, rec, b_ih, b_hh, h_prev, h_out, y_t, hidden_n_t, lengths):
         name = f"gru_forward_step<{self._ctype(h_out)}, {'true' if training else 'false'}>"
         self._per_element(name, *h_out.shape, t, gates_t, rec, b_ih, b_hh, h_prev, h_out, y_t, hidden_n_t, lengths)
@@ -886,24 +870,14 @@ class CupyKernels:
 
     def gru_forward_resident(self, plan, training, reverse, gates, b_ih, b_hh, w_hh, h0, h_states, hidden_n, y, h_n,
                              lengths):
-        steps, batch, hidden = y.shape
         name = f"gru_forward_resident<{self._ctype(y)}, {'true' if training else 'false'}>"
-        self._launch_with_shared(
-            name, (plan.blocks,), (plan.threads,),
-            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
-             gates, b_ih, b_hh, w_hh, h0, h_states, hidden_n, y, h_n, lengths),
-            plan.shared_forward,
-        )
+        self._resident(name, plan, plan.shared_forward, y, reverse, gates, b_ih, b_hh, w_hh, h0, h_states, hidden_n, y,
+                       h_n, lengths)
 
     def gru_backward_resident(self, plan, reverse, gates, hidden_n, h_states, h0, dy, w_hh, dh_n, d_in, d_hid, dh0,
                               lengths):
-        steps, batch, hidden = dy.shape
-        self._launch_with_shared(
-            f"gru_backward_resident<{self._ctype(dy)}>", (plan.blocks,), (plan.threads,),
-            (*map(np.int32, (steps, batch, hidden, plan.rows, reverse)),
-             gates, hidden_n, h_states, h0, dy, w_hh, dh_n, d_in, d_hid, dh0, lengths),
-            plan.shared_backward,
-        )
+        self._resident(f"gru_backward_resident<{self._ctype(dy)}>", plan, plan.shared_backward, dy, reverse, gates,
+                       hidden_n, h_states, h0, dy, w_hh, dh_n, d_in, d_hid, dh0, lengths)
 
 
 class CublasGemm:
