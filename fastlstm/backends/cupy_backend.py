@@ -383,16 +383,17 @@ class CudaSequenceBackend(ReferenceBackend):
         self._run_loop(("forward", training, reverse), inputs, outputs, loop)
         return (h_n.copy(), c_n.copy()) if training else (h_n, c_n)
 
-    def _run_loop(self, flags, inputs: dict, outputs: dict, loop):
+    def _run_loop(self, flags, inputs: dict, outputs: dict, loop, scratch: dict | None = None):
         """loop(**arrays) queues a time loop's launches. An output that is also an input
-        starts with that input's values; the loop writes nothing else.
+        starts with that input's values; the loop writes nothing else but `scratch`, arrays
+        of its own that nobody reads afterwards (never copied in or out).
 
         Without graphs the loop runs on the caller's arrays. With them it runs on buffers
         the cache keeps for these shapes (a graph bakes in addresses, and the caller's
         arrays are new every call): inputs are copied in, the loop is replayed from the
         graph of `flags` and the shapes, outputs are copied out -- a few device copies
         instead of two launches from Python per step."""
-        arrays = {**inputs, **outputs}
+        arrays = {**(scratch or {}), **inputs, **outputs}
         if self.graphs is None or not self.graphs.enabled:
             for name in inputs.keys() & outputs.keys():
                 if outputs[name] is not inputs[name]:  # the same array (gates in training) is updated in place
@@ -490,31 +491,35 @@ class CudaSequenceBackend(ReferenceBackend):
         gates = xp.empty((num_steps, batch, 3 * hidden), dtype=x.dtype)
         self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 3 * hidden), 0.0)
         y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        h_states, hidden_n = (xp.empty_like(y), xp.empty_like(y)) if training else (None, None)
         plan = self._gru_plan(batch, hidden, x.dtype, reset_after)
         if plan is not None:
             h_n = xp.empty_like(h0)
-            h_states = hidden_n = None
-            if training:
-                h_states, hidden_n = xp.empty_like(y), xp.empty_like(y)
             self._kernels.gru_forward_resident(plan, training, reverse, gates, b_ih, b_hh, w_hh, h0,
                                                y if h_states is None else h_states,  # not written without training
                                                y if hidden_n is None else hidden_n, y, h_n, step_lengths)
-            saved = None
-            if training:
-                saved = _CudaSavedGRU(x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n,
-                                      h_states)
-            return y, h_n, saved
-        # hidden_n: what the reset met (W_hn h + b_hn, or r h), kept for the backward; Cho's
-        # loop writes r h there every step, so without training it is one step's scratch.
-        hidden_n = xp.empty_like(y) if training else (xp.empty((1, batch, hidden), x.dtype) if not reset_after
-                                                       else None)
-        h_states = xp.empty_like(y) if training else None
-        rec = xp.empty((batch, (3 if reset_after else 2) * hidden), dtype=x.dtype)
-        rec_n = None if reset_after else xp.empty((batch, hidden), dtype=x.dtype)
+        else:
+            h_n = self._gru_forward_steps(gates, w_hh, b_ih, b_hh, h0, step_lengths, reverse, training, reset_after, y,
+                                          h_states, hidden_n)
+        saved = None
+        if training:
+            saved = _CudaSavedGRU(x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n, h_states)
+        return y, h_n, saved
+
+    def _gru_forward_steps(self, gates, w_hh, b_ih, b_hh, h0, step_lengths, reverse, training, reset_after, y,
+                           h_states, hidden_n):
+        """The GRU's time loop from Python: a GEMM (two for Cho) and a fused kernel (two) per step.
+        Fills y and, in training, h_states and hidden_n. Returns h_n."""
+        xp = self.xp
+        num_steps, batch, hidden = y.shape
         inputs = {"gates": gates, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "lengths": step_lengths}
-        outputs = {"y": y, "rec": rec}
+        outputs = {"y": y}
+        # the recurrent products of a step; Cho's r h goes to hidden_n in training, else here
+        scratch = {"rec": xp.empty((batch, (3 if reset_after else 2) * hidden), dtype=y.dtype)}
         if not reset_after:
-            outputs.update(rec_n=rec_n, hidden_n=hidden_n)
+            scratch["rec_n"] = xp.empty((batch, hidden), dtype=y.dtype)
+            if not training:
+                scratch["reset_h"] = xp.empty((batch, hidden), dtype=y.dtype)
         if training:  # every step's state is kept; the last one is the final state
             inputs["h0"] = h0
             outputs.update(gates=gates, h_states=h_states, hidden_n=hidden_n)
@@ -525,8 +530,8 @@ class CudaSequenceBackend(ReferenceBackend):
         kernels, gemm = self._kernels, self._gemm
         order = step_order(num_steps, reverse)
 
-        def loop(gates, w_hh, b_ih, b_hh, lengths, y, rec, rec_n=None, hidden_n=None, h0=None, h_states=None,
-                 h_run=None):
+        def loop(gates, w_hh, b_ih, b_hh, lengths, y, rec, rec_n=None, reset_h=None, hidden_n=None, h0=None,
+                 h_states=None, h_run=None):
             h_prev = h0 if training else h_run
             for t in order:
                 h_out = h_states[t] if training else h_run
@@ -535,19 +540,15 @@ class CudaSequenceBackend(ReferenceBackend):
                     kernels.gru_forward_step(t, training, gates[t], rec, b_ih, b_hh, h_prev, h_out, y[t],
                                              hidden_n[t] if training else y[t], lengths)
                 else:
-                    reset_h = hidden_n[t if training else 0]
+                    r_h = hidden_n[t] if training else reset_h
                     gemm("N", "T", h_prev, w_hh[: 2 * hidden], rec, 0.0)
-                    kernels.gru_reset_step(t, gates[t], rec, b_ih, b_hh, h_prev, reset_h, lengths)
-                    gemm("N", "T", reset_h, w_hh[2 * hidden :], rec_n, 0.0)
+                    kernels.gru_reset_step(t, gates[t], rec, b_ih, b_hh, h_prev, r_h, lengths)
+                    gemm("N", "T", r_h, w_hh[2 * hidden :], rec_n, 0.0)
                     kernels.gru_new_step(t, training, gates[t], rec_n, b_ih, b_hh, h_prev, h_out, y[t], lengths)
                 h_prev = h_out
 
-        self._run_loop(("gru-forward", training, reverse, reset_after), inputs, outputs, loop)
-        saved = None
-        if training:
-            h_n = h_states[order[-1]].copy()
-            saved = _CudaSavedGRU(x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n, h_states)
-        return y, h_n, saved
+        self._run_loop(("gru-forward", training, reverse, reset_after), inputs, outputs, loop, scratch)
+        return h_states[order[-1]].copy() if training else h_n
 
     def gru_backward_sequence(self, saved: _CudaSavedGRU, dy, dh_n):
         xp = self.xp
@@ -573,10 +574,11 @@ class CudaSequenceBackend(ReferenceBackend):
         inputs = {"gates": saved.gates, "hidden_n": saved.hidden_n, "h_states": saved.h_states, "h0": saved.h0,
                   "dy": dy, "w_hh": saved.w_hh, "lengths": saved.lengths, "dh": dh_n}
         outputs = {"d_in": d_in, "dh": dh, "dh_other": dh_other}
+        scratch = {}
         if saved.reset_after:
             outputs["d_hid"] = d_hid
-        else:
-            outputs.update(dh_t=xp.empty_like(dh_n), d_reset_h=xp.empty_like(dh_n))
+        else:  # Cho's dh of the step and d(r h), between its two kernels
+            scratch.update(dh_t=xp.empty_like(dh_n), d_reset_h=xp.empty_like(dh_n))
         kernels, gemm, reset_after = self._kernels, self._gemm, saved.reset_after
 
         def loop(gates, hidden_n, h_states, h0, dy, w_hh, lengths, dh, d_in, dh_other, d_hid=None, dh_t=None,
@@ -596,7 +598,7 @@ class CudaSequenceBackend(ReferenceBackend):
                     gemm("N", "N", d_in[t][:, :two], w_hh[:two], dh_out, 1.0)
                 dh_in, dh_out = dh_out, dh_in
 
-        self._run_loop(("gru-backward", saved.reverse, reset_after), inputs, outputs, loop)
+        self._run_loop(("gru-backward", saved.reverse, reset_after), inputs, outputs, loop, scratch)
         return (dh, dh_other)[len(order) % 2]  # after an even number of swaps, dh holds the last
 
     def _gru_gradients(self, saved: _CudaSavedGRU, dy, dh0, d_in, d_hid):
