@@ -492,14 +492,17 @@ class RecurrentLayer:
         config = header.get("config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: the file has no layer configuration")
-        unknown = set(config) - (set(inspect.signature(cls).parameters) - {"backend", "seed"})
+        signature = inspect.signature(cls)
+        unknown = set(config) - (set(signature.parameters) - {"backend", "seed"})
         if unknown:  # a file says what a layer is, not where it runs or how it was seeded
             raise CheckpointError(f"{path}: the layer configuration in the file is not valid: unknown options "
                                   f"{sorted(unknown)}")
         try:
-            spec = _validated_spec(cls._cell_of(config), *(config.get(name, default) for name, default in (
-                ("input_size", None), ("hidden_size", None), ("num_layers", 1), ("bias", True),
-                ("bidirectional", False), ("dtype", "float32"))))
+            bound = signature.bind(**config)  # the constructor's own defaults for what the file leaves out
+            bound.apply_defaults()
+            args = bound.arguments
+            spec = _validated_spec(cls._cell_of(args), args["input_size"], args["hidden_size"], args["num_layers"],
+                                   args["bias"], args["bidirectional"], args["dtype"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: the layer configuration in the file is not valid: {exc}") from exc
         arrays = spec.num_states * len(spec.names(0, 0))
@@ -510,7 +513,8 @@ class RecurrentLayer:
 
     @classmethod
     def _cell_of(cls, config: dict):
-        """The cell a configuration describes (a subclass with options overrides this)."""
+        """The cell a configuration (the constructor's arguments, defaults applied) describes
+        (a subclass with options overrides this)."""
         return cls._CELL
 
     def _repr_options(self) -> tuple:
@@ -576,7 +580,7 @@ class GRU(RecurrentLayer):
 
     @classmethod
     def _cell_of(cls, config: dict):
-        return GRUCell(_flag(config.get("reset_after", True), "reset_after"))
+        return GRUCell(_flag(config["reset_after"], "reset_after"))
 
     def _repr_options(self) -> tuple:
         return super()._repr_options() + (("reset_after", self.reset_after, True),)

@@ -137,13 +137,15 @@ def _resumed_config(saved: dict, given: dict, path) -> tuple[dict, list]:
     """The checkpoint's configuration with the training settings given on the command line
     (and those that changed, described); an architecture option that differs from the
     checkpoint's is refused."""
-    conflicts = [f"--{name.replace('_', '-')} {given[name]} (the checkpoint has {saved.get(name, DEFAULTS[name])})"
-                 for name in ARCHITECTURE if name in given and given[name] != saved.get(name, DEFAULTS[name])]
+    def differing(names, saved_as):
+        return [f"--{name.replace('_', '-')} {given[name]} ({saved_as} {saved.get(name, DEFAULTS[name])})"
+                for name in names if name in given and given[name] != saved.get(name, DEFAULTS[name])]
+
+    conflicts = differing(ARCHITECTURE, "the checkpoint has")
     if conflicts:
         raise ValueError(f"--resume: {path} holds another architecture: {', '.join(conflicts)}; leave these out "
                          f"to resume it, or train a new model with another --checkpoint")
-    changed = [f"--{name.replace('_', '-')} {given[name]} (was {saved.get(name, DEFAULTS[name])})"
-               for name in TRAINING_SETTINGS if name in given and given[name] != saved.get(name, DEFAULTS[name])]
+    changed = differing(TRAINING_SETTINGS, "was")
     overrides = {name: given[name] for name in TRAINING_SETTINGS if name in given}
     return {**saved, **overrides}, changed
 
