@@ -93,7 +93,8 @@ def load_arrays(path, kind: str, expect=None) -> tuple[dict, dict]:
                 raise CheckpointError(f"{path}: not a fastlstm file (no header); expected a {kind} file")
             header_info = members.pop(_HEADER_KEY)
             if header_info.file_size > _MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: a header of {header_info.file_size} bytes (at most {_MAX_HEADER_BYTES})")
+                raise CheckpointError(
+                    f"{path}: a header of {header_info.file_size} bytes (at most {_MAX_HEADER_BYTES})")
             header = _parse_header(_read_member(archive, header_info, path, None).tobytes(), path, kind)
             expected = expect(header) if expect is not None else None
             if expected is not None and set(expected) != set(members):
@@ -150,8 +151,9 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, sh
         if dtype.hasobject or dtype.kind not in "biuf":
             raise CheckpointError(f"{what}: dtype {dtype} (expected numbers)")
         if shape is not None and (tuple(declared) != tuple(shape) or dtype.kind != "f"):
-            raise CheckpointError(f"{path}: the parameters do not match the configuration: {info.filename[:-4]!r} is "
-                                  f"{dtype} of shape {tuple(declared)}, expected floating point of shape {tuple(shape)}")
+            raise CheckpointError(
+                f"{path}: the parameters do not match the configuration: {info.filename[:-4]!r} is {dtype} of shape "
+                f"{tuple(declared)}, expected floating point of shape {tuple(shape)}")
         count = int(np.prod(declared, dtype=object))
         nbytes = count * dtype.itemsize
         if stream.tell() + nbytes != info.file_size:

@@ -126,9 +126,9 @@ class NumbaBackend(ReferenceBackend):
         self._plans_lock = threading.Lock()  # callers on several threads share the cache
 
     def describe(self) -> str:
-        limit = f" (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})" if _numba_threads() < threads.get_num_threads() \
-            else ""
-        return f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, {_numba_threads()} threads{limit}"
+        used = _numba_threads()
+        limit = f" (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})" if used < threads.get_num_threads() else ""
+        return f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, {used} threads{limit}"
 
     # -- planning ---------------------------------------------------------------------
     def _plan(self, batch: int, hidden: int, dtype, gates: int = 4, widths: tuple = (4,)) -> _Plan:
