@@ -59,7 +59,7 @@ class Layout:
         return state[:, 0, :] if self.unbatched else state
 
 
-def _kernel_ready(xp, array):
+def kernel_ready(xp, array):
     """`array` C-contiguous and writable: compiled kernels are typed by both, and a read-only
     input (np.frombuffer, a read-only memory map) would otherwise compile every kernel again."""
     array = xp.ascontiguousarray(array)
@@ -90,7 +90,7 @@ def sequence_input(backend, value, input_size: int, batch_first: bool, dtype):
         raise ValueError(f"x: expected at least one time step and one sequence, got shape {tuple(x.shape)}")
     layout = Layout(num_steps, batch, batch_first and not unbatched, unbatched)
     internal = layout.to_internal(backend.xp, x.astype(dtype, copy=False))
-    return _kernel_ready(backend.xp, internal), layout
+    return kernel_ready(backend.xp, internal), layout
 
 
 def state_pair(backend, value, name: str, layout: Layout, num_states: int, hidden: int, dtype):
@@ -117,7 +117,7 @@ def _state_array(backend, value, name: str, expected: tuple, layout: Layout, dty
     check_floating(array, name)
     if tuple(array.shape) != expected:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(array.shape)}")
-    return _kernel_ready(backend.xp, layout.state_to_internal(array.astype(dtype, copy=False)))
+    return kernel_ready(backend.xp, layout.state_to_internal(array.astype(dtype, copy=False)))
 
 
 def state_parts(backend, value, name: str, parts: tuple, layout: Layout, num_states: int, hidden: int, dtype):
@@ -170,4 +170,4 @@ def output_gradient(backend, value, layout: Layout, features: int, dtype):
     expected = layout.user_sequence_shape(features)
     if tuple(dy.shape) != expected:
         raise ValueError(f"dy: expected the shape of the forward's output {expected}, got {tuple(dy.shape)}")
-    return _kernel_ready(backend.xp, layout.to_internal(backend.xp, dy.astype(dtype, copy=False)))
+    return kernel_ready(backend.xp, layout.to_internal(backend.xp, dy.astype(dtype, copy=False)))

@@ -7,6 +7,7 @@ and gives the stack its results in one shape for every cell:
 
     forward(backend, x, weights, states0, lengths, reverse, keep) -> y, states_n, saved
     backward(backend, saved, dy, dstates_n) -> dx, dstates0, grads
+    stream(backend, weights, batch) -> run(x, states) -> y, states_n   (inference, forward direction)
 
 ``weights`` maps the roles ``weight_ih``, ``weight_hh`` and, with biases, ``bias_ih`` and
 ``bias_hh`` to arrays; ``grads`` maps the same roles to gradients. States are tuples with
@@ -21,6 +22,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def _biases(backend, weights) -> tuple:
+    """(b_ih, b_hh); zeros for a layer without biases."""
+    if "bias_ih" in weights:
+        return weights["bias_ih"], weights["bias_hh"]
+    zeros = backend.xp.zeros(weights["weight_hh"].shape[0], dtype=weights["weight_hh"].dtype)
+    return zeros, zeros
+
+
+def _summed_bias(backend, weights):
+    """b_ih + b_hh: the LSTM's gates see only the sum."""
+    b_ih, b_hh = _biases(backend, weights)
+    return b_ih + b_hh
+
+
 @dataclass(frozen=True)
 class LSTMCell:
     name = "lstm"
@@ -29,10 +44,7 @@ class LSTMCell:
 
     def forward(self, backend, x, weights, states0, lengths, reverse, keep):
         w_ih, w_hh = weights["weight_ih"], weights["weight_hh"]
-        if "bias_ih" in weights:
-            bias = weights["bias_ih"] + weights["bias_hh"]
-        else:
-            bias = backend.xp.zeros(w_hh.shape[0], dtype=w_hh.dtype)
+        bias = _summed_bias(backend, weights)
         y, h_n, c_n, saved = backend.forward_sequence(x, w_ih, w_hh, bias, *states0, lengths, reverse, keep)
         return y, (h_n, c_n), saved
 
@@ -41,6 +53,11 @@ class LSTMCell:
         # b_ih and b_hh enter the gates as one sum: one gradient, for each (the same array)
         grads = {"weight_ih": dw_ih, "weight_hh": dw_hh, "bias_ih": dbias, "bias_hh": dbias}
         return dx, (dh0, dc0), grads
+
+    def stream(self, backend, weights, batch):
+        w_ih, w_hh = weights["weight_ih"], weights["weight_hh"]
+        bias = _summed_bias(backend, weights)
+        return backend.lstm_stream(w_ih, w_hh, bias, batch)
 
 
 @dataclass(frozen=True)
@@ -55,10 +72,7 @@ class GRUCell:
 
     def forward(self, backend, x, weights, states0, lengths, reverse, keep):
         w_ih, w_hh = weights["weight_ih"], weights["weight_hh"]
-        if "bias_ih" in weights:
-            b_ih, b_hh = weights["bias_ih"], weights["bias_hh"]
-        else:
-            b_ih = b_hh = backend.xp.zeros(w_hh.shape[0], dtype=w_hh.dtype)
+        b_ih, b_hh = _biases(backend, weights)
         y, h_n, saved = backend.gru_forward_sequence(
             x, w_ih, w_hh, b_ih, b_hh, states0[0], lengths, reverse, keep, self.reset_after
         )
@@ -68,6 +82,11 @@ class GRUCell:
         dx, dh0, dw_ih, dw_hh, db_ih, db_hh = backend.gru_backward_sequence(saved, dy, dstates_n[0])
         grads = {"weight_ih": dw_ih, "weight_hh": dw_hh, "bias_ih": db_ih, "bias_hh": db_hh}
         return dx, (dh0,), grads
+
+    def stream(self, backend, weights, batch):
+        w_ih, w_hh = weights["weight_ih"], weights["weight_hh"]
+        b_ih, b_hh = _biases(backend, weights)
+        return backend.gru_stream(w_ih, w_hh, b_ih, b_hh, batch, self.reset_after)
 
 
 LSTM_CELL = LSTMCell()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _inputs, registry, stack
+from .stream import Stream
 from ._arrays import check_real, resolve_dtype, to_numpy
 from .cells import LSTM_CELL, GRUCell
 from .checkpoint import MAX_FILE_MEMBERS, CheckpointError, load_arrays, save_arrays
@@ -85,6 +86,15 @@ class Pullback:
 
 
 _INIT_BLOCK_ELEMENTS = 1 << 20
+# Stream weights a layer keeps for new streams (per backend and batch size): each holds a
+# snapshot of the parameters and the backend's prepared copy (about twice the parameters).
+_STREAM_WEIGHTS_KEPT = 2
+
+
+@dataclass
+class _StreamWeights:
+    snapshot: dict  # name -> copy of the parameter the runs were made from
+    runs: list  # per layer: the cell's stream run (cells.py)
 
 
 def _physical_memory(backend) -> int | None:
@@ -193,13 +203,16 @@ class RecurrentLayer:
         self._grads_lock = threading.Lock()
         self._dropout_lock = threading.Lock()
         self._last = threading.local()  # .call: this thread's last training forward, for backward()
+        self._streams_lock = threading.Lock()
+        self._stream_weights = {}  # (backend, batch) -> _StreamWeights, most recent last
         self.training = True
 
     # -- copies -------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """For copy.deepcopy and pickle: parameters, gradients and settings, as NumPy arrays;
         not the locks, not any thread's pending forward."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_grads_lock", "_dropout_lock", "_last")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_grads_lock", "_dropout_lock", "_last", "_streams_lock", "_stream_weights")}
         state["_storage"] = None  # a backend is chosen again where the copy is made
         state["_params"] = {n: np.array(self._storage.to_host(p)) for n, p in self._params.items()}
         state["_grads"] = {n: np.array(self._storage.to_host(g)) for n, g in self._grads.items()}
@@ -212,6 +225,7 @@ class RecurrentLayer:
         self._params = {n: storage.asarray(p) for n, p in self._params.items()}
         self._grads = {n: storage.asarray(g) for n, g in self._grads.items()}
         self._grads_lock, self._dropout_lock, self._last = threading.Lock(), threading.Lock(), threading.local()
+        self._streams_lock, self._stream_weights = threading.Lock(), {}
 
     # -- structure ----------------------------------------------------------------------
     @property
@@ -364,6 +378,51 @@ class RecurrentLayer:
             return np.zeros(shape, dtype=self.dtype)
         kept = self._dropout_rng.random(shape) < keep
         return (kept / keep).astype(self.dtype)
+
+    # -- streams --------------------------------------------------------------------------
+    def stream(self, batch_size=1, state=None) -> Stream:
+        """A ``Stream``: this layer run one step (or chunk) per call, the state carried between
+        calls, for inference (see ``fastlstm.stream.Stream``). ``y_t = stream(x_t)``, x_t
+        (B, I) -> (B, H). state: the initial state, shaped as ``layer(x)`` returns it (None:
+        zeros). The stream uses a snapshot of the weights as they are now (``refresh()``
+        takes a new one); streams of one layer share it while the weights stay the same."""
+        if self.training:
+            raise RuntimeError(
+                f"stream: {type(self).__name__} is in training mode; a stream runs inference only (it keeps "
+                "nothing for backward, and applies no dropout): call .eval() first, or train with whole "
+                "sequences (vjp / backward)"
+            )
+        if self.bidirectional:
+            raise ValueError(
+                "stream: this layer is bidirectional; its reverse direction starts from the end of the "
+                "sequence, so no output is known before the last step arrives. Call the layer on whole "
+                "sequences, or stream a unidirectional layer"
+            )
+        return Stream(self, _positive_int(batch_size, "batch_size"), state)
+
+    def _stream_runs(self, batch: int):
+        """(backend, [each layer's stream run]) for `batch` sequences on the layer's backend now:
+        those the last stream of this batch size and backend got, while the parameters still
+        equal (element by element) the snapshot they were made from; else new ones on a new
+        snapshot."""
+        backend = self._current_backend()
+        self._move_to(backend)
+        key = (backend.name, batch)
+        with self._streams_lock:
+            kept = self._stream_weights.get(key)
+        if kept is not None and all(bool(backend.xp.array_equal(kept.snapshot[name], value))
+                                    for name, value in self._params.items()):
+            return backend, kept.runs
+        snapshot = {name: value.copy() for name, value in self._params.items()}
+        spec = self._spec
+        runs = [spec.cell.stream(backend, stack.roles(spec, snapshot, layer, 0), batch)
+                for layer in range(spec.num_layers)]
+        with self._streams_lock:
+            self._stream_weights.pop(key, None)
+            self._stream_weights[key] = _StreamWeights(snapshot, runs)
+            while len(self._stream_weights) > _STREAM_WEIGHTS_KEPT:  # the least recently made go
+                del self._stream_weights[next(iter(self._stream_weights))]
+        return backend, runs
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, dy, dstate=None):

@@ -99,7 +99,7 @@ def _role(name: str) -> str:
     return name.split("_l")[0]
 
 
-def _roles(spec: StackSpec, params, layer: int, direction: int) -> dict:
+def roles(spec: StackSpec, params, layer: int, direction: int) -> dict:
     """role (weight_ih, weight_hh, bias_ih, bias_hh) -> array, for one layer and direction."""
     return {_role(name): params[name] for name in spec.names(layer, direction)}
 
@@ -134,7 +134,7 @@ def forward(spec: StackSpec, backend, params, x, states0, lengths, masks, keep: 
         for direction in range(spec.num_directions):
             k = layer * spec.num_directions + direction
             y, states_n, kept = spec.cell.forward(
-                backend, layer_input, _roles(spec, params, layer, direction), tuple(s[k] for s in states0),
+                backend, layer_input, roles(spec, params, layer, direction), tuple(s[k] for s in states0),
                 lengths, direction == 1, keep,
             )
             for final, value in zip(finals, states_n):

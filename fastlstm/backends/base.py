@@ -12,6 +12,14 @@ and state handling on top and never talks to a backend in any other way:
         -> y (T, B, H), h_n (B, H), saved                                          (GRU)
     gru_backward_sequence(saved, dy, dh_n)
         -> dx (T, B, I), dh0 (B, H), dw_ih (3H, I), dw_hh (3H, H), db_ih (3H,), db_hh (3H,)
+    lstm_stream(w_ih, w_hh, bias, batch) -> run(x, (h, c)) -> y, (h_n, c_n)
+    gru_stream(w_ih, w_hh, b_ih, b_hh, batch, reset_after) -> run(x, (h,)) -> y, (h_n,)
+
+The stream primitives serve ``Stream`` (``fastlstm.stream``): inference on one layer, forward
+direction, many short calls in a row with the same weights and batch size. They return a
+``run`` that a backend may have prepared for that (packed the weights once); it keeps the
+weights it was given (the caller hands over its own snapshot), holds no other state and
+may be called from several threads at once.
 
 Conventions (those of ``torch.nn.LSTM`` and ``torch.nn.GRU``): LSTM gate order i, f, g,
 o, ``bias`` is ``b_ih + b_hh``; GRU gate order r, z, n, the biases apart (``b_hn`` sits
@@ -225,7 +233,20 @@ class ReferenceBackend:
         )
         return dx.reshape(num_steps, batch, input_size), dh, dc, dw_ih, dw_hh, dbias
 
+    def lstm_stream(self, w_ih, w_hh, bias, batch):
+        def run(x, states):
+            y, h_n, c_n, _ = self.forward_sequence(x, w_ih, w_hh, bias, *states, None, False, False)
+            return y, (h_n, c_n)
+        return run
+
     # -- GRU ----------------------------------------------------------------------------
+    def gru_stream(self, w_ih, w_hh, b_ih, b_hh, batch, reset_after):
+        def run(x, states):
+            y, h_n, _ = self.gru_forward_sequence(x, w_ih, w_hh, b_ih, b_hh, states[0], None, False, False,
+                                                  reset_after)
+            return y, (h_n,)
+        return run
+
     def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
         xp = self.xp
         num_steps, batch, _ = x.shape

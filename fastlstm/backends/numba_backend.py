@@ -131,10 +131,11 @@ class NumbaBackend(ReferenceBackend):
         return f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, {used} threads{limit}"
 
     # -- planning ---------------------------------------------------------------------
-    def _plan(self, batch: int, hidden: int, dtype, gates: int = 4, widths: tuple = (4,)) -> _Plan:
+    def _plan(self, batch: int, hidden: int, dtype, gates: int = 4, widths: tuple = (4,), num_threads=None) -> _Plan:
         """Blocks and GEMM mode for a cell with `gates` gate blocks whose per-step GEMMs have
-        `widths` columns per unit (LSTM (4,); GRU (3,), or (2, 1) for Cho's two products)."""
-        num_threads = _numba_threads()
+        `widths` columns per unit (LSTM (4,); GRU (3,), or (2, 1) for Cho's two products), on
+        `num_threads` threads at most (default: all the kernels may use)."""
+        num_threads = _numba_threads() if num_threads is None else num_threads
         key = (batch, hidden, np.dtype(dtype), num_threads, gates, widths)
         with self._plans_lock:
             return self._plan_for(key, batch, hidden, dtype, num_threads, gates, widths)
@@ -263,8 +264,9 @@ class NumbaBackend(ReferenceBackend):
         return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
 
     # -- GRU ----------------------------------------------------------------------------
-    def _gru_plan(self, batch, hidden, dtype, reset_after):
-        return self._plan(batch, hidden, dtype, gates=3, widths=(3,) if reset_after else (2, 1))
+    def _gru_plan(self, batch, hidden, dtype, reset_after, num_threads=None):
+        return self._plan(batch, hidden, dtype, gates=3, widths=(3,) if reset_after else (2, 1),
+                          num_threads=num_threads)
 
     def _gru_operands(self, plan, w_hh, reset_after, rows_are_inputs):
         """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, unused), or
@@ -349,6 +351,93 @@ class NumbaBackend(ReferenceBackend):
         db_hh[:two] = db_ih[:two]
         np.sum(d_hidden_n, axis=0, out=db_hh[two:])
         return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
+
+    # -- streams ------------------------------------------------------------------------
+    # A stream's calls run the whole-sequence kernels on weights packed once (per thread
+    # count, see _StreamRun), projecting each step's input in the kernel.
+    def lstm_stream(self, w_ih, w_hh, bias, batch):
+        hidden, dtype = w_hh.shape[1], w_hh.dtype
+        unused = np.empty((1, 1, 1), dtype)
+
+        def pack(num_threads):
+            plan = self._plan(batch, hidden, dtype, num_threads=num_threads)
+            return plan, (self._operands(plan, plan.permute(w_ih), rows_are_inputs=False),
+                          self._operands(plan, plan.permute(w_hh), rows_are_inputs=False), plan.permute(bias))
+
+        def run(plan, packed, x2, states, lengths, y):
+            w_ih_ops, w_hh_ops, bias_p = packed
+            gates = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
+            rec = np.empty_like(gates)
+            return self._run(
+                plan, kernels.forward_parallel, kernels.forward_serial,
+                x2, w_ih_ops, w_hh_ops, bias_p, *states, lengths, False, plan.bounds, False, plan.mode,
+                kernels.PROJECT_EACH_STEP, gates, rec, y, unused, unused,
+            )
+
+        return _StreamRun(pack, run, batch * 4 * hidden * (w_ih.shape[1] + hidden), hidden)
+
+    def gru_stream(self, w_ih, w_hh, b_ih, b_hh, batch, reset_after):
+        hidden, dtype = w_hh.shape[1], w_hh.dtype
+        unused = np.empty((1, 1, 1), dtype)
+
+        def pack(num_threads):
+            plan = self._gru_plan(batch, hidden, dtype, reset_after, num_threads=num_threads)
+            w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False)
+            return plan, (self._operands(plan, plan.permute(w_ih), rows_are_inputs=False, gates=3), w_ops, w_ops_n)
+
+        def run(plan, packed, x2, states, lengths, y):
+            w_ih_ops, w_ops, w_ops_n = packed
+            gates = np.empty((x2.shape[0], 3 * hidden), dtype)
+            rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
+            h_n = self._run(
+                plan, gru_kernels.forward_parallel, gru_kernels.forward_serial,
+                x2, w_ih_ops, True, gates, w_ops, w_ops_n, b_ih, b_hh, states[0], lengths, False, plan.bounds,
+                reset_after, False, plan.mode, rec, y, unused, unused,
+            )
+            return (h_n,)
+
+        return _StreamRun(pack, run, batch * 3 * hidden * (w_ih.shape[1] + hidden), hidden)
+
+
+# A stream call of fewer multiply-adds than this runs on one thread: a parallel region's start
+# and end (~10 us) cost more than a second core saves (one step, batch 1, measured: 4H(I+H) =
+# 246K runs 26 us on one thread, 35 on two; 393K: 54 and 42).
+_STREAM_PARALLEL_MIN_WORK = 320 * 1024
+# Chunk lengths whose lengths array a stream keeps (the first ones seen; a stream's calls
+# mostly have one or two).
+_STREAM_LENGTHS_KEPT = 8
+
+
+class _StreamRun:
+    """One layer of a stream on the numba backend: ``run(x (T, B, I), states) -> y, states_n``.
+
+    The weights are packed for a thread count the first time a call needs it (one thread for
+    calls too small to split, else every thread the kernels may use, which
+    ``fastlstm.set_num_threads`` may change between calls) and kept; a call then costs its
+    kernel and a few small buffers. Holds nothing a call changes: any number of streams and
+    threads may share it."""
+
+    def __init__(self, pack, run, step_work: int, hidden: int):
+        self._pack, self._run, self._step_work, self._hidden = pack, run, step_work, hidden
+        self._packed = {}  # threads -> (plan, packed weights)
+        self._lengths = {}  # T -> (B,) array of T (the kernels' lengths: every step runs), never written
+
+    def __call__(self, x, states):
+        num_steps, batch, _ = x.shape
+        num_threads = _numba_threads() if num_steps * self._step_work >= _STREAM_PARALLEL_MIN_WORK else 1
+        entry = self._packed.get(num_threads)
+        if entry is None:  # two threads may both pack: either result is right, one is kept
+            entry = self._packed.setdefault(num_threads, self._pack(num_threads))
+        lengths = self._lengths.get(num_steps)
+        if lengths is None:
+            lengths = np.full(batch, num_steps, np.int64)
+            if len(self._lengths) < _STREAM_LENGTHS_KEPT:
+                self._lengths[num_steps] = lengths
+        plan, packed = entry
+        y = np.empty((num_steps, batch, self._hidden), x.dtype)
+        states_n = self._run(plan, packed, x.reshape(num_steps * batch, -1), tuple(states), lengths, y)
+        return y, states_n
+
 
 def _numba_threads() -> int:
     """Threads the kernels run on: fastlstm's count, at most the size of Numba's pool
