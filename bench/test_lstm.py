@@ -23,12 +23,13 @@ CASES = [
     for config in bench.CONFIGS.values()
     for mode in bench.MODES
     for runner in RUNNERS
+    if bench.runs(runner, config, mode)
 ] + [  # the GPU issue's shapes (wide-512, stream-b1/b4/b8), on the GPU runners only
     pytest.param(config, mode, runner, id=f"{config.name}-{mode}-{runner}")
     for config in bench.EXTRA_CONFIGS.values()
     for mode in bench.MODES
     for runner in RUNNERS
-    if runner in bench.GPU_RUNNERS
+    if runner in bench.GPU_RUNNERS and bench.runs(runner, config, mode)
 ]
 
 

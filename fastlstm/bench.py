@@ -3,7 +3,9 @@
 Used by ``fastlstm bench`` (cli.py) and by the pytest-benchmark suite in bench/.
 Each measured run is one whole call: forward inference (eval mode, nothing kept for
 backward), or forward + backward in training mode; the median over rounds is
-reported. Each runner's rounds run back to back after a pause and a warm-up, rather
+reported. A streaming configuration (``Config.stream``: step-128, step-512) runs its T
+steps one call each, the state carried (fastlstm: ``layer.stream()``; torch: ``nn.LSTM``
+called with ``hx`` under ``no_grad``; ONNX Runtime: one ``run`` per step), inference only. Each runner's rounds run back to back after a pause and a warm-up, rather
 than interleaved with the other runners: BLAS and OpenMP thread pools keep spinning
 for a while after their last call (OpenBLAS's for up to ~0.1 s), and a runner measured
 right after another one would pay for the other's idle threads.
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import cells, registry, threads
+from . import bench_onnx, cells, registry, threads
 from ._arrays import module_available
 
 MODES = ("forward", "forward+backward")
@@ -38,6 +40,11 @@ class Config:
     layers: int = 1
     bidirectional: bool = False
     cell: str = "lstm"  # a name in cells.BY_NAME
+    stream: bool = False  # one call per step, the state carried (inference only)
+
+    def runs(self, mode: str) -> bool:
+        """Whether this configuration is measured in `mode` (a stream: forward only)."""
+        return mode == "forward" or not self.stream
 
     @property
     def directions(self) -> int:
@@ -91,6 +98,9 @@ CONFIGS = {
     "train-l": Config("train-l", 50, 32, 512, 512),
     "small": Config("small", 200, 16, 32, 64),
     "stream-1": Config("stream-1", 100, 1, 64, 128),
+    "step-128": Config("step-128", 100, 1, 64, 128, stream=True),
+    "step-512": Config("step-512", 100, 1, 512, 512, stream=True),
+    "deep": Config("deep", 100, 8, 256, 256, layers=4, bidirectional=True),
 }
 # Named configurations outside the default set (issue targets on the GPU).
 EXTRA_CONFIGS = {
@@ -105,6 +115,9 @@ QUICK_CONFIGS = {
     "train-l": Config("train-l/4", 12, 32, 512, 512),
     "small": Config("small/4", 50, 16, 32, 64),
     "stream-1": Config("stream-1/4", 25, 1, 64, 128),
+    "step-128": Config("step-128/4", 25, 1, 64, 128, stream=True),
+    "step-512": Config("step-512/4", 25, 1, 512, 512, stream=True),
+    "deep": Config("deep/4", 25, 8, 256, 256, layers=4, bidirectional=True),
 }
 
 
@@ -129,7 +142,12 @@ def torch_devices() -> list[str]:
 
 def available_runners() -> list[str]:
     names = [name for name, status in registry.available_backends().items() if status.available]
-    return names + torch_devices()
+    return names + torch_devices() + ([bench_onnx.RUNNER] if bench_onnx.available() else [])
+
+
+def runs(name: str, config: Config, mode: str) -> bool:
+    """Whether runner `name` is measured on (config, mode): ONNX Runtime runs inference only."""
+    return config.runs(mode) and (name != bench_onnx.RUNNER or mode == "forward")
 
 
 def _inputs(config: Config, dtype: str, seed: int = 0):
@@ -144,9 +162,13 @@ def make_runner(name: str, config: Config, mode: str, dtype: str = "float32"):
     """A no-argument callable that runs (and finishes) one measured iteration."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not runs(name, config, mode):
+        raise ValueError(f"{name} does not run {config.name} {mode}")
     if name.startswith("torch"):
         x, dy = _inputs(config, dtype)
         return _torch_runner(name, config, mode, dtype, x, dy)
+    if name == bench_onnx.RUNNER:
+        return _onnx_runner(config, dtype)
     call, _ = fastlstm_call(name, config, mode, dtype)
     sync = _cupy_sync() if name == "cupy" else (lambda: None)
 
@@ -166,7 +188,16 @@ def fastlstm_call(backend: str, config: Config, mode: str, dtype: str = "float32
                                 backend=backend, dtype=dtype, seed=0)
     device = lstm._current_backend()
     x_dev, dy_dev = device.from_user(x, "x"), device.from_user(dy, "dy")
-    if mode == "forward":
+    if config.stream:
+        lstm.eval()
+        stream = lstm.stream(config.B)
+        steps = [x_dev[t] for t in range(config.T)]
+
+        def call():
+            stream.reset()
+            for x_t in steps:
+                stream(x_t)
+    elif mode == "forward":
         lstm.eval()
 
         def call():
@@ -177,6 +208,16 @@ def fastlstm_call(backend: str, config: Config, mode: str, dtype: str = "float32
             lstm(x_dev)
             lstm.backward(dy_dev)
     return call, lstm
+
+
+def _onnx_runner(config: Config, dtype: str):
+    """ONNX Runtime on a model of the fastlstm layer's weights (bench_onnx)."""
+    from .layer import LAYERS
+
+    x, _ = _inputs(config, dtype)
+    layer = LAYERS[config.cell](config.I, config.H, num_layers=config.layers, bidirectional=config.bidirectional,
+                                backend="numpy", dtype=dtype, seed=0)
+    return (bench_onnx.stream_call if config.stream else bench_onnx.sequence_call)(layer, x)
 
 
 def _cupy_sync():
@@ -195,7 +236,16 @@ def _torch_runner(name, config, mode, dtype, x, dy):
     xt = torch.from_numpy(x).to(device)
     dyt = torch.from_numpy(dy).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if mode == "forward":
+    if config.stream:
+        module.eval()
+        steps = [xt[t : t + 1] for t in range(config.T)]
+
+        def step():
+            with torch.no_grad():
+                state = None
+                for x_t in steps:
+                    _, state = module(x_t, state)
+    elif mode == "forward":
         module.eval()
 
         def step():
@@ -270,6 +320,7 @@ class Measurement:
     layers: int
     bidirectional: bool
     min_bytes: float = 0.0  # Config.min_bytes (0: a file written before it was recorded)
+    stream: bool = False  # T calls of one step each (Config.stream)
 
     @property
     def median_s(self) -> float:
@@ -351,30 +402,28 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
                     sgemm_ceiling(dtype))
     if any(name in GPU_RUNNERS for name in runners):
         report.gpu_ceiling_gflops = gpu_gemm_ceiling(dtype)
-    total = len(configs) * len(modes)
-    done = 0
-    for config in configs:
-        for mode in modes:
-            done += 1
-            if progress:
-                progress(f"[{done}/{total}] {config.name} {mode}: {', '.join(runners)}")
-            times = {}
-            for name in runners:
-                call = make_runner(name, config, mode, dtype)
-                time.sleep(SETTLE_S)  # let the previous runner's spinning threads go idle
-                for _ in range(max(warmup, GPU_WARMUP) if name in GPU_RUNNERS else warmup):
-                    call()  # first call: compiles kernels, allocates, warms caches
-                times[name] = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - start)
-            for name in runners:
-                report.measurements.append(Measurement(
-                    config.name, mode, name, times[name], config.flops(mode),
-                    config.T, config.B, config.I, config.H, config.layers, config.bidirectional,
-                    config.min_bytes(mode, np.dtype(dtype).itemsize),
-                ))
+    cases = [(config, mode) for config in configs for mode in modes if config.runs(mode)]
+    for done, (config, mode) in enumerate(cases, 1):
+        names = [name for name in runners if runs(name, config, mode)]
+        if progress:
+            progress(f"[{done}/{len(cases)}] {config.name} {mode}: {', '.join(names)}")
+        times = {}
+        for name in names:
+            call = make_runner(name, config, mode, dtype)
+            time.sleep(SETTLE_S)  # let the previous runner's spinning threads go idle
+            for _ in range(max(warmup, GPU_WARMUP) if name in GPU_RUNNERS else warmup):
+                call()  # first call: compiles kernels, allocates, warms caches
+            times[name] = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+        for name in names:
+            report.measurements.append(Measurement(
+                config.name, mode, name, times[name], config.flops(mode),
+                config.T, config.B, config.I, config.H, config.layers, config.bidirectional,
+                config.min_bytes(mode, np.dtype(dtype).itemsize), config.stream,
+            ))
     return report
 
 
@@ -387,13 +436,15 @@ def _speedup(report: Report, m: Measurement, rival: str) -> str:
 
 def format_table(report: Report) -> str:
     measured = {m.runner for m in report.measurements}
-    rivals = ["numpy", "torch"] + [name for name in TORCH_CUDA_RUNNERS if name in measured]
-    header = ("config", "mode", "backend", "ms", "GFLOP/s", "of ceiling", "GB/s", *(f"vs {r}" for r in rivals))
+    rivals = ["numpy", "torch"] + [name for name in TORCH_CUDA_RUNNERS + (bench_onnx.RUNNER,) if name in measured]
+    header = ("config", "mode", "backend", "ms", "us/step", "GFLOP/s", "of ceiling", "GB/s",
+              *(f"vs {r}" for r in rivals))
     rows = [header]
     for m in report.measurements:
         ceiling = report.ceiling_for(m.runner)
         rows.append((
-            m.config, m.mode, m.runner, f"{m.median_s * 1e3:.2f}", f"{m.gflops:.1f}",
+            m.config, m.mode, m.runner, f"{m.median_s * 1e3:.2f}", f"{m.median_s / m.T * 1e6:.1f}" if m.stream else "-",
+            f"{m.gflops:.1f}",
             f"{m.gflops / ceiling:.0%}" if ceiling else "-", f"{m.gbytes_per_s:.1f}" if m.min_bytes else "-",
             *(_speedup(report, m, r) for r in rivals),
         ))
@@ -406,6 +457,7 @@ def format_table(report: Report) -> str:
         + (f"; cuBLAS GEMM ceiling (CuPy, {report.dtype}): {report.gpu_ceiling_gflops:.0f} GFLOP/s "
            "('of ceiling': GPU rows against it, CPU rows against NumPy's)" if report.gpu_ceiling_gflops else "")
         + "; GB/s: the fewest bytes the config must move (Config.min_bytes) over the time"
+        + "; us/step: a streaming config's time per call of one step"
     )
     return title + "\n" + "\n".join(lines)
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 
-from . import bench, registry, threads
+from . import bench, bench_onnx, registry, threads
 from .layer import LAYERS
 from ._arrays import module_available
 
@@ -43,8 +43,9 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark every available backend (and torch) on the design configurations",
                        description="Benchmark fastlstm's backends against each other and torch.nn.LSTM.")
     p.add_argument("--backends", type=_comma_list,
-                   help="comma list of numpy,numba,cupy,torch,torch-cuda,torch-cuda-tf32 (default: all available); "
-                        "torch-cuda is cuDNN in IEEE float32, torch-cuda-tf32 cuDNN with TF32 (torch's default)")
+                   help="comma list of numpy,numba,cupy,torch,torch-cuda,torch-cuda-tf32,onnxruntime (default: all "
+                        "available); torch-cuda is cuDNN in IEEE float32, torch-cuda-tf32 cuDNN with TF32 (torch's "
+                        "default); onnxruntime (inference only) needs pip install 'fastlstm[onnx]'")
     p.add_argument("--configs", type=_comma_list,
                    help=f"comma list of {','.join(bench.CONFIGS)} (default) or {','.join(bench.EXTRA_CONFIGS)}")
     p.add_argument("--T", type=_positive, help="custom configuration: time steps")
@@ -94,7 +95,7 @@ def _bench_configs(args, parser) -> list:
 
 
 def _bench_runners(requested) -> list[str]:
-    known = list(registry.BACKEND_NAMES) + list(bench.TORCH_RUNNERS)
+    known = list(registry.BACKEND_NAMES) + list(bench.TORCH_RUNNERS) + [bench_onnx.RUNNER]
     available = bench.available_runners()
     if not requested:
         return available
@@ -106,7 +107,9 @@ def _bench_runners(requested) -> list[str]:
                 status = registry.available_backends()[name]
                 raise CommandError(f"backend {name!r} is not available: {status.reason}. To install: {status.install_hint}")
             raise CommandError(f"{name!r} is not available: " + (
-                "torch is not installed (pip install torch==2.13.0)" if name == "torch" else "torch sees no CUDA GPU"))
+                "onnx and onnxruntime are not installed (pip install 'fastlstm[onnx]')" if name == bench_onnx.RUNNER
+                else "torch is not installed (pip install torch==2.13.0)" if name == "torch"
+                else "torch sees no CUDA GPU"))
     return requested
 
 

@@ -167,10 +167,10 @@ def test_bench_table_puts_gpu_rows_against_the_gpu_ceiling_and_cudnn():
     lines = bench.format_table(report).splitlines()
     assert lines[1].endswith("vs torch-cuda  vs torch-cuda-tf32") and "cuBLAS GEMM ceiling" in lines[0]
     cupy = next(line.split() for line in lines if line.startswith("wide-512") and " cupy " in line)
-    assert cupy[5] == "1%"  # 500 GFLOP/s of the GPU's 50,000, not of the CPU's 100
+    assert cupy[6] == "1%"  # 500 GFLOP/s of the GPU's 50,000, not of the CPU's 100
     assert cupy[-2:] == ["2.00x", "0.50x"]  # cuDNN fp32 took twice as long, TF32 half
     numpy_row = next(line.split() for line in lines if line.startswith("wide-512") and " numpy " in line)
-    assert numpy_row[5] == "1%"  # 1 GFLOP/s of the CPU's 100
+    assert numpy_row[6] == "1%"  # 1 GFLOP/s of the CPU's 100
     again = bench.Report.from_json(report.to_json())
     assert again.gpu_ceiling_gflops == 50_000.0 and len(again.measurements) == 4
 
@@ -225,7 +225,7 @@ def test_bench_json_from_before_min_bytes_still_loads():
     for raw in data["measurements"]:
         del raw["min_bytes"], raw["gbytes_per_s"]  # as written before the floor was recorded
     old = bench.Report.from_json(data)
-    assert old.measurements[0].min_bytes == 0.0 and bench.format_table(old).splitlines()[3].split()[6] == "-"
+    assert old.measurements[0].min_bytes == 0.0 and bench.format_table(old).splitlines()[3].split()[7] == "-"
 
 
 def test_bench_torch_times_a_training_step(tmp_path):
@@ -278,3 +278,17 @@ def test_resume_refuses_another_architecture_and_takes_training_settings(tmp_pat
 def test_train_help_shows_the_default_checkpoint():
     out = fastlstm_cmd("train", "--help")
     assert "fastlstm-charlm.npz" in out.stdout and "-best.npz" in out.stdout
+
+
+def test_streaming_configs_run_one_call_per_step_forward_only():
+    from fastlstm import bench
+
+    config = bench.Config("step-t", 4, 2, 3, 5, stream=True)
+    runners = [name for name in bench.available_runners() if name in ("numpy", "numba", "torch", "onnxruntime")]
+    report = bench.run_benchmarks([config, config.with_cell("gru")], runners, repeats=1)
+    assert {(m.config, m.mode) for m in report.measurements} == {("step-t", "forward"), ("step-t gru", "forward")}
+    assert {m.runner for m in report.measurements} == set(runners) and all(m.stream for m in report.measurements)
+    row = next(line.split() for line in bench.format_table(report).splitlines() if line.startswith("step-t "))
+    assert float(row[4]) == pytest.approx(float(row[3]) * 1e3 / 4, rel=0.01)  # us/step: the call over its T steps
+    assert not bench.runs("onnxruntime", bench.CONFIGS["small"], "forward+backward")
+    assert not bench.runs("numpy", config, "forward+backward") and bench.runs("numpy", config, "forward")
