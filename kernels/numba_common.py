@@ -392,13 +392,38 @@ def _gemm_packed(a, panels, c, accumulate):
 
     a and c may be row slices of larger arrays (unit stride along rows).
     """
-    rows, inner = a.shape
-    lda = a.strides[0] // 4
-    ldc = c.strides[0] // 4
-    a_addr, c_addr, p_addr = a.ctypes.data, c.ctypes.data, panels.ctypes.data
-    for p in range(panels.shape[0]):
-        _tiles_of_panel(a_addr, lda, 1, rows, p_addr + p * inner * PANEL * 4, PANEL, c_addr + p * PANEL * 4, ldc,
-                        inner, accumulate)
+    _gemm_packed_in_order(a, panels, c, accumulate, False)
+
+
+@njit(inline="always")
+def _panel_of(a, panels, c, p, accumulate):
+    """Panel p of _gemm_packed: c[:, p * PANEL : (p + 1) * PANEL] (+)= a @ panels[p]."""
+    inner = a.shape[1]
+    _tiles_of_panel(a.ctypes.data, a.strides[0] // 4, 1, a.shape[0], panels.ctypes.data + p * inner * PANEL * 4, PANEL,
+                    c.ctypes.data + p * PANEL * 4, c.strides[0] // 4, inner, accumulate)
+
+
+# Zig-zag order: a time loop whose weights do not fit in a core's L2 reads a step's panels
+# in the reverse of the previous step's order, so that it starts with those the previous
+# step left in cache (one step of I = H = 512, batch 1, 4 MB a core: 125 us instead of 160).
+# A panel's result does not depend on when it is computed: the order changes no bit.
+@njit(inline="always")
+def _gemm_packed_in_order(a, panels, c, accumulate, descending):
+    """_gemm_packed, its panels last to first when `descending`."""
+    count = panels.shape[0]
+    for q in range(count):
+        _panel_of(a, panels, c, count - 1 - q if descending else q, accumulate)
+
+
+@njit(inline="always")
+def _gemm_packed_sum(a1, panels1, a2, panels2, c, descending):
+    """c = a1 @ W1 + a2 @ W2 (float32, W1 and W2 packed with the same panels), panel by panel:
+    W1's product stored, then W2's added, as _gemm_packed twice would; in zig-zag order."""
+    count = panels1.shape[0]
+    for q in range(count):
+        p = count - 1 - q if descending else q
+        _panel_of(a1, panels1, c, p, False)
+        _panel_of(a2, panels2, c, p, True)
 
 
 # The weight and input gradients multiply tall operands (K = T*B rows): K is cut into

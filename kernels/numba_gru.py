@@ -58,7 +58,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "dc8d2b3c8774feaf"
+COMMON_SOURCE_DIGEST = "57a4f9259af89e40"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------

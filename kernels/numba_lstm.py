@@ -33,6 +33,8 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     _fill,
     _gemm,
     _gemm_packed,
+    _gemm_packed_in_order,
+    _gemm_packed_sum,
     _gemm_tall,
     _new_sync,
     _panels,
@@ -44,7 +46,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "dc8d2b3c8774feaf"
+COMMON_SOURCE_DIGEST = "57a4f9259af89e40"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -106,15 +108,18 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 # -- forward ----------------------------------------------------------------------------
 @njit(**_OPTS)
 def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
-                        lengths, y, h_states, c_states, training, mode):
+                        lengths, y, h_states, c_states, training, mode, recurrent_done, descending):
     """Block k's step t: its gate rows row0 .. row0 + B of `gates` hold the input projection
-    and become the activated gates."""
+    (and the recurrent product too if `recurrent_done`) and become the activated gates.
+    descending: the packed GEMM's panel order (zig-zag, numba_common)."""
     batch, hidden = h.shape
     u0 = bounds[k]
     nu = bounds[k + 1] - u0
     g_t = _block_view(gates, k, row0 + batch, 4 * nu)[row0:]
-    if mode == GEMM_PACKED:  # the recurrent part accumulates straight into the gate rows
-        _gemm_packed(h, _panels(w_hh_ops[k], hidden, 4 * nu), g_t, True)
+    if recurrent_done:
+        pass
+    elif mode == GEMM_PACKED:  # the recurrent part accumulates straight into the gate rows
+        _gemm_packed_in_order(h, _panels(w_hh_ops[k], hidden, 4 * nu), g_t, True, descending)
     else:
         r = _block_view(rec, k, batch, 4 * nu)
         _gemm(h, w_hh_ops[k], hidden, 4 * nu, r, mode)
@@ -144,6 +149,15 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
     _gemm(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_PACKED if mode == GEMM_PACKED else GEMM_BLAS)
 
 
+@njit(**_OPTS)
+def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, descending):
+    """Block k's gate rows of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
+    nu = bounds[k + 1] - bounds[k]
+    g_k = _block_view(gates, k, x_t.shape[0], 4 * nu)
+    _gemm_packed_sum(x_t, _panels(w_ih_ops[k], x_t.shape[1], 4 * nu), h, _panels(w_hh_ops[k], h.shape[1], 4 * nu),
+                     g_k, descending)
+
+
 # Where the forward's input projection x W_ih^T comes from:
 PROJECTED_BY_CALLER = 0  # the caller has put it into the gate buffer (all steps)
 PROJECT_AT_FIRST_STEP = 1  # each block projects all steps at the first step (a tall GEMM)
@@ -152,12 +166,14 @@ PROJECT_EACH_STEP = 2  # each block projects each step's rows just before it (in
 
 
 def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, training,
-             mode, projection, gates, rec, y, h_states, c_states):
+             mode, projection, parity, gates, rec, y, h_states, c_states):
     """Whole-sequence forward, one block of hidden units per thread. Returns (h_n, c_n).
 
     x2: (T*B, I) input; w_ih_ops / w_hh_ops: each block's weight rows laid out as GEMM
     operands for `mode` (pack_operands); projection: PROJECTED_BY_CALLER, PROJECT_AT_FIRST_STEP
-    or PROJECT_EACH_STEP; gates: (num_blocks, R*4*max_nu) scratch, R = B for PROJECT_EACH_STEP
+    or PROJECT_EACH_STEP; parity: 0 or 1, the packed GEMMs' panel order at the first step
+    (zig-zag, numba_common: a caller running steps call after call flips it as it goes);
+    gates: (num_blocks, R*4*max_nu) scratch, R = B for PROJECT_EACH_STEP
     and T*B otherwise, that holds the activated gates of every step afterwards when training;
     rec: (num_blocks, B*4*max_nu) scratch; h_states / c_states: (T, B, H) carried states,
     written only when training.
@@ -174,16 +190,23 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
             t = num_steps - 1 - s if reverse else s
             h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
             row0 = 0 if projection == PROJECT_EACH_STEP else t * batch  # this step's gate rows
+            descending = ((s + parity) & 1) == 1
+            # Packed, each step's input projected just before it: both products in one pass
+            # over the panels (zig-zag order).
+            fused = projection == PROJECT_EACH_STEP and mode == GEMM_PACKED
             k = _claim_block(sync, s, w, num_blocks)
             while k >= 0:
                 # A block's steps read only its own gate columns: it can project its input
                 # for all steps at the first step, or each step's just before it.
-                if projection == PROJECT_EACH_STEP:
+                if fused:
+                    _input_and_recurrent_block(k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops,
+                                               gates, descending)
+                elif projection == PROJECT_EACH_STEP:
                     _input_projection_block(k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode)
                 elif projection == PROJECT_AT_FIRST_STEP and s == 0:
                     _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
                 _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
-                                    lengths, y, h_states, c_states, training, mode)
+                                    lengths, y, h_states, c_states, training, mode, fused, descending)
                 _block_done(sync, s, num_blocks)
                 k = _claim_block(sync, s, w, num_blocks)
     return h_buffers[num_steps % 2].copy(), c

@@ -163,10 +163,13 @@ class NumbaBackend(ReferenceBackend):
     def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
         """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
         does every GEMM, the kernel calls BLAS from its threads: BLAS then runs on one."""
-        packed = plan.mode == common.GEMM_PACKED
-        if packed and not plan.parallel:  # one thread, no BLAS: runs beside other threads' calls
-            return serial_kernel(*args)
-        with _MULTICORE, contextlib.nullcontext() if packed else self._blas.limit(limits=1, user_api="blas"):
+        if plan.mode == common.GEMM_PACKED:  # no BLAS
+            if not plan.parallel:  # one thread: runs beside other threads' calls
+                return serial_kernel(*args)
+            with _MULTICORE:
+                numba.set_num_threads(plan.num_blocks)
+                return parallel_kernel(*args)
+        with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
             if plan.parallel:
                 numba.set_num_threads(plan.num_blocks)
                 return parallel_kernel(*args)
@@ -220,7 +223,7 @@ class NumbaBackend(ReferenceBackend):
         h_n, c_n = self._run(
             plan, kernels.forward_parallel, kernels.forward_serial,
             x2, w_ih_ops, w_hh_ops, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
-            step_lengths, reverse, plan.bounds, training, plan.mode, projection, gates, rec, y,
+            step_lengths, reverse, plan.bounds, training, plan.mode, projection, 0, gates, rec, y,
             h_states, c_states,
         )
         saved = None
@@ -364,14 +367,14 @@ class NumbaBackend(ReferenceBackend):
             return plan, (self._operands(plan, plan.permute(w_ih), rows_are_inputs=False),
                           self._operands(plan, plan.permute(w_hh), rows_are_inputs=False), plan.permute(bias))
 
-        def run(plan, packed, x2, states, lengths, y):
+        def run(plan, packed, x2, states, lengths, y, parity):
             w_ih_ops, w_hh_ops, bias_p = packed
             gates = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
             rec = np.empty_like(gates)
             return self._run(
                 plan, kernels.forward_parallel, kernels.forward_serial,
                 x2, w_ih_ops, w_hh_ops, bias_p, *states, lengths, False, plan.bounds, False, plan.mode,
-                kernels.PROJECT_EACH_STEP, gates, rec, y, unused, unused,
+                kernels.PROJECT_EACH_STEP, parity, gates, rec, y, unused, unused,
             )
 
         return _StreamRun(pack, run, batch * 4 * hidden * (w_ih.shape[1] + hidden), hidden)
@@ -385,7 +388,7 @@ class NumbaBackend(ReferenceBackend):
             w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False)
             return plan, (self._operands(plan, plan.permute(w_ih), rows_are_inputs=False, gates=3), w_ops, w_ops_n)
 
-        def run(plan, packed, x2, states, lengths, y):
+        def run(plan, packed, x2, states, lengths, y, parity):  # no zig-zag: parity unused
             w_ih_ops, w_ops, w_ops_n = packed
             gates = np.empty((x2.shape[0], 3 * hidden), dtype)
             rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
@@ -414,13 +417,15 @@ class _StreamRun:
     The weights are packed for a thread count the first time a call needs it (one thread for
     calls too small to split, else every thread the kernels may use, which
     ``fastlstm.set_num_threads`` may change between calls) and kept; a call then costs its
-    kernel and a few small buffers. Holds nothing a call changes: any number of streams and
-    threads may share it."""
+    kernel and a few small buffers. What a call changes is a speed hint only (the LSTM's
+    first panel order, zig-zag from call to call): any number of streams and threads may
+    share it."""
 
     def __init__(self, pack, run, step_work: int, hidden: int):
         self._pack, self._run, self._step_work, self._hidden = pack, run, step_work, hidden
         self._packed = {}  # threads -> (plan, packed weights)
         self._lengths = {}  # T -> (B,) array of T (the kernels' lengths: every step runs), never written
+        self._parity = 0  # the next call's first panel order (zig-zag across calls, numba_common)
 
     def __call__(self, x, states):
         num_steps, batch, _ = x.shape
@@ -435,7 +440,9 @@ class _StreamRun:
                 self._lengths[num_steps] = lengths
         plan, packed = entry
         y = np.empty((num_steps, batch, self._hidden), x.dtype)
-        states_n = self._run(plan, packed, x.reshape(num_steps * batch, -1), tuple(states), lengths, y)
+        parity = self._parity
+        self._parity = (parity + num_steps) & 1  # raced by streams on other threads: costs speed, no bit
+        states_n = self._run(plan, packed, x.reshape(num_steps * batch, -1), tuple(states), lengths, y, parity)
         return y, states_n
 
 
