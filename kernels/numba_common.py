@@ -556,6 +556,25 @@ def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
                             dst[j, i] = w_p[r0 + i, j]
 
 
+@njit(**_OPTS)
+def same_bits(x, y):
+    """Whether two equal-length uint32 views hold the same bits (of float weights: NaN equals
+    itself, 0.0 differs from -0.0), read a chunk at a time with an exit at the first chunk
+    that differs: a changed weight is usually found at once, an unchanged one costs a read."""
+    n = x.shape[0]
+    start = 0
+    while start < n:
+        stop = min(start + 4096, n)
+        xs, ys = x[start:stop], y[start:stop]
+        diff = np.uint32(0)
+        for i in range(xs.shape[0]):
+            diff |= xs[i] ^ ys[i]
+        if diff != 0:
+            return False
+        start = stop
+    return True
+
+
 # -- small GEMMs ------------------------------------------------------------------------
 @njit(inline="always")
 def _matmul_small(a, b, out):

@@ -58,7 +58,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "57a4f9259af89e40"
+COMMON_SOURCE_DIGEST = "055e4308ac086cf3"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------

@@ -441,3 +441,39 @@ def test_threads_leave_blas_thread_count_as_they_found_it():
         sys.setswitchinterval(interval)
     after = [lib.num_threads for lib in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
     assert after == before
+
+
+@pytest.mark.parametrize("hidden", [64, 40])  # packed float32 GEMMs, and not
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda h: fastlstm.LSTM(24, h, backend="numba", seed=0), id="lstm"),
+    pytest.param(lambda h: fastlstm.GRU(24, h, backend="numba", seed=0), id="gru"),
+    pytest.param(lambda h: fastlstm.GRU(24, h, backend="numba", seed=0, reset_after=False), id="gru-cho"),
+])
+def test_inference_sees_weights_changed_in_place(make, hidden):
+    """Inference keeps the packed weights between calls (_forward_operand) but compares them
+    with the parameters every call: an in-place change, even of one number, is used at once."""
+    layer = make(hidden).eval()
+    reference = make(hidden).to("numpy").eval()
+    x = np.random.default_rng(0).standard_normal((5, 3, 24)).astype(np.float32)
+    layer(x)
+    backend = layer._current_backend()
+    kept = dict(backend._kept)
+    layer(x)
+    assert kept and all(backend._kept[key] is entry for key, entry in kept.items())  # reused, not packed again
+    for name, change in (("weight_hh_l0", lambda w: w.__imul__(0.5)), ("weight_ih_l0", lambda w: w.__isub__(0.1)),
+                         ("weight_hh_l0", lambda w: w.reshape(-1).__setitem__(-1, 3.0)),
+                         ("weight_ih_l0", lambda w: w.reshape(-1).__setitem__(0, -2.0))):
+        change(layer.params[name])  # in place: the same array, the same address
+        reference.load_state_dict(layer.state_dict())
+        assert_close(layer(x)[0], reference(x)[0], 1e-5, name)
+
+
+def test_kept_weights_are_bounded(monkeypatch):
+    monkeypatch.setattr(numba_backend, "_KEPT_OPERAND_BYTES", 60_000)
+    backend = fastlstm.LSTM(8, 32, backend="numba")._current_backend()
+    monkeypatch.setattr(backend, "_kept", {})
+    x = np.ones((2, 1, 8), np.float32)
+    for seed in range(5):  # five layers' weights: 2 x 2 x 4 KB each, with their copies
+        fastlstm.LSTM(8, 32, backend="numba", seed=seed).eval()(x)
+        assert sum(entry.nbytes for entry in backend._kept.values()) <= 60_000
+    assert 0 < len(backend._kept) < 10

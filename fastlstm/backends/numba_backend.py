@@ -57,6 +57,10 @@ _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
 _STEPWISE_PROJECTION_MIN_BATCH = 16
 # Plans kept (least recently used dropped first): one per shape, dtype, cell and thread count.
 _PLANS_KEPT = 64
+# Packed forward weights kept for inference calls (numba_backend._forward_operand), at most
+# this many bytes of them (with the copies they are checked against), least recently used
+# dropped first.
+_KEPT_OPERAND_BYTES = 256 * 2**20
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 # Held by every section that uses more than one core or sets BLAS's thread count (see the
@@ -84,6 +88,16 @@ class _Plan:
             return np.ascontiguousarray(array)
         perm = self.perm if gates is None else common.block_permutation(self.bounds, len(array) // gates, gates)
         return np.ascontiguousarray(array[perm])
+
+
+@dataclass(frozen=True)
+class _KeptOperand:
+    source: np.ndarray  # the weights it was packed from (a copy)
+    operand: np.ndarray  # pack_operands' layout
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes + self.operand.nbytes
 
 
 @dataclass
@@ -124,6 +138,8 @@ class NumbaBackend(ReferenceBackend):
         self._blas = threadpoolctl.ThreadpoolController()
         self._plans = {}
         self._plans_lock = threading.Lock()  # callers on several threads share the cache
+        self._kept = {}  # (weights' memory, layout) -> _KeptOperand, most recently used last
+        self._kept_lock = threading.Lock()
 
     def describe(self) -> str:
         used = _numba_threads()
@@ -189,14 +205,43 @@ class NumbaBackend(ReferenceBackend):
         common.pack_operands(w_p, plan.bounds, gates, plan.mode, rows_are_inputs, out)
         return out
 
+    def _forward_operand(self, plan: _Plan, w: np.ndarray, gates: int, keep: bool, permute_gates=None):
+        """The forward's per-step GEMM operand of `w` (torch's row order, `gates` gate blocks;
+        permute_gates: as _Plan.permute). With `keep` (inference): the operand packed from
+        this same array earlier, while its bits are still the ones it was packed from
+        (compared on every call: a weight changed in place is packed again), else packed now
+        and kept. Packing a large layer costs milliseconds (I = H = 512: 8 MB read, permuted
+        and written, mostly to fresh pages); the comparison reads the weights and a copy."""
+        if not keep or not w.flags.c_contiguous:
+            return self._operands(plan, plan.permute(w, permute_gates), rows_are_inputs=False, gates=gates)
+        key = (w.ctypes.data, w.shape, w.dtype.str, gates, plan.mode, plan.bounds.tobytes())
+        with self._kept_lock:
+            kept = self._kept.pop(key, None)
+            if kept is not None:
+                self._kept[key] = kept  # most recently used last
+        if kept is not None and common.same_bits(kept.source.reshape(-1).view(np.uint32), w.reshape(-1).view(np.uint32)):
+            return kept.operand
+        source = w.copy()  # packed from the copy: what is kept is what was compared
+        kept = _KeptOperand(source, self._operands(plan, plan.permute(source, permute_gates), False, gates))
+        with self._kept_lock:
+            self._kept[key] = kept
+            total = sum(entry.nbytes for entry in self._kept.values())
+            while total > _KEPT_OPERAND_BYTES and len(self._kept) > 1:
+                total -= self._kept.pop(next(iter(self._kept))).nbytes
+        return kept.operand
+
     # -- primitives -------------------------------------------------------------------
     def forward_sequence(self, x, w_ih, w_hh, bias, h0, c0, lengths, reverse, training):
         num_steps, batch, input_size = x.shape
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._plan(batch, hidden, dtype)
-        w_ih_p, w_hh_p, bias_p = plan.permute(w_ih), plan.permute(w_hh), plan.permute(bias)
-        w_hh_ops = self._operands(plan, w_hh_p, rows_are_inputs=False)
+        bias_p = plan.permute(bias)
+        if training:  # the permuted weights: packed now, and kept for the backward
+            w_ih_p, w_hh_p = plan.permute(w_ih), plan.permute(w_hh)
+            w_hh_ops = self._operands(plan, w_hh_p, rows_are_inputs=False)
+        else:
+            w_hh_ops = self._forward_operand(plan, w_hh, 4, keep=True)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         x2 = x.reshape(num_steps * batch, input_size)
         # The input projection: per block inside the kernel (each step's just before it for
@@ -218,8 +263,10 @@ class NumbaBackend(ReferenceBackend):
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates.reshape(num_steps * batch, 4 * hidden))
-        else:
+        elif training:
             w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False)
+        else:
+            w_ih_ops = self._forward_operand(plan, w_ih, 4, keep=True)
         h_n, c_n = self._run(
             plan, kernels.forward_parallel, kernels.forward_serial,
             x2, w_ih_ops, w_hh_ops, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
@@ -271,10 +318,15 @@ class NumbaBackend(ReferenceBackend):
         return self._plan(batch, hidden, dtype, gates=3, widths=(3,) if reset_after else (2, 1),
                           num_threads=num_threads)
 
-    def _gru_operands(self, plan, w_hh, reset_after, rows_are_inputs):
+    def _gru_operands(self, plan, w_hh, reset_after, rows_are_inputs, keep=False):
         """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, unused), or
-        Cho's (W_hr and W_hz, W_hn)."""
+        Cho's (W_hr and W_hz, W_hn). keep: forward operands kept for inference (_forward_operand)."""
         hidden = w_hh.shape[1]
+        if not rows_are_inputs:
+            if reset_after:
+                return self._forward_operand(plan, w_hh, 3, keep), np.empty((1, 1), w_hh.dtype)
+            return (self._forward_operand(plan, w_hh[: 2 * hidden], 2, keep, permute_gates=2),
+                    self._forward_operand(plan, w_hh[2 * hidden :], 1, keep, permute_gates=1))
         if reset_after:
             return self._operands(plan, plan.permute(w_hh), rows_are_inputs, gates=3), np.empty((1, 1), w_hh.dtype)
         return (self._operands(plan, plan.permute(w_hh[: 2 * hidden], gates=2), rows_are_inputs, gates=2),
@@ -290,12 +342,12 @@ class NumbaBackend(ReferenceBackend):
         # The input projection of all steps: on the parallel plan each block's, in the kernel
         # (see numba_gru._forward); on one block, one GEMM on NumPy's BLAS threads.
         if plan.parallel:
-            w_ih_ops = self._operands(plan, plan.permute(w_ih), rows_are_inputs=False, gates=3)
+            w_ih_ops = self._forward_operand(plan, w_ih, 3, keep=not training)
         else:
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates)
-        w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False)
+        w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False, keep=not training)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
         y = np.empty((num_steps, batch, hidden), dtype)
