@@ -143,10 +143,12 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
 
 @njit(**_OPTS)
 def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
-    """Block k's input projection of the rows of x2 into the first rows of its gate buffer."""
+    """Block k's input projection of the rows of x2 into the first rows of its gate buffer
+    (unpacked: one row by the batch-1 kernel, more by BLAS)."""
     nu = bounds[k + 1] - bounds[k]
     g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
-    _gemm(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_PACKED if mode == GEMM_PACKED else GEMM_BLAS)
+    by = mode if mode == GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1) else GEMM_BLAS
+    _gemm(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, by)
 
 
 @njit(**_OPTS)

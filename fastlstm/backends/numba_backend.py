@@ -176,10 +176,12 @@ class NumbaBackend(ReferenceBackend):
             del self._plans[next(iter(self._plans))]
         return plan
 
-    def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args):
-        """Run a time-loop kernel with Numba's thread count set. Unless the packed kernel
-        does every GEMM, the kernel calls BLAS from its threads: BLAS then runs on one."""
-        if plan.mode == common.GEMM_PACKED:  # no BLAS
+    def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args, calls_blas=None):
+        """Run a kernel with Numba's thread count set. Where it calls BLAS from its threads
+        (calls_blas; default: unless the packed kernel does every GEMM), BLAS runs on one."""
+        if calls_blas is None:
+            calls_blas = plan.mode != common.GEMM_PACKED
+        if not calls_blas:
             if not plan.parallel:  # one thread: runs beside other threads' calls
                 return serial_kernel(*args)
             with _MULTICORE:
@@ -427,6 +429,7 @@ class NumbaBackend(ReferenceBackend):
                 plan, kernels.forward_parallel, kernels.forward_serial,
                 x2, w_ih_ops, w_hh_ops, bias_p, *states, lengths, False, plan.bounds, False, plan.mode,
                 kernels.PROJECT_EACH_STEP, parity, gates, rec, y, unused, unused,
+                calls_blas=plan.mode == common.GEMM_BLAS,  # batch 1 unpacked: the batch-1 kernel only
             )
 
         return _StreamRun(pack, run, batch * 4 * hidden * (w_ih.shape[1] + hidden), hidden)
