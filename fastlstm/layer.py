@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _inputs, registry, stack
-from .stream import Stream
 from ._arrays import check_real, resolve_dtype, to_numpy
 from .cells import LSTM_CELL, GRUCell
 from .checkpoint import MAX_FILE_MEMBERS, CheckpointError, load_arrays, save_arrays
+from .stream import Stream
 
 
 def _positive_int(value, name: str) -> int:
