@@ -386,6 +386,21 @@ def test_torch_callers_get_torch_tensors_on_their_device(fake_cupy):
     assert cpu_caller.data_ptr() != on_device.data.ptr and np.array_equal(cpu_caller.numpy(), x)  # to the host
 
 
+@pytest.mark.parametrize("make", [fastlstm.LSTM, fastlstm.GRU], ids=["lstm", "gru"])
+def test_streams_on_the_device_equal_the_whole_sequence(fake_cupy, make):
+    layer = make(3, 5, num_layers=2, backend="cupy", seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((6, 2, 3)).astype(np.float32)
+    y, state_n = layer(x)
+    stream = layer.stream(2)
+    steps = [stream(x[t]) for t in range(3)] + list(stream(fake_cupy.asarray(x[3:])))
+    assert type(steps[0]) is np.ndarray and type(steps[-1]) is fake_cupy.ndarray  # each caller's kind of array
+    assert_close(np.stack([np.asarray(s) for s in steps]), y, TOLERANCE["float32"], "y")
+    finals = stream.state if isinstance(stream.state, tuple) else (stream.state,)
+    assert all(type(part) is fake_cupy.ndarray for part in finals)  # the state stays on the device
+    for got, want in zip(finals, state_n if isinstance(state_n, tuple) else (state_n,)):
+        assert_close(np.asarray(got), want, TOLERANCE["float32"], "state")
+
+
 def test_moving_a_layer_between_host_and_device(fake_cupy):
     lstm = fastlstm.LSTM(3, 4, backend="numpy", seed=0)
     before = lstm.state_dict()

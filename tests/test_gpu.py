@@ -260,3 +260,13 @@ def test_cupy_gru_matches_numpy_reference(reset_after, dtype, loop):
         backend.loop = previous
     for expected, actual in zip(*results):  # NumPy in, NumPy out: every result is on the host
         assert_close(actual, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("make", [fastlstm.LSTM, fastlstm.GRU], ids=["lstm", "gru"])
+def test_streams_on_the_gpu_equal_the_whole_sequence(make):
+    layer = make(64, 128, num_layers=2, backend="cupy", seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((9, 2, 64)).astype(np.float32)
+    y, _ = layer(x)
+    stream = layer.stream(2)
+    steps = np.stack([stream(x[t]) for t in range(5)] + list(stream(x[5:])))
+    assert_close(steps, y, TOL["float32"], "y")

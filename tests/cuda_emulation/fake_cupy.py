@@ -242,7 +242,7 @@ def make_fake_cupy(library_path) -> types.ModuleType:
     def allocating(function):
         return lambda *args, **kwargs: _POOL.device_copy(function(*args, **kwargs))
 
-    for name in ("zeros", "empty", "full", "zeros_like", "empty_like", "concatenate", "where", "arange"):
+    for name in ("zeros", "empty", "full", "zeros_like", "empty_like", "concatenate", "stack", "where", "arange"):
         setattr(cupy, name, allocating(getattr(np, name)))
 
     def ascontiguousarray(a, dtype=None):

@@ -1,0 +1,113 @@
+"""Inference against torch.nn.LSTM, ONNX Runtime and the NumPy backend in alternated rounds
+in one process (a drift of the host's speed hits every runner alike; ratios are taken
+within each round): the streaming configurations (one call per step, batch 1, the state
+carried: fastlstm's streams, nn.LSTM one step at a time with hx under no_grad, ONNX Runtime
+one run per step) and whole-sequence inference (fastlstm's layer call).
+
+    python bench/inference_rounds.py [--configs step-128,step-512,stream-1,small] [--rounds 7]
+
+For the streaming configurations numba is also timed on one call of the 100-step chunk
+(its kernels' own time per step; a one-step call adds Python and the kernel's start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+import fastlstm
+from fastlstm import bench, bench_onnx
+from fastlstm._arrays import module_available
+
+SETTLE_S = 0.3  # thread pools of the previous runner stop spinning (fastlstm.bench)
+
+
+def fastlstm_runner(backend: str, config, x):
+    layer = fastlstm.LSTM(config.I, config.H, num_layers=config.layers, backend=backend, seed=0).eval()
+    if not config.stream:
+        return lambda: layer(x)
+    stream = layer.stream(config.B)
+    steps = [np.ascontiguousarray(x[t]) for t in range(config.T)]
+
+    def call():
+        for x_t in steps:
+            stream(x_t)
+    return call
+
+
+def runners(config) -> dict:
+    x = np.random.default_rng(0).standard_normal((config.T, config.B, config.I)).astype(np.float32)
+    found = {}
+    for backend in ("numba", "numpy"):
+        if fastlstm.available_backends()[backend].available:
+            found[backend] = fastlstm_runner(backend, config, x)
+    if config.stream and "numba" in found:
+        chunk = fastlstm.LSTM(config.I, config.H, backend="numba", seed=0).eval().stream(config.B)
+        found["numba, one chunk"] = lambda: chunk(x)
+    if module_available("torch"):
+        found["torch"] = bench.make_runner("torch", config, "forward")
+    if bench_onnx.available():
+        found["onnxruntime"] = bench.make_runner("onnxruntime", config, "forward")
+    return found
+
+
+def measure(calls: dict, rounds: int) -> dict:
+    """name -> [seconds per call, one value per round]; the order rotates each round."""
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(SETTLE_S)
+            calls[name]()  # wakes sleeping threads, warms caches
+            start = time.perf_counter()
+            repeats = 0
+            while repeats < 3 or time.perf_counter() - start < 0.2:
+                calls[name]()
+                repeats += 1
+            times[name].append((time.perf_counter() - start) / repeats)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="step-128,step-512,stream-1,small")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    threads = fastlstm.get_num_threads()
+    if module_available("torch"):
+        import torch
+
+        torch.set_num_threads(threads)
+    results = {}
+    for name in args.configs.split(","):
+        config = bench.CONFIGS[name]
+        calls = runners(config)
+        for call in calls.values():
+            call()  # compiles, packs
+        times = measure(calls, args.rounds)
+        results[name] = times
+        unit, scale = ("us/step", 1e6 / config.T) if config.stream else ("ms/call", 1e3)
+        print(f"{name} (T={config.T}, B={config.B}, I={config.I}, H={config.H}; {threads} threads), "
+              f"median of {args.rounds} alternated rounds:")
+        for runner, values in times.items():
+            line = f"  {runner:18s} {statistics.median(values) * scale:9.2f} {unit}"
+            if runner in ("numpy", "torch", "onnxruntime") and "numba" in times:
+                ratios = [v / n for v, n in zip(values, times["numba"])]
+                line += (f"   numba {statistics.median(ratios):.2f}x faster "
+                         f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
+            print(line)
+    if args.json:
+        from fastlstm.checkpoint import write_atomic
+
+        data = {"threads": threads, "machine": bench.machine_info(), "versions": bench.library_versions(),
+                "seconds": results}
+        write_atomic(args.json, lambda handle: handle.write(json.dumps(data, indent=1).encode("utf-8")))
+
+
+if __name__ == "__main__":
+    main()
