@@ -384,7 +384,7 @@ def machine_info() -> dict:
 
 def library_versions() -> dict:
     versions = {"python": sys.version.split()[0], "numpy": np.__version__}
-    for module in ("numba", "scipy", "torch", "cupy", "threadpoolctl"):
+    for module in ("numba", "scipy", "torch", "cupy", "threadpoolctl", "onnxruntime"):
         if module_available(module):
             try:
                 versions[module] = __import__(module).__version__
