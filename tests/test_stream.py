@@ -230,3 +230,18 @@ def test_a_layer_with_streams_copies_and_pickles():
         stream = clone.stream()
         x = np.ones((2, 1, 3), np.float32)
         np.testing.assert_array_equal(stream(x), lstm(x)[0])
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba backend unavailable")
+def test_refresh_follows_the_layer_to_another_backend_and_keeps_the_state():
+    gru = fastlstm.GRU(5, 32, backend="numpy", seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((6, 2, 5)).astype(np.float32)
+    y, h_n = gru(x)
+    stream = gru.stream(2)
+    first = stream(x[:3])
+    gru.to("numba")
+    assert stream._backend.name == "numpy"  # until refreshed
+    stream.refresh()
+    assert stream._backend.name == "numba"
+    assert_close(np.concatenate([first, stream(x[3:])]), y, 1e-5, "y")
+    assert_close(stream.state, h_n, 1e-5, "h")

@@ -59,7 +59,8 @@ _STEPWISE_PROJECTION_MIN_BATCH = 16
 _PLANS_KEPT = 64
 # Packed forward weights kept for inference calls (numba_backend._forward_operand), at most
 # this many bytes of them (with the copies they are checked against), least recently used
-# dropped first.
+# dropped first; a weight that would take more than half of it is never kept. Models whose
+# weights exceed it pay, for the weights not kept, a copy on top of the packing.
 _KEPT_OPERAND_BYTES = 256 * 2**20
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
@@ -214,7 +215,7 @@ class NumbaBackend(ReferenceBackend):
         (compared on every call: a weight changed in place is packed again), else packed now
         and kept. Packing a large layer costs milliseconds (I = H = 512: 8 MB read, permuted
         and written, mostly to fresh pages); the comparison reads the weights and a copy."""
-        if not keep or not w.flags.c_contiguous:
+        if not keep or not w.flags.c_contiguous or 2 * w.nbytes > _KEPT_OPERAND_BYTES // 2:
             return self._operands(plan, plan.permute(w, permute_gates), rows_are_inputs=False, gates=gates)
         key = (w.ctypes.data, w.shape, w.dtype.str, gates, plan.mode, plan.bounds.tobytes())
         with self._kept_lock:
