@@ -230,6 +230,10 @@ def _info(args, parser) -> int:
             print(f"  numba: {numba.config.NUMBA_NUM_THREADS} threads, threading layer {numba.config.THREADING_LAYER}")
         except Exception as exc:  # noqa: BLE001
             print(f"  numba: broken ({exc})")
+    if registry.available_backends()["numba"].available:
+        from .backends import numba_backend
+
+        print(f"numba cache: {numba_backend.cache_status()}")
     if module_available("threadpoolctl"):
         import threadpoolctl
 

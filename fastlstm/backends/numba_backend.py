@@ -502,6 +502,29 @@ class _StreamRun:
         return y, states_n
 
 
+def cache_status() -> str:
+    """What `fastlstm info` says of Numba's cache: how many of the kernels a call starts have
+    code compiled for this CPU in it (loaded in well under a second), and where it is; a
+    kernel not there compiles on its first call (seconds each). Reads Numba's cache index
+    through its internals: "unknown" where they differ."""
+    entry_kernels = [
+        kernels.forward_parallel, kernels.forward_serial, kernels.backward_loop_parallel,
+        kernels.backward_loop_serial, kernels.gradients, gru_kernels.forward_parallel, gru_kernels.forward_serial,
+        gru_kernels.backward_loop_parallel, gru_kernels.backward_loop_serial, gru_kernels.gradients,
+        common.pack_operands, common.same_bits,
+    ]
+    try:
+        host = entry_kernels[0].targetctx.codegen().magic_tuple()
+        cached = sum(any(key[1] == host for key in kernel._cache._cache_file._load_index())
+                     for kernel in entry_kernels)
+        folder = entry_kernels[0]._cache._cache_path
+    except Exception as exc:  # noqa: BLE001 - a report, never a failure
+        return f"unknown ({type(exc).__name__}: {exc})"
+    state = "warm" if cached == len(entry_kernels) else "cold" if cached == 0 else "partly warm"
+    return (f"{state}: {cached} of {len(entry_kernels)} kernels compiled for this CPU, in {folder} "
+            f"(a kernel not there compiles on its first call: 5-20 s each)")
+
+
 def _numba_threads() -> int:
     """Threads the kernels run on: fastlstm's count, at most the size of Numba's pool
     (NUMBA_NUM_THREADS, fixed when Numba starts, e.g. by a narrowed CPU affinity); one in a
