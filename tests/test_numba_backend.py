@@ -347,11 +347,16 @@ def test_unpacked_gemm_for_the_gradients(transposed, rows, inner):
     assert np.array_equal(c_wide[:, cols:], beside)  # the columns beside c are not written
 
 
-def test_weight_gradients_through_the_micro_kernel_match_numpy():
+@pytest.mark.parametrize("by_blas", [False, True], ids=["micro-kernel", "blas"])
+def test_weight_gradients_through_the_micro_kernel_match_numpy(by_blas, monkeypatch):
     """The parallel float32 plan with input and hidden sizes in whole panels: dW_ih, dW_hh
-    and dx come from the micro-kernel, both directions, with lengths and an initial state."""
+    and dx come from the micro-kernel (or BLAS, on the CPUs where that is faster), both
+    directions, with lengths and an initial state."""
     if fastlstm.threads.available_cores() < 2:
         pytest.skip("needs 2 cores")
+    monkeypatch.setattr(numba_backend, "_GRADIENTS_BY_BLAS", by_blas)
+    monkeypatch.setattr(numba_backend, "_GRADIENTS_BLAS_MIN_ROWS", 1)
+    monkeypatch.setattr(numba_backend, "_GRADIENTS_BLAS_MIN_COLUMNS", 1)
     numba_layer, numpy_layer = layer_pair("float32", input_size=64, hidden_size=96, bidirectional=True)
     plan = numba_layer._current_backend()._plan(16, 96, np.float32)
     assert plan.parallel and plan.mode == common.GEMM_PACKED and 64 % common.PANEL == 0

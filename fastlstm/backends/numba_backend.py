@@ -35,6 +35,7 @@ import numpy as np
 import scipy
 import scipy.linalg.cython_blas  # noqa: F401  - Numba's np.dot needs it; fail here, not mid-call
 import threadpoolctl
+from llvmlite import binding as llvm_binding
 
 from .. import threads
 from ..kernels import numba_common as common
@@ -62,6 +63,18 @@ _PLANS_KEPT = 64
 # dropped first; a weight that would take more than half of it is never kept. Models whose
 # weights exceed it pay, for the weights not kept, a copy on top of the packing.
 _KEPT_OPERAND_BYTES = 256 * 2**20
+# The LSTM's GEMMs after the backward loop (weight and input gradients; on the parallel plan,
+# each block's share on its own thread): BLAS, single-threaded per block, or the float32
+# micro-kernel reading the operands in place. Measured on the 2-core Intel Xeon (Emerald
+# Rapids) VM, whole training steps, BLAS against the micro-kernel: train-m and train-l 1.15x
+# faster; small, stream-1 and deep (B*T = 800) 0.91-0.98x; the GRU's (gate columns copied
+# for BLAS) 0.88x. On the 2-core AMD Zen 4 VM the micro-kernel was 1.2x faster than BLAS at
+# train-m (bench/results/2026-11-27-cpu-2core.md). So: BLAS for large LSTM layers
+# (_GRADIENTS_BLAS_MIN_ROWS steps x sequences, 4H >= _GRADIENTS_BLAS_MIN_COLUMNS) except on
+# AMD Zen; the micro-kernel otherwise. Deterministic either way (one order of sums a shape).
+_GRADIENTS_BY_BLAS = not llvm_binding.get_host_cpu_name().startswith("znver")
+_GRADIENTS_BLAS_MIN_ROWS = 1024
+_GRADIENTS_BLAS_MIN_COLUMNS = 512
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 # Held by every section that uses more than one core or sets BLAS's thread count (see the
@@ -309,7 +322,7 @@ class NumbaBackend(ReferenceBackend):
             numba.set_num_threads(plan.num_blocks)
             kernels.gradients(
                 d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
-                plan.bounds, plan.mode, dw_ih_p, dw_hh_p, dbias_p, dx2,
+                plan.bounds, _gradients_mode(plan, rows, hidden), dw_ih_p, dw_hh_p, dbias_p, dx2,
             )
         # Back from the blocked row order to torch's [i; f; g; o].
         dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
@@ -500,6 +513,13 @@ class _StreamRun:
         self._parity = (parity + num_steps) & 1  # raced by streams on other threads: costs speed, no bit
         states_n = self._run(plan, packed, x.reshape(num_steps * batch, -1), tuple(states), lengths, y, parity)
         return y, states_n
+
+
+def _gradients_mode(plan: _Plan, rows: int, hidden: int) -> int:
+    """The GEMM mode of the LSTM's gradients after the backward loop over `rows` (T*B) rows
+    (see _GRADIENTS_BY_BLAS)."""
+    large = rows >= _GRADIENTS_BLAS_MIN_ROWS and 4 * hidden >= _GRADIENTS_BLAS_MIN_COLUMNS
+    return common.GEMM_BLAS if _GRADIENTS_BY_BLAS and large else plan.mode
 
 
 def cache_status() -> str:
