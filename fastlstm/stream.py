@@ -41,22 +41,20 @@ class Stream:
         self._layer = layer
         self.batch_size = batch_size
         self._busy = threading.Lock()
-        self._take_weights()
+        self._backend, self._runs = layer._stream_runs(batch_size)
         self._states = self._initial_states(state)
 
     # -- weights ------------------------------------------------------------------------
-    def _take_weights(self) -> None:
-        self._backend, self._runs = self._layer._stream_runs(self.batch_size)
 
     def refresh(self) -> "Stream":
         """Use the layer's parameters (and backend) as they are now; the state is kept."""
         self._acquire("refresh")
         try:
-            backend, states = self._backend, self._states
-            self._take_weights()
-            if self._backend is not backend:  # the layer moved: the state follows it
-                self._states = [tuple(self._backend.asarray(backend.to_host(part)) for part in parts)
-                                for parts in states]
+            backend, runs = self._layer._stream_runs(self.batch_size)
+            states = self._states
+            if backend is not self._backend:  # the layer moved: the state follows it
+                states = [tuple(backend.asarray(self._backend.to_host(part)) for part in parts) for parts in states]
+            self._backend, self._runs, self._states = backend, runs, states
         finally:
             self._busy.release()
         return self
@@ -66,15 +64,14 @@ class Stream:
         return _inputs.Layout(1, self.batch_size, False, False)
 
     def _initial_states(self, state) -> list:
-        """[per layer: (h, c) or (h,)], each (B, H) and contiguous, from a user's state."""
+        """[per layer: (h, c) or (h,)], each (B, H), the stream's own copies of a user's state."""
         layer, backend = self._layer, self._backend
         spec = layer._spec
         parts = _inputs.state_parts(backend, state, "state", spec.cell.state_parts, self._layout(),
                                     spec.num_layers, spec.hidden_size, spec.dtype)
         shape = (self.batch_size, spec.hidden_size)
         return [
-            tuple(backend.xp.zeros(shape, spec.dtype) if part is None else backend.xp.ascontiguousarray(part[k])
-                  for part in parts)
+            tuple(backend.xp.zeros(shape, spec.dtype) if part is None else part[k].copy() for part in parts)
             for k in range(spec.num_layers)
         ]
 

@@ -134,6 +134,10 @@ def test_state_and_reset():
     x = rng.standard_normal((6, 4, 3)).astype(np.float32)
     stream = gru.stream(4, h0)
     np.testing.assert_array_equal(stream.state, h0)
+    given = h0.copy()
+    h0[...] = 9  # the caller's array: the stream copied it
+    np.testing.assert_array_equal(stream.state, given)
+    h0 = given
     stream.state[...] = 7  # a copy: the stream's state is its own
     np.testing.assert_array_equal(stream.state, h0)
     y, h_n = gru(x, h0)
