@@ -145,9 +145,10 @@ def available_runners() -> list[str]:
     return names + torch_devices() + ([bench_onnx.RUNNER] if bench_onnx.available() else [])
 
 
-def runs(name: str, config: Config, mode: str) -> bool:
-    """Whether runner `name` is measured on (config, mode): ONNX Runtime runs inference only."""
-    return config.runs(mode) and (name != bench_onnx.RUNNER or mode == "forward")
+def runs(name: str, config: Config, mode: str, dtype: str = "float32") -> bool:
+    """Whether runner `name` is measured on (config, mode, dtype): ONNX Runtime runs inference
+    only, in float32 (its CPU LSTM and GRU refuse float64)."""
+    return config.runs(mode) and (name != bench_onnx.RUNNER or (mode == "forward" and dtype == "float32"))
 
 
 def _inputs(config: Config, dtype: str, seed: int = 0):
@@ -162,8 +163,8 @@ def make_runner(name: str, config: Config, mode: str, dtype: str = "float32"):
     """A no-argument callable that runs (and finishes) one measured iteration."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not runs(name, config, mode):
-        raise ValueError(f"{name} does not run {config.name} {mode}")
+    if not runs(name, config, mode, dtype):
+        raise ValueError(f"{name} does not run {config.name} {mode} in {dtype}")
     if name.startswith("torch"):
         x, dy = _inputs(config, dtype)
         return _torch_runner(name, config, mode, dtype, x, dy)
@@ -404,7 +405,7 @@ def run_benchmarks(configs, runners, modes=MODES, dtype="float32", repeats=5, wa
         report.gpu_ceiling_gflops = gpu_gemm_ceiling(dtype)
     cases = [(config, mode) for config in configs for mode in modes if config.runs(mode)]
     for done, (config, mode) in enumerate(cases, 1):
-        names = [name for name in runners if runs(name, config, mode)]
+        names = [name for name in runners if runs(name, config, mode, dtype)]
         if progress:
             progress(f"[{done}/{len(cases)}] {config.name} {mode}: {', '.join(names)}")
         times = {}

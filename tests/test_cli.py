@@ -305,4 +305,5 @@ def test_streaming_configs_run_one_call_per_step_forward_only():
     row = next(line.split() for line in bench.format_table(table).splitlines() if line.startswith("step-t "))
     assert row[3:5] == ["4.00", "1000.0"]  # ms a call of T=4 steps, us a step
     assert not bench.runs("onnxruntime", bench.CONFIGS["small"], "forward+backward")
+    assert not bench.runs("onnxruntime", bench.CONFIGS["small"], "forward", "float64")  # ORT: no double LSTM
     assert not bench.runs("numpy", config, "forward+backward") and bench.runs("numpy", config, "forward")
