@@ -390,7 +390,8 @@ def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset
     num_blocks = bounds.shape[0] - 1
     packed = mode == GEMM_PACKED
     rows = dx2.shape[0]
-    for k in prange(num_blocks):
+    for p in prange(num_blocks):
+        k = np.int64(p)  # one signature for the callees (the parallel loop's index may be unsigned)
         _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                             dw_ih, dw_hh, db_ih, db_hh)
         r0, r1 = rows * k // num_blocks, rows * (k + 1) // num_blocks

@@ -335,6 +335,7 @@ def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p,
     """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
     num_blocks = bounds.shape[0] - 1
     packed = mode == GEMM_PACKED
-    for k in prange(num_blocks):  # thread k: block k's weight rows, then part k of dx's rows
+    for p in prange(num_blocks):  # thread k: block k's weight rows, then part k of dx's rows
+        k = np.int64(p)  # one signature for the callees (the parallel loop's index may be unsigned)
         _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p)
         _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, packed, dx2)
