@@ -1,14 +1,17 @@
-"""Benchmarks: every available backend and torch.nn.LSTM on the same configurations.
+"""Benchmarks: every available backend, torch.nn.LSTM (GRU) and, where installed, ONNX
+Runtime (``bench_onnx``, inference only) on the same configurations.
 
 Used by ``fastlstm bench`` (cli.py) and by the pytest-benchmark suite in bench/.
 Each measured run is one whole call: forward inference (eval mode, nothing kept for
 backward), or forward + backward in training mode; the median over rounds is
 reported. A streaming configuration (``Config.stream``: step-128, step-512) runs its T
 steps one call each, the state carried (fastlstm: ``layer.stream()``; torch: ``nn.LSTM``
-called with ``hx`` under ``no_grad``; ONNX Runtime: one ``run`` per step), inference only. Each runner's rounds run back to back after a pause and a warm-up, rather
-than interleaved with the other runners: BLAS and OpenMP thread pools keep spinning
-for a while after their last call (OpenBLAS's for up to ~0.1 s), and a runner measured
-right after another one would pay for the other's idle threads.
+called with ``hx`` under ``no_grad``; ONNX Runtime: one ``run`` per step), inference
+only. Each runner's rounds run back to back after a pause and a warm-up, rather than
+interleaved with the other runners: BLAS and OpenMP thread pools keep spinning for a
+while after their last call (OpenBLAS's for up to ~0.1 s), and a runner measured right
+after another one would pay for the other's idle threads (``bench/inference_rounds.py``
+alternates rounds instead, with that pause between runners).
 """
 
 from __future__ import annotations
