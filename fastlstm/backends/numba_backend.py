@@ -235,7 +235,8 @@ class NumbaBackend(ReferenceBackend):
             kept = self._kept.pop(key, None)
             if kept is not None:
                 self._kept[key] = kept  # most recently used last
-        if kept is not None and common.same_bits(kept.source.reshape(-1).view(np.uint32), w.reshape(-1).view(np.uint32)):
+        bits = w.reshape(-1).view(np.uint32)
+        if kept is not None and common.same_bits(kept.source.reshape(-1).view(np.uint32), bits):
             return kept.operand
         source = w.copy()  # packed from the copy: what is kept is what was compared
         kept = _KeptOperand(source, self._operands(plan, plan.permute(source, permute_gates), False, gates))
@@ -338,15 +339,15 @@ class NumbaBackend(ReferenceBackend):
         """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, unused), or
         Cho's (W_hr and W_hz, W_hn). keep: forward operands kept for inference (_forward_operand)."""
         hidden = w_hh.shape[1]
-        if not rows_are_inputs:
-            if reset_after:
-                return self._forward_operand(plan, w_hh, 3, keep), np.empty((1, 1), w_hh.dtype)
-            return (self._forward_operand(plan, w_hh[: 2 * hidden], 2, keep, permute_gates=2),
-                    self._forward_operand(plan, w_hh[2 * hidden :], 1, keep, permute_gates=1))
+
+        def operand(w, gates, permute_gates=None):
+            if rows_are_inputs:
+                return self._operands(plan, plan.permute(w, permute_gates), rows_are_inputs, gates=gates)
+            return self._forward_operand(plan, w, gates, keep, permute_gates)
+
         if reset_after:
-            return self._operands(plan, plan.permute(w_hh), rows_are_inputs, gates=3), np.empty((1, 1), w_hh.dtype)
-        return (self._operands(plan, plan.permute(w_hh[: 2 * hidden], gates=2), rows_are_inputs, gates=2),
-                self._operands(plan, plan.permute(w_hh[2 * hidden :], gates=1), rows_are_inputs, gates=1))
+            return operand(w_hh, 3), np.empty((1, 1), w_hh.dtype)
+        return operand(w_hh[: 2 * hidden], 2, permute_gates=2), operand(w_hh[2 * hidden :], 1, permute_gates=1)
 
     def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
         num_steps, batch, input_size = x.shape
@@ -432,8 +433,8 @@ class NumbaBackend(ReferenceBackend):
 
         def pack(num_threads):
             plan = self._plan(batch, hidden, dtype, num_threads=num_threads)
-            return plan, (self._operands(plan, plan.permute(w_ih), rows_are_inputs=False),
-                          self._operands(plan, plan.permute(w_hh), rows_are_inputs=False), plan.permute(bias))
+            return plan, (self._forward_operand(plan, w_ih, 4, keep=False),
+                          self._forward_operand(plan, w_hh, 4, keep=False), plan.permute(bias))
 
         def run(plan, packed, x2, states, lengths, y, parity):
             w_ih_ops, w_hh_ops, bias_p = packed
@@ -455,7 +456,7 @@ class NumbaBackend(ReferenceBackend):
         def pack(num_threads):
             plan = self._gru_plan(batch, hidden, dtype, reset_after, num_threads=num_threads)
             w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False)
-            return plan, (self._operands(plan, plan.permute(w_ih), rows_are_inputs=False, gates=3), w_ops, w_ops_n)
+            return plan, (self._forward_operand(plan, w_ih, 3, keep=False), w_ops, w_ops_n)
 
         def run(plan, packed, x2, states, lengths, y, parity):  # no zig-zag: parity unused
             w_ih_ops, w_ops, w_ops_n = packed
