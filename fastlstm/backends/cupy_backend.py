@@ -322,17 +322,22 @@ class CudaSequenceBackend(ReferenceBackend):
         plan = self._time_loop(key, batch, hidden, x.dtype, lambda loop: self._forward(loop, *args))
         return self._forward(plan, *args)
 
+    def _projected(self, x, w_ih, lengths, hidden):
+        """What every cell's forward starts with: (the (B) lengths, full ones for None; x as
+        (T*B, I) rows; gates (T, B, G*H) = x W_ih^T, one GEMM over all steps; y (T, B, H) to fill)."""
+        num_steps, batch, input_size = x.shape
+        step_lengths = self._full_lengths(batch, num_steps) if lengths is None else lengths
+        x2 = x.reshape(num_steps * batch, input_size)
+        gates = self.xp.empty((num_steps, batch, w_ih.shape[0]), dtype=x.dtype)
+        self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, w_ih.shape[0]), 0.0)
+        return step_lengths, x2, gates, self.xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+
     def _forward(self, plan: PersistentPlan | ResidentPlan | None, x, w_ih, w_hh, bias, h0, c0, lengths, reverse,
                  training):
         """forward_sequence with the kernels of `plan`, or the per-step loop (None)."""
         xp = self.xp
-        num_steps, batch, input_size = x.shape
-        hidden = w_hh.shape[1]
-        step_lengths = self._full_lengths(batch, num_steps) if lengths is None else lengths
-        x2 = x.reshape(num_steps * batch, input_size)
-        gates = xp.empty((num_steps, batch, 4 * hidden), dtype=x.dtype)
-        self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 4 * hidden), 0.0)
-        y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        batch, hidden = x.shape[1], w_hh.shape[1]
+        step_lengths, x2, gates, y = self._projected(x, w_ih, lengths, hidden)
         h_states = c_states = None
         if training:
             h_states = xp.empty_like(y)
@@ -484,13 +489,8 @@ class CudaSequenceBackend(ReferenceBackend):
 
     def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
         xp = self.xp
-        num_steps, batch, input_size = x.shape
-        hidden = w_hh.shape[1]
-        step_lengths = self._full_lengths(batch, num_steps) if lengths is None else lengths
-        x2 = x.reshape(num_steps * batch, input_size)
-        gates = xp.empty((num_steps, batch, 3 * hidden), dtype=x.dtype)
-        self._gemm("N", "T", x2, w_ih, gates.reshape(num_steps * batch, 3 * hidden), 0.0)
-        y = xp.empty((num_steps, batch, hidden), dtype=x.dtype)
+        batch, hidden = x.shape[1], w_hh.shape[1]
+        step_lengths, x2, gates, y = self._projected(x, w_ih, lengths, hidden)
         h_states, hidden_n = (xp.empty_like(y), xp.empty_like(y)) if training else (None, None)
         plan = self._gru_plan(batch, hidden, x.dtype, reset_after)
         if plan is not None:
