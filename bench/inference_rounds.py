@@ -2,7 +2,8 @@
 in one process (a drift of the host's speed hits every runner alike; ratios are taken
 within each round): the streaming configurations (one call per step, batch 1, the state
 carried: fastlstm's streams, nn.LSTM one step at a time with hx under no_grad, ONNX Runtime
-one run per step) and whole-sequence inference (fastlstm's layer call).
+one run per step) and whole-sequence inference (fastlstm's layer call); the runners are
+`fastlstm bench`'s (fastlstm.bench.make_runner).
 
     python bench/inference_rounds.py [--configs step-128,step-512,stream-1,small] [--rounds 7]
 
@@ -26,26 +27,13 @@ from fastlstm._arrays import module_available
 SETTLE_S = 0.3  # thread pools of the previous runner stop spinning (fastlstm.bench)
 
 
-def fastlstm_runner(backend: str, config, x):
-    layer = fastlstm.LSTM(config.I, config.H, num_layers=config.layers, backend=backend, seed=0).eval()
-    if not config.stream:
-        return lambda: layer(x)
-    stream = layer.stream(config.B)
-    steps = [np.ascontiguousarray(x[t]) for t in range(config.T)]
-
-    def call():
-        for x_t in steps:
-            stream(x_t)
-    return call
-
-
 def runners(config) -> dict:
-    x = np.random.default_rng(0).standard_normal((config.T, config.B, config.I)).astype(np.float32)
     found = {}
     for backend in ("numba", "numpy"):
         if fastlstm.available_backends()[backend].available:
-            found[backend] = fastlstm_runner(backend, config, x)
+            found[backend] = bench.make_runner(backend, config, "forward")
     if config.stream and "numba" in found:
+        x = np.random.default_rng(0).standard_normal((config.T, config.B, config.I)).astype(np.float32)
         chunk = fastlstm.LSTM(config.I, config.H, backend="numba", seed=0).eval().stream(config.B)
         found["numba, one chunk"] = lambda: chunk(x)
     if module_available("torch"):
