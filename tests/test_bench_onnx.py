@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not bench_onnx.available(),
 @pytest.mark.parametrize("layers, bidirectional, bias", [(1, False, True), (3, True, True), (2, False, False)])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "gru-cho"])
 def test_the_onnx_model_computes_the_layer(cell, layers, bidirectional, bias):
-    make = {"lstm": fastlstm.LSTM, "gru": fastlstm.GRU, "gru-cho": lambda *a, **k: fastlstm.GRU(*a, reset_after=False, **k)}
+    make = {"lstm": fastlstm.LSTM, "gru": fastlstm.GRU,
+            "gru-cho": lambda *a, **k: fastlstm.GRU(*a, reset_after=False, **k)}
     layer = make[cell](7, 5, num_layers=layers, bidirectional=bidirectional, bias=bias, backend="numpy",
                        seed=2).eval()
     rng = np.random.default_rng(0)
