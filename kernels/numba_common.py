@@ -43,6 +43,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
+# Functions that only kernels call are not cached on their own: a cached kernel holds their
+# code, and caching them too would emit their machine code once more (compile time).
+_INNER = dict(error_model="numpy", fastmath={"contract"})
 
 
 def _parallel_and_serial(body):
@@ -457,7 +460,7 @@ def _panels(operand, inner, cols):
     return operand[: inner * cols].reshape((cols // PANEL, inner, PANEL))
 
 
-@njit(inline="always")
+@njit(**_INNER)  # not inlined: one compiled body per kernel instead of one per call site (compile time)
 def _gemm(a, operand, inner, cols, out, mode):
     """out (M, cols) = a (M, inner) @ W, W the flat block operand laid out for `mode`."""
     if mode == GEMM_PACKED:
@@ -533,7 +536,8 @@ def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
                         for q in range(PANEL):  # a plain loop: a slice copy per row costs a view
                             dst[p, i, q] = w_p[r0 + i, p * PANEL + q]
             else:
-                out[k, : n_rows * width] = w_p[r0 : r0 + n_rows].ravel()
+                for i in range(n_rows):
+                    _copy(w_p[r0 + i], out[k, i * width : (i + 1) * width])
         elif mode == GEMM_PACKED:  # operand (K, gates*nu) as column panels: float32 only
             dst = out[k, : n_rows * width].reshape((n_rows // PANEL, width, PANEL))
             ld = w_p.strides[0] // 4
@@ -604,6 +608,8 @@ def _matmul_small(a, b, out):
 # -- row helpers -----------------------------------------------------------------------
 # Row copies as plain loops: Numba's slice assignment and in-place array operators check
 # for overlap and broadcast on every call, which costs more than the few vectors they move.
+# The kernels assign no array to a slice at all: that compiles Numba's shape-mismatch
+# message (string formatting, ~1-3 s a kernel on a cold cache).
 @njit(inline="always")
 def _copy(src, dst):
     for j in range(dst.shape[0]):
@@ -624,7 +630,7 @@ def _fill(dst, value):
 
 
 # -- tall GEMMs after the time loop ------------------------------------------------------
-@njit(**_OPTS)  # not inlined: its call sites share one compiled body (compile time)
+@njit(**_INNER)  # not inlined: its call sites share one compiled body (compile time)
 def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
     """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the
     operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS."""
@@ -640,7 +646,7 @@ def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
         np.dot(a, b, c)
 
 
-@njit(**_OPTS)
+@njit(**_INNER)
 def _times_previous_states(d, h_states, h0, reverse, out, packed):
     """out (N, H) = d.T @ h_prev over all T*B rows of d (T*B, N), h_prev being the state each
     step started from. h_{t-1} of every step but the first is another step's h: two GEMMs

@@ -36,6 +36,7 @@ from numba import njit, prange
 
 from .numba_common import (
     _ONE,
+    _INNER,
     _OPTS,
     GEMM_PACKED,
     PANEL,
@@ -58,7 +59,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "055e4308ac086cf3"
+COMMON_SOURCE_DIGEST = "5a9898df7b7afbe6"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -121,7 +122,7 @@ def _reset_gradient(d_reset, other, gr, dr):
 
 
 # -- forward ------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INNER)
 def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
                          rec, lengths, y, h_states, hidden_n, training, mode):
     """Block k's share of step t: the whole step (reset_after), or Cho's phase 0 (r and z,
@@ -172,7 +173,7 @@ def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n
                 _fill(rh, 0)
 
 
-@njit(**_OPTS)
+@njit(**_INNER)
 def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
     """Block k's units' columns of the input projection x W_ih^T of all T*B rows, gate by gate."""
     hidden = gates.shape[1] // 3
@@ -187,8 +188,9 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
                          False)
     else:
         part = np.dot(x2, w_ih_ops[k, : inner * 3 * nu].reshape((inner, 3 * nu)))
-        for q in range(3):
-            gates[:, q * hidden + u0 : q * hidden + u0 + nu] = part[:, q * nu : (q + 1) * nu]
+        for r in range(part.shape[0]):
+            for q in range(3):
+                _copy(part[r, q * nu : (q + 1) * nu], gates[r, q * hidden + u0 : q * hidden + u0 + nu])
 
 
 def _forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, reset_after,
@@ -210,7 +212,8 @@ def _forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengt
     num_steps = y.shape[0]
     phases = 1 if reset_after else 2
     h_buffers = np.empty((2,) + h0.shape, h0.dtype)  # step s reads h from [s % 2], writes the other
-    h_buffers[0] = h0
+    for b in range(h0.shape[0]):
+        _copy(h0[b], h_buffers[0, b])
     reset_h = np.zeros_like(h0)  # Cho: r * h of the current step, all units
     sync = _new_sync(num_steps * phases, num_blocks)
     for w in prange(num_blocks):  # one worker per block, each running the whole time loop
@@ -235,7 +238,7 @@ forward_parallel, forward_serial = _parallel_and_serial(_forward)
 
 
 # -- backward -----------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INNER)
 def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n, w_ops, w_ops_n,
                           dy, lengths, dh_pass, partial, partial_next, partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                           scratch, mode):
@@ -350,7 +353,7 @@ backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_lo
 
 
 # -- weight and input gradients ------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INNER)
 def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                         dw_ih, dw_hh, db_ih, db_hh):
     """Block k's units' rows of dW_ih, dW_hh, db_ih and db_hh (torch's order), gate by gate:

@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .numba_common import (  # noqa: F401  - PANEL and the modes are this module's interface too
+    _INNER,
     _OPTS,
     GEMM_BLAS,
     GEMM_PACKED,
@@ -46,7 +47,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "055e4308ac086cf3"
+COMMON_SOURCE_DIGEST = "5a9898df7b7afbe6"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -106,7 +107,7 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 
 
 # -- forward ----------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INNER)
 def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, mode, recurrent_done, descending):
     """Block k's step t: its gate rows row0 .. row0 + B of `gates` hold the input projection
@@ -141,7 +142,7 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
             _copy(c_row, c_states[t, b, u0 : u0 + nu])
 
 
-@njit(**_OPTS)
+@njit(**_INNER)
 def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
     """Block k's input projection of the rows of x2 into the first rows of its gate buffer
     (unpacked: one row by the batch-1 kernel, more by BLAS)."""
@@ -151,7 +152,7 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
     _gemm(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, by)
 
 
-@njit(**_OPTS)
+@njit(**_INNER)
 def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, descending):
     """Block k's gate rows of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
     nu = bounds[k + 1] - bounds[k]
@@ -183,7 +184,8 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
     num_blocks = bounds.shape[0] - 1
     num_steps, batch = y.shape[0], y.shape[1]
     h_buffers = np.empty((2,) + h0.shape, h0.dtype)  # step s reads h from [s % 2], writes the other
-    h_buffers[0] = h0
+    for b in range(h0.shape[0]):
+        _copy(h0[b], h_buffers[0, b])
     c = c0.copy()
     sync = _new_sync(num_steps, num_blocks)
     for w in prange(num_blocks):  # one worker per block, each running the whole time loop
@@ -218,7 +220,7 @@ forward_parallel, forward_serial = _parallel_and_serial(_forward)
 
 
 # -- backward ---------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INNER)
 def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
                          partial, partial_next, dc, d_gates, scratch, mode):
     batch, hidden = dc.shape
@@ -298,7 +300,7 @@ backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_lo
 
 
 # -- weight gradients -------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INNER)
 def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p):
     """Block k's rows of dW_ih, dW_hh and dbias: GEMMs over all T*B rows, column sums."""
     rows = x2.shape[0]
@@ -315,7 +317,7 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, d
         _add(d_k[r], acc)
 
 
-@njit(**_OPTS)
+@njit(**_INNER)
 def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
     """Rows of dx (T*B, I) for part p: sum over blocks of d_gates[block] @ W_ih_p[block rows]."""
     rows = dx2.shape[0]
