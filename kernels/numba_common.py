@@ -48,6 +48,15 @@ _OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
 _INNER = dict(error_model="numpy", fastmath={"contract"})
 
 
+def _only_prange() -> dict:
+    """Numba's `parallel` option for the kernels: the explicit prange loop only. By default
+    Numba also turns array expressions (np.zeros, a copy, +=) into parallel loops, each its own
+    compiled function (seconds of cold compile) for arrays too small to split.
+    (A new dict each time: Numba consumes it.)"""
+    return dict(prange=True, comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False,
+                stencil=False, fusion=False)
+
+
 def _parallel_and_serial(body):
     """Compile one body twice: on threads (prange runs in parallel) and on the calling
     thread (prange is then a plain range: no threads to start for small problems).
@@ -59,7 +68,7 @@ def _parallel_and_serial(body):
                                body.__defaults__, body.__closure__)
     serial_body.__qualname__ = body.__qualname__ + "_serial"
     serial_body.__doc__ = body.__doc__
-    return njit(parallel=True, **_OPTS)(body), njit(**_OPTS)(serial_body)
+    return njit(parallel=_only_prange(), **_OPTS)(body), njit(**_OPTS)(serial_body)
 
 
 # -- activations ----------------------------------------------------------------------
@@ -646,7 +655,7 @@ def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
         np.dot(a, b, c)
 
 
-@njit(**_INNER)
+@njit(inline="always")  # inlined into the gradients kernels (numba_lstm.gradients)
 def _times_previous_states(d, h_states, h0, reverse, out, packed):
     """out (N, H) = d.T @ h_prev over all T*B rows of d (T*B, N), h_prev being the state each
     step started from. h_{t-1} of every step but the first is another step's h: two GEMMs

@@ -50,6 +50,7 @@ from .numba_common import (
     _gemm_packed,
     _gemm_tall,
     _new_sync,
+    _only_prange,
     _panels,
     _parallel_and_serial,
     _times_previous_states,
@@ -59,7 +60,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "5a9898df7b7afbe6"
+COMMON_SOURCE_DIGEST = "b63a6b696b1decba"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -353,7 +354,7 @@ backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_lo
 
 
 # -- weight and input gradients ------------------------------------------------------------
-@njit(**_INNER)
+@njit(inline="always")  # as the LSTM's (numba_lstm.gradients)
 def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                         dw_ih, dw_hh, db_ih, db_hh):
     """Block k's units' rows of dW_ih, dW_hh, db_ih and db_hh (torch's order), gate by gate:
@@ -385,7 +386,7 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
             _copy(acc, db_hh[c0 : c0 + nu])
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=_only_prange(), **_OPTS)
 def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, mode,
               dw_ih, dw_hh, db_ih, db_hh, dx2):
     """After the backward loop (parallel plan): thread k computes block k's rows of the
