@@ -195,13 +195,9 @@ class NumbaBackend(ReferenceBackend):
         (calls_blas; default: unless the packed kernel does every GEMM), BLAS runs on one."""
         if calls_blas is None:
             calls_blas = plan.mode != common.GEMM_PACKED
-        if not calls_blas:
-            if not plan.parallel:  # one thread: runs beside other threads' calls
-                return serial_kernel(*args)
-            with _MULTICORE:
-                numba.set_num_threads(plan.num_blocks)
-                return parallel_kernel(*args)
-        with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
+        if not calls_blas and not plan.parallel:  # one thread, no BLAS: runs beside other threads' calls
+            return serial_kernel(*args)
+        with _MULTICORE, self._blas.limit(limits=1, user_api="blas") if calls_blas else contextlib.nullcontext():
             if plan.parallel:
                 numba.set_num_threads(plan.num_blocks)
                 return parallel_kernel(*args)
