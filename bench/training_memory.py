@@ -2,6 +2,7 @@
 each in a fresh process measured the same way: the process's peak resident memory
 (ru_maxrss) after one call, minus its peak before the call (after the model, the inputs and
 the output gradient exist, and after a small call of another shape has loaded the kernels).
+Also the minor page faults (fresh pages touched) of the next calls, per call.
 
     python bench/training_memory.py [--config train-m] [--backend numba]
 """
@@ -33,15 +34,19 @@ else:
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 call()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"runner": runner, "extra_peak_mib": (after - before) / 1024}))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    call()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 3
+print(json.dumps({"runner": runner, "extra_peak_mib": (after - before) / 1024, "faults_per_call": faults}))
 """
 
 
-def measure(runner: str, config: str, backend: str) -> float:
+def measure(runner: str, config: str, backend: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", CHILD, runner, config, backend], capture_output=True, text=True,
                          env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -50,9 +55,10 @@ def main() -> None:
     parser.add_argument("--backend", default="numba")
     args = parser.parse_args()
     for runner in ("fastlstm", "torch"):
-        extra = measure(runner, args.config, args.backend)
+        found = measure(runner, args.config, args.backend)
         label = f"fastlstm ({args.backend})" if runner == "fastlstm" else "torch.nn.LSTM"
-        print(f"{args.config}: {label}: {extra:.1f} MiB of peak memory beyond what was there before the call")
+        print(f"{args.config}: {label}: {found['extra_peak_mib']:.1f} MiB of peak memory beyond what was there "
+              f"before the call; {found['faults_per_call']:.0f} minor page faults per call after it")
 
 
 if __name__ == "__main__":

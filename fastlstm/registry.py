@@ -127,6 +127,16 @@ def _resolve_auto():
     raise BackendUnavailableError("no backend is available: " + "; ".join(skipped))
 
 
+def empty_cache() -> None:
+    """Free the memory that the backends used so far keep between calls for speed: the numba
+    backend's workspaces (scratch and saved-for-backward buffers, up to 512 MiB) and its packed
+    inference weights (up to 256 MiB). The next calls allocate and pack again. Streams keep
+    their packed weights; CuPy's memory pool is CuPy's (``free_all_blocks``)."""
+    for _, backend in list(_probed.values()):
+        if backend is not None:
+            backend.empty_cache()
+
+
 def backend_for_device(device_type: str):
     """What 'auto' means for arrays that live on `device_type` ('cpu' or 'cuda'): numba >
     numpy on the CPU, cupy on a GPU. Raises BackendUnavailableError naming what is missing."""

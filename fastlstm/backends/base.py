@@ -151,6 +151,9 @@ class ReferenceBackend:
     def describe(self) -> str:
         return f"{self.xp.__name__} {self.xp.__version__}"
 
+    def empty_cache(self) -> None:
+        """Drop the memory this backend keeps between calls for speed (none here)."""
+
     # -- array plumbing -------------------------------------------------------------
     def from_user(self, value, name: str):
         """A caller's array (any framework) as this backend's array, dtype unchanged."""

@@ -42,6 +42,7 @@ from ..kernels import numba_common as common
 from ..kernels import numba_gru as gru_kernels
 from ..kernels import numba_lstm as kernels
 from .base import ReferenceBackend, input_and_weight_grads, previous_states
+from .workspaces import Workspaces
 
 # Below this many multiply-adds per step, the per-step barrier and moving h between cores
 # cost more than a second thread saves (measured: batch 1, H = 64 breaks even; H = 128 gains).
@@ -63,6 +64,10 @@ _PLANS_KEPT = 64
 # dropped first; a weight that would take more than half of it is never kept. Models whose
 # weights exceed it pay, for the weights not kept, a copy on top of the packing.
 _KEPT_OPERAND_BYTES = 256 * 2**20
+# Scratch buffers and those a training forward saves for its backward, kept for the next
+# calls (numba_backend.Workspaces): at most this many bytes of them, least recently used
+# dropped first.
+_WORKSPACE_BYTES = 512 * 2**20
 # The LSTM's GEMMs after the backward loop (weight and input gradients; on the parallel plan,
 # each block's share on its own thread): BLAS, single-threaded per block, or the float32
 # micro-kernel reading the operands in place. Measured on the 2-core Intel Xeon (Emerald
@@ -154,11 +159,18 @@ class NumbaBackend(ReferenceBackend):
         self._plans_lock = threading.Lock()  # callers on several threads share the cache
         self._kept = {}  # (weights' memory, layout) -> _KeptOperand, most recently used last
         self._kept_lock = threading.Lock()
+        self._workspaces = Workspaces(_WORKSPACE_BYTES)
 
     def describe(self) -> str:
         used = _numba_threads()
         limit = f" (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})" if used < threads.get_num_threads() else ""
         return f"numba {numba.__version__} with scipy {scipy.__version__} BLAS, {used} threads{limit}"
+
+    def empty_cache(self) -> None:
+        """Drop the kept workspaces and packed inference weights (streams keep their own)."""
+        self._workspaces.clear()
+        with self._kept_lock:
+            self._kept.clear()
 
     # -- planning ---------------------------------------------------------------------
     def _plan(self, batch: int, hidden: int, dtype, gates: int = 4, widths: tuple = (4,), num_threads=None) -> _Plan:
@@ -210,10 +222,13 @@ class NumbaBackend(ReferenceBackend):
         with _MULTICORE, self._blas.limit(limits=threads.get_num_threads(), user_api="blas"):
             yield
 
-    def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool, gates: int = 4) -> np.ndarray:
+    def _operands(self, plan: _Plan, w_p: np.ndarray, rows_are_inputs: bool, gates: int = 4,
+                  scratch: bool = False) -> np.ndarray:
         """Each block's rows of w_p (`gates` gate blocks, in block order) laid out as a per-step
-        GEMM operand (numba_common.pack_operands)."""
-        out = np.empty((plan.num_blocks, w_p.shape[1] * gates * plan.max_units), dtype=w_p.dtype)
+        GEMM operand (numba_common.pack_operands); `scratch`: in a workspace, for the caller
+        to give back."""
+        shape = (plan.num_blocks, w_p.shape[1] * gates * plan.max_units)
+        out = self._workspaces.take(shape, w_p.dtype) if scratch else np.empty(shape, w_p.dtype)
         common.pack_operands(w_p, plan.bounds, gates, plan.mode, rows_are_inputs, out)
         return out
 
@@ -250,9 +265,19 @@ class NumbaBackend(ReferenceBackend):
         dtype = x.dtype
         plan = self._plan(batch, hidden, dtype)
         bias_p = plan.permute(bias)
+        take = self._workspaces.take
+        scratch = []  # given back after the kernel
+        saved_buffers = []  # given back once the saved forward is freed
         if training:  # the permuted weights: packed now, and kept for the backward
-            w_ih_p, w_hh_p = plan.permute(w_ih), plan.permute(w_hh)
-            w_hh_ops = self._operands(plan, w_hh_p, rows_are_inputs=False)
+            if plan.parallel:  # copies in a workspace (one block: the weights themselves, no copy)
+                w_ih_p, w_hh_p = take(w_ih.shape, w_ih.dtype), take(w_hh.shape, w_hh.dtype)
+                np.take(w_ih, plan.perm, axis=0, out=w_ih_p)
+                np.take(w_hh, plan.perm, axis=0, out=w_hh_p)
+                saved_buffers += [w_ih_p, w_hh_p]
+            else:
+                w_ih_p, w_hh_p = plan.permute(w_ih), plan.permute(w_hh)
+            w_hh_ops = self._operands(plan, w_hh_p, rows_are_inputs=False, scratch=True)
+            scratch.append(w_hh_ops)
         else:
             w_hh_ops = self._forward_operand(plan, w_hh, 4, keep=True)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
@@ -267,17 +292,23 @@ class NumbaBackend(ReferenceBackend):
         else:
             projection = kernels.PROJECTED_BY_CALLER
         gate_rows = batch if projection == kernels.PROJECT_EACH_STEP else num_steps * batch
-        gates = np.empty((plan.num_blocks, gate_rows * 4 * plan.max_units), dtype)
-        rec = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
+        gates = take((plan.num_blocks, gate_rows * 4 * plan.max_units), dtype)
+        rec = take((plan.num_blocks, batch * 4 * plan.max_units), dtype)
+        scratch.append(rec)
         y = np.empty((num_steps, batch, hidden), dtype)
-        state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
-        h_states, c_states = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
+        if training:
+            h_states, c_states = take((num_steps, batch, hidden), dtype), take((num_steps, batch, hidden), dtype)
+            saved_buffers += [gates, h_states, c_states]
+        else:
+            h_states = c_states = np.empty((1, 1, 1), dtype)
+            scratch.append(gates)
         if projection == kernels.PROJECTED_BY_CALLER:
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates.reshape(num_steps * batch, 4 * hidden))
         elif training:
-            w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False)
+            w_ih_ops = self._operands(plan, w_ih_p, rows_are_inputs=False, scratch=True)
+            scratch.append(w_ih_ops)
         else:
             w_ih_ops = self._forward_operand(plan, w_ih, 4, keep=True)
         h_n, c_n = self._run(
@@ -286,9 +317,11 @@ class NumbaBackend(ReferenceBackend):
             step_lengths, reverse, plan.bounds, training, plan.mode, projection, 0, gates, rec, y,
             h_states, c_states,
         )
+        self._workspaces.give(*scratch)
         saved = None
         if training:
             saved = _NumbaSaved(plan, x2, w_ih_p, w_hh_p, h0, c0, step_lengths, reverse, gates, h_states, c_states)
+            self._workspaces.give_when_freed(saved, *saved_buffers)  # its backward may run twice, or never
         return y, h_n, c_n, saved
 
     def backward_sequence(self, saved: _NumbaSaved, dy, dh_n, dc_n):
@@ -296,8 +329,9 @@ class NumbaBackend(ReferenceBackend):
         num_steps, batch, hidden = saved.h_states.shape
         rows, input_size = saved.x2.shape
         dtype = saved.x2.dtype
-        d_gates = np.empty_like(saved.gates)
-        w_hh_ops = self._operands(plan, saved.w_hh_p, rows_are_inputs=True)
+        take = self._workspaces.take
+        d_gates = take(saved.gates.shape, dtype)
+        w_hh_ops = self._operands(plan, saved.w_hh_p, rows_are_inputs=True, scratch=True)
         dh0, dc0 = self._run(
             plan, kernels.backward_loop_parallel, kernels.backward_loop_serial,
             saved.gates, saved.c_states, np.ascontiguousarray(saved.c0), w_hh_ops, dy,
@@ -310,10 +344,11 @@ class NumbaBackend(ReferenceBackend):
                     np, d_gates.reshape(rows, 4 * hidden), saved.x2, saved.w_ih_p, saved.h_states, saved.h0,
                     saved.reverse,
                 )
+            self._workspaces.give(d_gates, w_hh_ops)
             return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
-        dw_ih_p = np.empty((4 * hidden, input_size), dtype)
-        dw_hh_p = np.empty((4 * hidden, hidden), dtype)
-        dbias_p = np.empty(4 * hidden, dtype)
+        dw_ih_p = take((4 * hidden, input_size), dtype)
+        dw_hh_p = take((4 * hidden, hidden), dtype)
+        dbias_p = take((4 * hidden,), dtype)
         dx2 = np.empty((rows, input_size), dtype)
         with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
             numba.set_num_threads(plan.num_blocks)
@@ -324,6 +359,7 @@ class NumbaBackend(ReferenceBackend):
         # Back from the blocked row order to torch's [i; f; g; o].
         dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
         dw_ih[plan.perm], dw_hh[plan.perm], dbias[plan.perm] = dw_ih_p, dw_hh_p, dbias_p
+        self._workspaces.give(d_gates, w_hh_ops, dw_ih_p, dw_hh_p, dbias_p)
         return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
 
     # -- GRU ----------------------------------------------------------------------------
@@ -333,12 +369,14 @@ class NumbaBackend(ReferenceBackend):
 
     def _gru_operands(self, plan, w_hh, reset_after, rows_are_inputs, keep=False):
         """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, unused), or
-        Cho's (W_hr and W_hz, W_hn). keep: forward operands kept for inference (_forward_operand)."""
+        Cho's (W_hr and W_hz, W_hn). keep: forward operands kept for inference (_forward_operand).
+        The backward's (rows_are_inputs) are scratch, for the caller to give back."""
         hidden = w_hh.shape[1]
 
         def operand(w, gates, permute_gates=None):
             if rows_are_inputs:
-                return self._operands(plan, plan.permute(w, permute_gates), rows_are_inputs, gates=gates)
+                return self._operands(plan, plan.permute(w, permute_gates), rows_are_inputs, gates=gates,
+                                      scratch=True)
             return self._forward_operand(plan, w, gates, keep, permute_gates)
 
         if reset_after:
@@ -350,8 +388,9 @@ class NumbaBackend(ReferenceBackend):
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._gru_plan(batch, hidden, dtype, reset_after)
+        take = self._workspaces.take
         x2 = x.reshape(num_steps * batch, input_size)
-        gates = np.empty((num_steps * batch, 3 * hidden), dtype)
+        gates = take((num_steps * batch, 3 * hidden), dtype)
         # The input projection of all steps: on the parallel plan each block's, in the kernel
         # (see numba_gru._forward); on one block, one GEMM on NumPy's BLAS threads.
         if plan.parallel:
@@ -362,20 +401,26 @@ class NumbaBackend(ReferenceBackend):
                 np.dot(x2, w_ih.T, out=gates)
         w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False, keep=not training)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
-        rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
+        rec = take((plan.num_blocks, batch * 3 * plan.max_units), dtype)
         y = np.empty((num_steps, batch, hidden), dtype)
-        state_shape = (num_steps, batch, hidden) if training else (1, 1, 1)
-        h_states, hidden_n = np.empty(state_shape, dtype), np.empty(state_shape, dtype)
+        if training:
+            h_states, hidden_n = take((num_steps, batch, hidden), dtype), take((num_steps, batch, hidden), dtype)
+        else:
+            h_states = hidden_n = np.empty((1, 1, 1), dtype)
         h_n = self._run(
             plan, gru_kernels.forward_parallel, gru_kernels.forward_serial,
             x2, w_ih_ops, plan.parallel, gates, w_ops, w_ops_n, np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh),
             np.ascontiguousarray(h0),
             step_lengths, reverse, plan.bounds, reset_after, training, plan.mode, rec, y, h_states, hidden_n,
         )
+        self._workspaces.give(rec)
         saved = None
         if training:
             saved = _NumbaSavedGRU(plan, x2, w_ih, w_hh, h0, step_lengths, reverse, reset_after, gates, hidden_n,
                                    h_states)
+            self._workspaces.give_when_freed(saved, gates, hidden_n, h_states)  # its backward may run twice, or never
+        else:
+            self._workspaces.give(gates)
         return y, h_n, saved
 
     def gru_backward_sequence(self, saved: _NumbaSavedGRU, dy, dh_n):
@@ -383,9 +428,12 @@ class NumbaBackend(ReferenceBackend):
         num_steps, batch, hidden = saved.h_states.shape
         rows = num_steps * batch
         two = 2 * hidden
-        d_in = np.empty_like(saved.gates)
-        d_hidden_n = np.empty((rows, hidden), dy.dtype) if saved.reset_after else d_in[:, two:]
+        take = self._workspaces.take
+        d_in = take(saved.gates.shape, dy.dtype)
+        d_hidden_n = take((rows, hidden), dy.dtype) if saved.reset_after else d_in[:, two:]
+        scratch = [d_in, d_hidden_n] if saved.reset_after else [d_in]
         w_ops, w_ops_n = self._gru_operands(plan, saved.w_hh, saved.reset_after, rows_are_inputs=True)
+        scratch += [w_ops] if saved.reset_after else [w_ops, w_ops_n]
         dh0 = self._run(
             plan, gru_kernels.backward_loop_parallel, gru_kernels.backward_loop_serial,
             saved.gates, saved.h_states, np.ascontiguousarray(saved.h0), saved.hidden_n, w_ops, w_ops_n,
@@ -406,6 +454,7 @@ class NumbaBackend(ReferenceBackend):
                     np.ascontiguousarray(saved.h0), saved.hidden_n, np.ascontiguousarray(saved.w_ih), saved.reverse,
                     saved.reset_after, plan.bounds, plan.mode, dw_ih, dw_hh, db_ih, db_hh, dx2,
                 )
+            self._workspaces.give(*scratch)
             return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
         h_prev = previous_states(np, saved.h_states, saved.h0, saved.reverse).reshape(rows, hidden)
         with self._numpy_blas():
@@ -418,6 +467,7 @@ class NumbaBackend(ReferenceBackend):
         np.sum(d_in, axis=0, out=db_ih)
         db_hh[:two] = db_ih[:two]
         np.sum(d_hidden_n, axis=0, out=db_hh[two:])
+        self._workspaces.give(*scratch)
         return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
 
     # -- streams ------------------------------------------------------------------------
