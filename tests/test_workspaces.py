@@ -10,10 +10,28 @@ import numpy as np
 import pytest
 
 import fastlstm
+from fastlstm.backends import workspaces as workspaces_module
 from fastlstm.backends.workspaces import Workspaces
+from lstm_testing import assert_close
 
 
-def test_take_gives_an_array_of_the_shape_and_dtype():
+@pytest.fixture
+def keep_every_size(monkeypatch):
+    """Small sizes kept too, so that these tests can use small arrays."""
+    monkeypatch.setattr(workspaces_module, "SMALL_BYTES", 0)
+
+
+def test_small_requests_are_new_arrays_never_kept():
+    workspaces = Workspaces(1 << 30)
+    small = workspaces.take((workspaces_module.SMALL_BYTES // 4 - 1,), np.float32)
+    workspaces.give(small)
+    assert workspaces.kept_bytes == 0
+    large = workspaces.take((workspaces_module.SMALL_BYTES // 4,), np.float32)
+    workspaces.give(large)
+    assert workspaces.kept_bytes == workspaces_module.SMALL_BYTES
+
+
+def test_take_gives_an_array_of_the_shape_and_dtype(keep_every_size):
     workspaces = Workspaces(1 << 20)
     for shape, dtype in (((3, 4), np.float32), ((2, 3, 5), np.float64), ((0, 7), np.float32), ((), np.int64)):
         array = workspaces.take(shape, dtype)
@@ -22,7 +40,7 @@ def test_take_gives_an_array_of_the_shape_and_dtype():
         workspaces.give(array)
 
 
-def test_a_given_buffer_is_taken_again_when_it_fits():
+def test_a_given_buffer_is_taken_again_when_it_fits(keep_every_size):
     workspaces = Workspaces(1 << 20)
     first = workspaces.take((100, 10), np.float32)
     workspaces.give(first)
@@ -39,7 +57,7 @@ def test_a_given_buffer_is_taken_again_when_it_fits():
     assert not np.shares_memory(first, tiny)
 
 
-def test_two_takes_never_share_memory():
+def test_two_takes_never_share_memory(keep_every_size):
     workspaces = Workspaces(1 << 20)
     arrays = [workspaces.take((64,), np.float32) for _ in range(3)]
     workspaces.give(*arrays)
@@ -50,7 +68,7 @@ def test_two_takes_never_share_memory():
             assert not np.shares_memory(a, b)
 
 
-def test_kept_memory_is_bounded_least_recently_given_dropped_first():
+def test_kept_memory_is_bounded_least_recently_given_dropped_first(keep_every_size):
     workspaces = Workspaces(10_000)
     old, new, newest = (workspaces.take((1000,), np.float32) for _ in range(3))
     workspaces.give(old)
@@ -66,7 +84,7 @@ def test_kept_memory_is_bounded_least_recently_given_dropped_first():
     assert workspaces.kept_bytes == 0
 
 
-def test_give_when_freed_waits_for_the_owner():
+def test_give_when_freed_waits_for_the_owner(keep_every_size):
     class Owner:
         pass
 
@@ -80,7 +98,7 @@ def test_give_when_freed_waits_for_the_owner():
     assert workspaces.kept_bytes == 1024
 
 
-def test_threads_taking_and_giving_never_share_a_buffer():
+def test_threads_taking_and_giving_never_share_a_buffer(keep_every_size):
     workspaces = Workspaces(1 << 20)
     failures = []
 
@@ -105,9 +123,9 @@ numba_available = fastlstm.available_backends()["numba"].available
 needs_numba = pytest.mark.skipif(not numba_available, reason="numba backend unavailable")
 
 
-def _problem(cell, hidden, seed):
+def _problem(cell, hidden, seed, steps=6, batch=4):
     rng = np.random.default_rng(seed)
-    steps, batch, inputs = 6, 4, 16
+    inputs = 16
     gates = 4 if cell == "lstm" else 3
     weights = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in
                ((gates * hidden, inputs), (gates * hidden, hidden), (gates * hidden,), (gates * hidden,))]
@@ -148,17 +166,17 @@ def test_saved_forwards_alive_together_and_backward_twice(cell, hidden):
     from fastlstm.backends import numba_backend, numpy_backend
 
     backend, reference = numba_backend.create_backend(), numpy_backend.create_backend()
-    problems = [_problem(cell, hidden, seed) for seed in range(3)]
+    problems = [_problem(cell, hidden, seed, steps=200, batch=8) for seed in range(3)]  # gates > 64 KiB: kept
     forwards = [_forward(backend, cell, p) for p in problems]
     for (outputs, _), problem in zip(forwards, problems):
         expected, _ = _forward(reference, cell, problem)
         for got, want in zip(outputs, expected):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert_close(got, want, 1e-5, "forward")
     for (_, saved), problem in reversed(list(zip(forwards, problems))):
         expected = _backward(reference, cell, _forward(reference, cell, problem)[1], problem)
         first = _copies(_backward(backend, cell, saved, problem))
         for got, want in zip(first, expected):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+            assert_close(got, want, 1e-5, "backward")
     last_saved, last_problem = forwards[0][1], problems[0]
     again = _backward(backend, cell, last_saved, last_problem)
     for got, want in zip(again, first):
@@ -171,7 +189,7 @@ def test_training_steps_reuse_the_memory_of_the_previous_step(cell):
     from fastlstm.backends import numba_backend
 
     backend = numba_backend.create_backend()
-    problem = _problem(cell, 64, 0)
+    problem = _problem(cell, 64, 0, steps=40, batch=8)  # gates 320 KiB or more: kept
     outputs, saved = _forward(backend, cell, problem)
     _backward(backend, cell, saved, problem)
     kept_while_alive = backend._workspaces.kept_bytes  # scratch only: the saved forward holds the rest

@@ -17,8 +17,10 @@ the same memory.
 Rules: only arrays from `take` are given, and a given array is no longer used by anyone
 (everything that referenced it is gone or done). A buffer fits a request that needs at least
 half its size, so changing sequence lengths still reuse memory. At most `max_bytes` are
-kept, the least recently given dropped first. Thread-safe; `give` may run inside `take`
-on the same thread (a garbage collection that frees a saved forward).
+kept, the least recently given dropped first. Requests under SMALL_BYTES are plain new
+arrays, never kept: the allocator serves them from memory it already has, faster than a
+lookup here. Thread-safe; `give` may run inside `take` on the same thread (a garbage
+collection that frees a saved forward).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import threading
 import weakref
 
 import numpy as np
+
+SMALL_BYTES = 64 * 1024
 
 
 class Workspaces:
@@ -45,18 +49,21 @@ class Workspaces:
         dtype = np.dtype(dtype)
         shape = tuple(shape)
         needed = math.prod(shape) * dtype.itemsize
+        if needed < SMALL_BYTES:
+            return np.empty(shape, dtype)
         with self._lock:
-            fitting = [i for i, kept in enumerate(self._free) if needed <= kept.nbytes <= 2 * max(needed, 1)]
+            fitting = [i for i, kept in enumerate(self._free) if needed <= kept.nbytes <= 2 * needed]
             buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].nbytes)) if fitting else None
         if buffer is None:
-            buffer = np.empty(max(needed, 1), np.uint8)
+            buffer = np.empty(needed, np.uint8)
         return buffer[:needed].view(dtype).reshape(shape)
 
     def give(self, *arrays: np.ndarray) -> None:
         with self._lock:
             for array in arrays:
                 buffer = array if array.base is None else array.base  # NumPy points a view at the owner
-                if buffer.nbytes > self.max_bytes or any(kept is buffer for kept in self._free):
+                small = buffer.nbytes < SMALL_BYTES
+                if small or buffer.nbytes > self.max_bytes or any(kept is buffer for kept in self._free):
                     continue
                 self._free.append(buffer)
             while sum(buffer.nbytes for buffer in self._free) > self.max_bytes:
