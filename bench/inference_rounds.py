@@ -13,18 +13,15 @@ For the streaming configurations numba is also timed on one call of the 100-step
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import numpy as np
+import rounds
 
 import fastlstm
 from fastlstm import bench, bench_onnx
 from fastlstm._arrays import module_available
-
-SETTLE_S = 0.3  # thread pools of the previous runner stop spinning (fastlstm.bench)
 
 
 def runners(config) -> dict:
@@ -43,41 +40,27 @@ def runners(config) -> dict:
     return found
 
 
-def measure(calls: dict, rounds: int) -> dict:
-    """name -> [seconds per call, one value per round]; the order rotates each round."""
-    times = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            time.sleep(SETTLE_S)
-            calls[name]()  # wakes sleeping threads, warms caches
-            start = time.perf_counter()
-            repeats = 0
-            while repeats < 3 or time.perf_counter() - start < 0.2:
-                calls[name]()
-                repeats += 1
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
+def seconds_per_call(call) -> float:
+    call()  # wakes sleeping threads, warms caches
+    start = time.perf_counter()
+    repeats = 0
+    while repeats < 3 or time.perf_counter() - start < 0.2:
+        call()
+        repeats += 1
+    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="step-128,step-512,stream-1,small")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args()
-    threads = fastlstm.get_num_threads()
-    if module_available("torch"):
-        import torch
-
-        torch.set_num_threads(threads)
+    args = rounds.arguments(__doc__.splitlines()[0], "step-128,step-512,stream-1,small")
+    threads = rounds.same_threads_everywhere()
     results = {}
     for name in args.configs.split(","):
         config = bench.CONFIGS[name]
         calls = runners(config)
         for call in calls.values():
             call()  # compiles, packs
-        times = measure(calls, args.rounds)
+        times = rounds.alternate({name: (lambda call=call: seconds_per_call(call)) for name, call in calls.items()},
+                                 args.rounds)
         results[name] = times
         unit, scale = ("us/step", 1e6 / config.T) if config.stream else ("ms/call", 1e3)
         print(f"{name} (T={config.T}, B={config.B}, I={config.I}, H={config.H}; {threads} threads), "
@@ -90,11 +73,7 @@ def main() -> None:
                          f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
             print(line)
     if args.json:
-        from fastlstm.checkpoint import write_atomic
-
-        data = {"threads": threads, "machine": bench.machine_info(), "versions": bench.library_versions(),
-                "seconds": results}
-        write_atomic(args.json, lambda handle: handle.write(json.dumps(data, indent=1).encode("utf-8")))
+        rounds.write_json(args.json, threads, results)  # seconds per call
 
 
 if __name__ == "__main__":

@@ -11,17 +11,14 @@ every give drops it, which is what the backend did before it kept them.
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
 import time
 
-import fastlstm
+import rounds
+
 from fastlstm import bench, registry
 from fastlstm._arrays import module_available
-
-SETTLE_S = 0.2
 
 
 def minor_faults() -> int:
@@ -40,35 +37,25 @@ def measure(call, seconds: float = 1.0) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="train-m,train-l,deep")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args()
-    threads = fastlstm.get_num_threads()
-    if module_available("torch"):
-        import torch
-
-        torch.set_num_threads(threads)
+    args = rounds.arguments(__doc__.splitlines()[0], "train-m,train-l,deep")
+    threads = rounds.same_threads_everywhere()
     workspaces = registry.backend_object("numba")._workspaces
     budget = workspaces.max_bytes
     results = {}
     for name in args.configs.split(","):
         config = bench.CONFIGS[name]
         numba_call = bench.make_runner("numba", config, "forward+backward")
-        runners = {"kept": (numba_call, budget), "nothing kept": (numba_call, 0)}
+
+        def with_budget(kept_bytes):
+            workspaces.max_bytes = kept_bytes
+            workspaces.clear()
+            return measure(numba_call)
+
+        timers = {"kept": lambda: with_budget(budget), "nothing kept": lambda: with_budget(0)}
         if module_available("torch"):
-            runners["torch"] = (bench.make_runner("torch", config, "forward+backward"), None)
-        rows = {runner: [] for runner in runners}
-        order = list(runners)
-        for r in range(args.rounds):
-            for runner in order[r % len(order):] + order[: r % len(order)]:
-                call, kept_bytes = runners[runner]
-                if kept_bytes is not None:
-                    workspaces.max_bytes = kept_bytes
-                    workspaces.clear()
-                time.sleep(SETTLE_S)
-                rows[runner].append(measure(call))
+            torch_call = bench.make_runner("torch", config, "forward+backward")
+            timers["torch"] = lambda: measure(torch_call)
+        rows = rounds.alternate(timers, args.rounds)
         workspaces.max_bytes = budget
         print(f"{config.name} forward+backward ({threads} threads), median of {args.rounds} alternated rounds:")
         for runner, values in rows.items():
@@ -84,8 +71,7 @@ def main() -> None:
                   f"(rounds {min(vs_torch):.2f}-{max(vs_torch):.2f})")
         results[name] = {runner: [{"ms": v[0], "faults": v[1]} for v in values] for runner, values in rows.items()}
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"threads": threads, "rounds": args.rounds, "results": results}, out, indent=1)
+        rounds.write_json(args.json, threads, results)
 
 
 if __name__ == "__main__":
