@@ -48,7 +48,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "b63a6b696b1decba"
+COMMON_SOURCE_DIGEST = "3692dd71cbba37f1"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
