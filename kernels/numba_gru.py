@@ -60,7 +60,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "3692dd71cbba37f1"
+COMMON_SOURCE_DIGEST = "11e23b27d29d652e"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
