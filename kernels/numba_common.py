@@ -306,9 +306,9 @@ def _tile_kernel(rows, steps_per_iteration):
     B[k, 0:PANEL] at b + k * ldb (a packed panel: ldb = PANEL), C[m, 0:PANEL] at c + m * ldc.
     The accumulators stay in registers across the whole K loop (SSA phi values). The loop
     runs `steps_per_iteration` (1 or 2) steps of k an iteration (with 2, one more step after
-    the loop if K is odd): two halve the loop's own instructions per FMA (measured 1.09-1.18x faster at the
-    kernels' per-step shapes with 4 and 8 rows on the Intel VM; four steps were no faster;
-    one row, which waits on L2, gained nothing). Each accumulator still adds its products
+    the loop if K is odd): two halve the loop's own instructions per FMA (measured 1.09-1.18x
+    faster at the kernels' per-step shapes with 4 and 8 rows on the Intel VM; four steps
+    were no faster; one row, which waits on L2, gained nothing). Each accumulator still adds its products
     in k order: the result is the same, bit for bit.
     """
     vec = ir.VectorType(ir.FloatType(), _LANES)
@@ -663,6 +663,16 @@ def _add(src, dst):
 def _fill(dst, value):
     for j in range(dst.shape[0]):
         dst[j] = value
+
+
+@njit(inline="always")
+def _hidden_buffers(h0):
+    """A time loop's two hidden-state buffers, (2, B, H): step s reads h from [s % 2] and
+    writes the other; [0] starts as h0."""
+    buffers = np.empty((2,) + h0.shape, h0.dtype)
+    for b in range(h0.shape[0]):
+        _copy(h0[b], buffers[0, b])
+    return buffers
 
 
 

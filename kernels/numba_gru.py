@@ -49,6 +49,7 @@ from .numba_common import (
     _gemm,
     _gemm_packed,
     _gemm_tall,
+    _hidden_buffers,
     _new_sync,
     _only_prange,
     _panels,
@@ -60,7 +61,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "11e23b27d29d652e"
+COMMON_SOURCE_DIGEST = "e88c4f1977fa97bc"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -212,9 +213,7 @@ def _forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengt
     num_blocks = bounds.shape[0] - 1
     num_steps = y.shape[0]
     phases = 1 if reset_after else 2
-    h_buffers = np.empty((2,) + h0.shape, h0.dtype)  # step s reads h from [s % 2], writes the other
-    for b in range(h0.shape[0]):
-        _copy(h0[b], h_buffers[0, b])
+    h_buffers = _hidden_buffers(h0)  # step s reads h from [s % 2], writes the other
     reset_h = np.zeros_like(h0)  # Cho: r * h of the current step, all units
     sync = _new_sync(num_steps * phases, num_blocks)
     for w in prange(num_blocks):  # one worker per block, each running the whole time loop

@@ -37,6 +37,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     _gemm_packed_in_order,
     _gemm_packed_sum,
     _gemm_tall,
+    _hidden_buffers,
     _new_sync,
     _only_prange,
     _panels,
@@ -48,7 +49,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "11e23b27d29d652e"
+COMMON_SOURCE_DIGEST = "e88c4f1977fa97bc"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -184,9 +185,7 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
     """
     num_blocks = bounds.shape[0] - 1
     num_steps, batch = y.shape[0], y.shape[1]
-    h_buffers = np.empty((2,) + h0.shape, h0.dtype)  # step s reads h from [s % 2], writes the other
-    for b in range(h0.shape[0]):
-        _copy(h0[b], h_buffers[0, b])
+    h_buffers = _hidden_buffers(h0)  # step s reads h from [s % 2], writes the other
     c = c0.copy()
     sync = _new_sync(num_steps, num_blocks)
     for w in prange(num_blocks):  # one worker per block, each running the whole time loop
