@@ -20,31 +20,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+BENCH = Path(__file__).resolve().parent
+
+# The child imports fastlstm from its tree and the round-robin helpers (rounds.py) from here.
 CHILD = r"""
-import json, statistics, sys, time
-import fastlstm, torch
+import json, statistics, sys
+sys.path.append(sys.argv[3])
+import rounds
 from fastlstm import bench
 from fastlstm.kernels import numba_lstm
 tree = sys.argv[1]
 assert numba_lstm.__file__.startswith(tree), f"imported {numba_lstm.__file__}, not from {tree}"
-torch.set_num_threads(fastlstm.get_num_threads())
+rounds.same_threads_everywhere()
 out = {}
 for spec in sys.argv[2].split(","):
     name, mode = spec.split(":")
     config = bench.CONFIGS[name]
     runs = {"numba": bench.make_runner("numba", config, mode), "torch": bench.make_runner("torch", config, mode)}
     for call in runs.values():
-        call(); call()
-    seconds = {runner: [] for runner in runs}
-    for _ in range(3):
-        for runner, call in runs.items():
-            time.sleep(0.2)
-            call()
-            start, count = time.perf_counter(), 0
-            while count < 3 or time.perf_counter() - start < 0.4:
-                call()
-                count += 1
-            seconds[runner].append((time.perf_counter() - start) / count)
+        call()
+    seconds = rounds.alternate({runner: (lambda call=call: rounds.seconds_per_call(call, 0.4))
+                                for runner, call in runs.items()}, 3)
     out[spec] = {"numba_s": statistics.median(seconds["numba"]),
                  "torch_over_numba": statistics.median(t / n for n, t in zip(seconds["numba"], seconds["torch"]))}
 print("RESULT " + json.dumps(out))
@@ -53,8 +49,8 @@ print("RESULT " + json.dumps(out))
 
 def run_child(tree: Path, specs: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tree), specs], env=env, cwd=tree, capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tree), specs, str(BENCH)], env=env, cwd=tree,
+                          capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"child in {tree} failed:\n{done.stderr[-3000:]}")

@@ -14,7 +14,6 @@ For the streaming configurations numba is also timed on one call of the 100-step
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 import rounds
@@ -40,16 +39,6 @@ def runners(config) -> dict:
     return found
 
 
-def seconds_per_call(call) -> float:
-    call()  # wakes sleeping threads, warms caches
-    start = time.perf_counter()
-    repeats = 0
-    while repeats < 3 or time.perf_counter() - start < 0.2:
-        call()
-        repeats += 1
-    return (time.perf_counter() - start) / repeats
-
-
 def main() -> None:
     args = rounds.arguments(__doc__.splitlines()[0], "step-128,step-512,stream-1,small")
     threads = rounds.same_threads_everywhere()
@@ -59,7 +48,7 @@ def main() -> None:
         calls = runners(config)
         for call in calls.values():
             call()  # compiles, packs
-        times = rounds.alternate({name: (lambda call=call: seconds_per_call(call)) for name, call in calls.items()},
+        times = rounds.alternate({name: (lambda call=call: rounds.seconds_per_call(call)) for name, call in calls.items()},
                                  args.rounds)
         results[name] = times
         unit, scale = ("us/step", 1e6 / config.T) if config.stream else ("ms/call", 1e3)

@@ -47,6 +47,18 @@ def alternate(timers: dict, rounds: int) -> dict:
     return values
 
 
+def seconds_per_call(call, min_seconds: float = 0.2) -> float:
+    """A call's time: one call first (wakes sleeping threads, warms caches), then at least 3
+    calls and `min_seconds`."""
+    call()
+    start = time.perf_counter()
+    repeats = 0
+    while repeats < 3 or time.perf_counter() - start < min_seconds:
+        call()
+        repeats += 1
+    return (time.perf_counter() - start) / repeats
+
+
 def write_json(path: str, threads: int, results: dict) -> None:
     """Results with the machine and library versions, written atomically."""
     from fastlstm.checkpoint import write_atomic
