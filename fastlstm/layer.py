@@ -15,6 +15,7 @@ calling thread's last training forward only. What threads may share is in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -99,7 +100,12 @@ class _StreamWeights:
 
 def _physical_memory(backend) -> int | None:
     """Bytes of memory of this machine for a host backend's arrays; None where unknown (or a device's)."""
-    if backend.xp is not np or not hasattr(os, "sysconf"):
+    return _host_memory() if backend.xp is np else None
+
+
+@functools.cache  # asked on every call; the machine's memory does not change under a process
+def _host_memory() -> int | None:
+    if not hasattr(os, "sysconf"):
         return None
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

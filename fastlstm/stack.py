@@ -69,6 +69,12 @@ class StackSpec:
         return shapes
 
     @functools.cached_property
+    def _roles_and_names(self) -> dict:
+        """(layer, direction) -> ((role, name), ...), worked out once per spec (every call reads it)."""
+        return {(layer, direction): tuple((_role(name), name) for name in self.names(layer, direction))
+                for layer in range(self.num_layers) for direction in range(self.num_directions)}
+
+    @functools.cached_property
     def parameter_names(self) -> tuple:
         """The names of ``parameter_shapes()``, in order (worked out once per spec)."""
         return tuple(self.parameter_shapes())
@@ -101,7 +107,7 @@ def _role(name: str) -> str:
 
 def roles(spec: StackSpec, params, layer: int, direction: int) -> dict:
     """role (weight_ih, weight_hh, bias_ih, bias_hh) -> array, for one layer and direction."""
-    return {_role(name): params[name] for name in spec.names(layer, direction)}
+    return {role: params[name] for role, name in spec._roles_and_names[layer, direction]}
 
 
 def forward(spec: StackSpec, backend, params, x, states0, lengths, masks, keep: bool):
@@ -170,8 +176,8 @@ def backward(record: StackRecord, d_out, dstates_n):
             for d0, value in zip(dstates0, dstates_k):
                 d0[k] = value
             d_input = dx if d_input is None else d_input + dx
-            for name in spec.names(layer, direction):
-                grads[name] = role_grads[_role(name)]
+            for role, name in spec._roles_and_names[layer, direction]:
+                grads[name] = role_grads[role]
         if record.masks[layer] is not None:
             d_input = d_input * record.masks[layer]
         d_out = d_input

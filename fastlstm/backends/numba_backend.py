@@ -26,6 +26,7 @@ after the calls.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -114,9 +115,18 @@ class _KeptOperand:
     source: np.ndarray  # the weights it was packed from (a copy)
     operand: np.ndarray  # pack_operands' layout
 
+    @functools.cached_property
+    def source_bits(self) -> np.ndarray:
+        return _bits(self.source)
+
     @property
     def nbytes(self) -> int:
         return self.source.nbytes + self.operand.nbytes
+
+
+def _bits(w: np.ndarray) -> np.ndarray:
+    """A C-contiguous float array's bits as one flat uint32 array (no copy), for same_bits."""
+    return w.reshape(-1).view(np.uint32)
 
 
 @dataclass
@@ -157,7 +167,7 @@ class NumbaBackend(ReferenceBackend):
         self._blas = threadpoolctl.ThreadpoolController()
         self._plans = {}
         self._plans_lock = threading.Lock()  # callers on several threads share the cache
-        self._kept = {}  # (weights' memory, layout) -> _KeptOperand, most recently used last
+        self._kept = {}  # (weights' array id, layout) -> _KeptOperand, most recently used last
         self._kept_lock = threading.Lock()
         self._workspaces = Workspaces(_WORKSPACE_BYTES)
 
@@ -241,13 +251,14 @@ class NumbaBackend(ReferenceBackend):
         and written, mostly to fresh pages); the comparison reads the weights and a copy."""
         if not keep or not w.flags.c_contiguous or 2 * w.nbytes > _KEPT_OPERAND_BYTES // 2:
             return self._operands(plan, plan.permute(w, permute_gates), rows_are_inputs=False, gates=gates)
-        key = (w.ctypes.data, w.shape, w.dtype.str, gates, plan.mode, plan.bounds.tobytes())
+        # Keyed by the array object: only where to look. What decides is the comparison (an
+        # array freed and another made with the same id differs in its bits, or is packed alike).
+        key = (id(w), w.shape, w.dtype, gates, plan.mode, plan.bounds.tobytes())
         with self._kept_lock:
             kept = self._kept.pop(key, None)
             if kept is not None:
                 self._kept[key] = kept  # most recently used last
-        bits = w.reshape(-1).view(np.uint32)
-        if kept is not None and common.same_bits(kept.source.reshape(-1).view(np.uint32), bits):
+        if kept is not None and common.same_bits(kept.source_bits, _bits(w)):
             return kept.operand
         source = w.copy()  # packed from the copy: what is kept is what was compared
         kept = _KeptOperand(source, self._operands(plan, plan.permute(source, permute_gates), False, gates))
