@@ -247,6 +247,37 @@ def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatc
     assert after == before
 
 
+@pytest.mark.skipif(fastlstm.threads.available_cores() < 2, reason="the gradients kernels run on the parallel plan only")
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("input_size", [64, 50], ids=["micro-kernel", "blas"])
+def test_gradients_kernels_set_blas_to_one_thread_when_they_call_it(cell, input_size, monkeypatch):
+    """The weight gradients after the backward loop call BLAS unless the micro-kernel does every
+    GEMM (float32, every width in whole panels); only then is BLAS held to one thread (setting
+    it costs tens of microseconds a call)."""
+    from fastlstm.kernels import numba_gru
+
+    module = kernels if cell == "LSTM" else numba_gru
+    seen = []
+    original = module.gradients
+
+    def spy(*args):
+        seen.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"])
+        return original(*args)
+
+    monkeypatch.setattr(module, "gradients", spy)
+    layer = getattr(fastlstm, cell)(input_size, 64, backend="numba", seed=0)
+    assert layer._current_backend()._plan(32, 64, np.float32).mode == common.GEMM_PACKED
+    y, _ = layer(np.ones((3, 32, input_size), np.float32))
+    layer.backward(np.ones_like(y))
+    calls_blas = input_size % common.PANEL != 0
+    assert numba_backend._gradients_call_blas(common.GEMM_PACKED, input_size) == calls_blas
+    assert numba_backend._gradients_call_blas(common.GEMM_BLAS, input_size)
+    blas_threads = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert len(seen) == 1
+    if calls_blas or max(blas_threads, default=1) > 1:
+        assert seen[0] == ([1] * len(seen[0]) if calls_blas else blas_threads)
+
+
 def test_thread_count_controls_the_plan():
     backend = fastlstm.LSTM(2, 2, backend="numba")._current_backend()
     cores = fastlstm.threads.available_cores()

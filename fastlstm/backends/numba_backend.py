@@ -361,12 +361,12 @@ class NumbaBackend(ReferenceBackend):
         dw_hh_p = take((4 * hidden, hidden), dtype)
         dbias_p = take((4 * hidden,), dtype)
         dx2 = np.empty((rows, input_size), dtype)
-        with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
-            numba.set_num_threads(plan.num_blocks)
-            kernels.gradients(
-                d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
-                plan.bounds, _gradients_mode(plan, rows, hidden), dw_ih_p, dw_hh_p, dbias_p, dx2,
-            )
+        mode = _gradients_mode(plan, rows, hidden)
+        self._run(
+            plan, kernels.gradients, kernels.gradients,  # parallel plan: the serial kernel is never run
+            d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
+            plan.bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2, calls_blas=_gradients_call_blas(mode, input_size),
+        )
         # Back from the blocked row order to torch's [i; f; g; o].
         dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
         dw_ih[plan.perm], dw_hh[plan.perm], dbias[plan.perm] = dw_ih_p, dw_hh_p, dbias_p
@@ -458,13 +458,13 @@ class NumbaBackend(ReferenceBackend):
         dw_hh = np.empty((3 * hidden, hidden), dy.dtype)
         db_ih, db_hh = np.empty(3 * hidden, dy.dtype), np.empty(3 * hidden, dy.dtype)
         if plan.parallel:
-            with _MULTICORE, self._blas.limit(limits=1, user_api="blas"):
-                numba.set_num_threads(plan.num_blocks)
-                gru_kernels.gradients(
-                    d_in, d_hidden_n if saved.reset_after else np.empty((1, 1), dy.dtype), saved.x2, saved.h_states,
-                    np.ascontiguousarray(saved.h0), saved.hidden_n, np.ascontiguousarray(saved.w_ih), saved.reverse,
-                    saved.reset_after, plan.bounds, plan.mode, dw_ih, dw_hh, db_ih, db_hh, dx2,
-                )
+            self._run(
+                plan, gru_kernels.gradients, gru_kernels.gradients,  # parallel plan: never the serial kernel
+                d_in, d_hidden_n if saved.reset_after else np.empty((1, 1), dy.dtype), saved.x2, saved.h_states,
+                np.ascontiguousarray(saved.h0), saved.hidden_n, np.ascontiguousarray(saved.w_ih), saved.reverse,
+                saved.reset_after, plan.bounds, plan.mode, dw_ih, dw_hh, db_ih, db_hh, dx2,
+                calls_blas=_gradients_call_blas(plan.mode, saved.x2.shape[1]),
+            )
             self._workspaces.give(*scratch)
             return dx2.reshape(num_steps, batch, -1), dh0, dw_ih, dw_hh, db_ih, db_hh
         h_prev = previous_states(np, saved.h_states, saved.h0, saved.reverse).reshape(rows, hidden)
@@ -578,6 +578,14 @@ def _gradients_mode(plan: _Plan, rows: int, hidden: int) -> int:
     (see _GRADIENTS_BY_BLAS)."""
     large = rows >= _GRADIENTS_BLAS_MIN_ROWS and 4 * hidden >= _GRADIENTS_BLAS_MIN_COLUMNS
     return common.GEMM_BLAS if _GRADIENTS_BY_BLAS and large else plan.mode
+
+
+def _gradients_call_blas(mode: int, input_size: int) -> bool:
+    """Whether a gradients kernel (LSTM's or GRU's) calls BLAS: unless the micro-kernel does all
+    its GEMMs, which needs every output's width (input_size, hidden; hidden already is) in
+    whole panels (numba_common._gemm_tall). Where it does not, no BLAS limit is set (threadpoolctl
+    takes ~20-40 us a call)."""
+    return mode != common.GEMM_PACKED or input_size % common.PANEL != 0
 
 
 def cache_status() -> str:
