@@ -43,13 +43,14 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     _panels,
     _parallel_and_serial,
     _times_previous_states,
+    _units,
     _worker_started,
     sigmoid,
     tanh,
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "e88c4f1977fa97bc"
+COMMON_SOURCE_DIGEST = "c55552e743b22e93"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -130,18 +131,18 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
             _add(r[b], g_t[b])
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
     for b in range(batch):
-        h_row = h_next[b, u0 : u0 + nu]
-        c_row = c[b, u0 : u0 + nu]
-        y_row = y[t, b, u0 : u0 + nu]
+        h_row = _units(h_next, b, u0, nu)
+        c_row = _units(c, b, u0, nu)
+        y_row = _units(y, t * batch + b, u0, nu)
         if t < lengths[b]:
             _cell_forward(g_t[b], b_k, c_row, h_row)
             _copy(h_row, y_row)
         else:  # past this sequence's end: carry the state, output zeros
-            _copy(h[b, u0 : u0 + nu], h_row)
+            _copy(_units(h, b, u0, nu), h_row)
             _fill(y_row, 0)
         if training:
-            _copy(h_row, h_states[t, b, u0 : u0 + nu])
-            _copy(c_row, c_states[t, b, u0 : u0 + nu])
+            _copy(h_row, _units(h_states, t * batch + b, u0, nu))
+            _copy(c_row, _units(c_states, t * batch + b, u0, nu))
 
 
 @njit(**_INNER)
@@ -236,15 +237,15 @@ def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy
     for b in range(batch):
         row = t * batch + b
         # dh for this block's units: what flowed back from step t+1 (plus dy[t] if active).
-        passed = dh_pass[b, u0 : u0 + nu]
+        passed = _units(dh_pass, b, u0, nu)
         _copy(passed, dhr)
         for kk in range(num_blocks):
-            _add(partial[kk, b, u0 : u0 + nu], dhr)
+            _add(_units(partial, kk * batch + b, u0, nu), dhr)
         da = d_k[row]
         if t < lengths[b]:
-            _add(dy[t, b, u0 : u0 + nu], dhr)
-            _cell_backward(g_k[row], c_states[t, b, u0 : u0 + nu], c_start[b, u0 : u0 + nu], dhr,
-                           dc[b, u0 : u0 + nu], tanh_c, da)
+            _add(_units(dy, row, u0, nu), dhr)
+            _cell_backward(g_k[row], _units(c_states, row, u0, nu), _units(c_start, b, u0, nu), dhr,
+                           _units(dc, b, u0, nu), tanh_c, da)
             _fill(passed, 0)
         else:  # inactive: no gate gradient, both carries pass through
             _fill(da, 0)
