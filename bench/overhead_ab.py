@@ -1,0 +1,96 @@
+"""Per-call time of two checkouts of fastlstm in ONE process, alternated: the base tree's
+package is copied under another name (fastlstm_base) beside this tree's fastlstm, so that
+both run with the same threads, caches and host drift. For changes of a few microseconds a
+call (Python work, small kernels), which process-to-process spread hides on a busy host.
+
+    git worktree add /tmp/base <commit> && ln -s ../kernels /tmp/base/fastlstm/kernels
+    python bench/overhead_ab.py /tmp/base [--cell lstm|gru] [--mode inference|training]
+        [--configs 1x1x64x128,100x1x64x128,200x16x32x64] [--rounds 11]
+
+Configs are TxBxIxH (float32, numba backend). Each round times both trees' calls back to
+back; the ratio base / new is taken within each round (median and range). Results must
+agree bit for bit between the trees, or it stops (a speed change is not a numerics change).
+The copy's kernels compile on its first run (Numba caches them under the copy's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base_package(tree: Path):
+    """The base tree's fastlstm imported as fastlstm_base (its kernels copied in, and the
+    registry's absolute module names of the backends renamed; the rest imports relatively).
+    The copy's folder is named by a digest of the sources, so an unchanged base keeps its
+    compiled kernels from run to run."""
+    kernels = (tree / "fastlstm" / "kernels").resolve()  # a link to ../kernels in a checkout
+    sources = sorted({*(tree / "fastlstm").rglob("*.py"), *kernels.glob("*.py")})
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"fastlstm_overhead_ab_{digest}"
+    target = folder / "fastlstm_base"
+    if not target.exists():
+        shutil.copytree(tree / "fastlstm", target, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
+        registry = target / "registry.py"
+        registry.write_text(registry.read_text().replace('"fastlstm.backends.', '"fastlstm_base.backends.'))
+    sys.path.insert(0, str(folder))
+    import fastlstm_base
+
+    return fastlstm_base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
+    parser.add_argument("--mode", choices=("inference", "training"), default="inference")
+    parser.add_argument("--configs", default="1x1x64x128,100x1x64x128,200x16x32x64")
+    parser.add_argument("--rounds", type=int, default=11)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    import fastlstm
+
+    packages = {"base": base_package(args.base.resolve()), "new": fastlstm}
+    training = args.mode == "training"
+    for spec in args.configs.split(","):
+        T, B, I, H = (int(v) for v in spec.split("x"))
+        x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+        layers = {name: getattr(package, args.cell.upper())(I, H, backend="numba", seed=0).train(training)
+                  for name, package in packages.items()}
+
+        def call(layer):
+            y, _ = layer(x)
+            if training:
+                layer.backward(np.ones_like(y))
+            return y
+
+        results = {name: call(layer) for name, layer in layers.items()}
+        if not np.array_equal(results["base"], results["new"]) or (training and any(
+                not np.array_equal(layers["base"].grads[k], layers["new"].grads[k]) for k in layers["new"].grads)):
+            raise SystemExit(f"{spec}: the trees' results differ")
+        calls = max(5, 20000 // (T * max(B, 4) * (3 if training else 1)))
+        times = {name: [] for name in layers}
+        for _ in range(args.rounds):
+            for name, layer in layers.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    call(layer)
+                times[name].append((time.perf_counter() - start) / calls * 1e6)
+        ratios = [b / n for b, n in zip(times["base"], times["new"])]
+        print(f"{args.cell} {args.mode} T={T} B={B} I={I} H={H}: base {statistics.median(times['base']):.1f} us, "
+              f"new {statistics.median(times['new']):.1f} us (medians of {args.rounds} rounds); base / new "
+              f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
