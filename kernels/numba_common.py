@@ -172,8 +172,8 @@ def block_permutation(bounds: np.ndarray, hidden: int, gates: int) -> np.ndarray
 
 @njit(inline="always")
 def _block_view(flat, k, rows, cols):
-    """Block k's contiguous (rows, cols) region of a flat per-block buffer."""
-    return flat[k, : rows * cols].reshape((rows, cols))
+    """Block k's contiguous (rows, cols) region of a flat per-block buffer (a _view)."""
+    return _view(flat, k * flat.shape[1], (rows, cols))
 
 
 # -- step synchronisation ---------------------------------------------------------------
@@ -494,8 +494,8 @@ def _gemm_unpacked(a, a_transposed, b, c, accumulate):
 
 @njit(inline="always")
 def _panels(operand, inner, cols):
-    """A flat GEMM_PACKED operand as its (cols / PANEL, inner, PANEL) column panels."""
-    return operand[: inner * cols].reshape((cols // PANEL, inner, PANEL))
+    """A flat GEMM_PACKED operand as its (cols / PANEL, inner, PANEL) column panels (a _view)."""
+    return _view(operand, 0, (cols // PANEL, inner, PANEL))
 
 
 @njit(**_INNER)  # not inlined: one compiled body per kernel instead of one per call site (compile time)
@@ -649,31 +649,44 @@ def _matmul_small(a, b, out):
 # The kernels assign no array to a slice at all: that compiles Numba's shape-mismatch
 # message (string formatting, ~1-3 s a kernel on a cold cache).
 @intrinsic
-def _units(typingctx, a, row, start, count):
-    """a's items start .. start + count of row `row`, a seen as (rows, last axis): for a
-    (T, B, H) array, _units(a, t * B + b, u0, nu) is a[t, b, u0 : u0 + nu]. A 1-D C view
-    that holds no reference to a's memory (valid while `a` is, as any array inside a
-    kernel) and checks nothing (the caller's offsets are in range).
+def _view(typingctx, a, offset, shape):
+    """A C-contiguous view of `shape` (a tuple of ints) over a's data from item `offset` on,
+    that holds no reference to a's memory (valid while `a` is, as any array inside a kernel)
+    and checks nothing (the caller's sizes are in range).
 
-    Why not the slice: a slice with runtime bounds is a view that Numba reference-counts,
-    and in the kernels' per-row loops its pruning leaves the increments and decrements
-    in (calls, atomic adds): the small config's forward step took ~25 % longer with
-    slices (T=200, B=16, H=64, one thread)."""
-    if not (isinstance(a, types.Array) and a.layout == "C"):
+    Why not a slice (and reshape): a slice with runtime bounds is a view that Numba
+    reference-counts, and in the kernels' loops its pruning leaves the increments and
+    decrements in (calls, atomic adds): the small config's forward step took ~25 % longer
+    with slices in its per-row loop (T=200, B=16, H=64, one thread)."""
+    if not (isinstance(a, types.Array) and a.layout == "C" and isinstance(shape, types.BaseTuple)
+            and all(isinstance(n, types.Integer) for n in shape)):
         return None
-    view = types.Array(a.dtype, 1, "C")
+    ndim = len(shape)
+    view = types.Array(a.dtype, ndim, "C")
 
     def codegen(context, builder, signature, args):
         array = context.make_array(signature.args[0])(context, builder, args[0])
-        width = cgutils.unpack_tuple(builder, array.shape, a.ndim)[-1]
-        first = builder.add(builder.mul(args[1], width), args[2])
-        out = context.make_array(view)(context, builder)
+        sizes = [context.cast(builder, n, t, types.intp)
+                 for n, t in zip(cgutils.unpack_tuple(builder, args[2], ndim), signature.args[2])]
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(a.dtype)))
-        populate_array(out, data=builder.gep(array.data, [first]), shape=[args[3]], strides=[itemsize],
+        strides = [itemsize]
+        for n in reversed(sizes[1:]):
+            strides.insert(0, builder.mul(strides[0], n))
+        first = context.cast(builder, args[1], signature.args[1], types.intp)
+        out = context.make_array(view)(context, builder)
+        populate_array(out, data=builder.gep(array.data, [first]), shape=sizes, strides=strides,
                        itemsize=itemsize, meminfo=None)
         return out._getvalue()
 
-    return view(a, types.intp, types.intp, types.intp), codegen
+    return view(a, offset, shape), codegen
+
+
+@njit(inline="always")
+def _units(a, row, start, count):
+    """a's items start .. start + count of row `row`, a seen as (rows, last axis): for a
+    (T, B, H) array, _units(a, t * B + b, u0, nu) is a[t, b, u0 : u0 + nu], as a view that
+    holds no reference (_view)."""
+    return _view(a, row * a.shape[-1] + start, (count,))
 
 
 @njit(inline="always")

@@ -50,7 +50,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "c55552e743b22e93"
+COMMON_SOURCE_DIGEST = "7d9f057fd6bc5005"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
