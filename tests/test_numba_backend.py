@@ -278,6 +278,36 @@ def test_gradients_kernels_set_blas_to_one_thread_when_they_call_it(cell, input_
         assert seen[0] == ([1] * len(seen[0]) if calls_blas else blas_threads)
 
 
+def test_views_without_references_are_the_slices_they_replace():
+    """numba_common._view / _units: the kernels' per-row and per-block views (no reference
+    held) address the same items as the NumPy slices they stand for, and write through."""
+    from numba import njit
+
+    @njit
+    def units(a, row, start, count):
+        return common._units(a, row, start, count)
+
+    @njit
+    def block(flat, k, rows, cols):
+        return common._block_view(flat, k, rows, cols)
+
+    @njit
+    def panels(operand, inner, cols):
+        return common._panels(operand, inner, cols)
+
+    a = np.arange(3 * 4 * 10, dtype=np.float32).reshape(3, 4, 10)
+    np.testing.assert_array_equal(units(a, 2 * 4 + 1, 3, 5), a[2, 1, 3:8])
+    np.testing.assert_array_equal(units(a[0], 3, 0, 10), a[0, 3])
+    np.testing.assert_array_equal(units(a[0, 0], 0, 4, 2), a[0, 0, 4:6])
+    units(a, 5, 2, 3)[:] = -1.0  # a view, not a copy
+    assert np.all(a[1, 1, 2:5] == -1.0) and np.all(a[1, 1, 5:] != -1.0)
+    flat = np.arange(2 * 30, dtype=np.float64).reshape(2, 30)
+    np.testing.assert_array_equal(block(flat, 1, 4, 6), flat[1, :24].reshape(4, 6))
+    operand = np.arange(3 * common.PANEL * 5, dtype=np.float32)
+    np.testing.assert_array_equal(panels(operand, 5, 3 * common.PANEL),
+                                  operand.reshape(3, 5, common.PANEL))
+
+
 def test_thread_count_controls_the_plan():
     backend = fastlstm.LSTM(2, 2, backend="numba")._current_backend()
     cores = fastlstm.threads.available_cores()
