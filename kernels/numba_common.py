@@ -656,8 +656,10 @@ def _view(typingctx, a, offset, shape):
 
     Why not a slice (and reshape): a slice with runtime bounds is a view that Numba
     reference-counts, and in the kernels' loops its pruning leaves the increments and
-    decrements in (calls, atomic adds): the small config's forward step took ~25 % longer
-    with slices in its per-row loop (T=200, B=16, H=64, one thread)."""
+    decrements in (calls, atomic adds): the LSTM's small-config forward step took ~25 %
+    longer with slices in its per-row loop (T=200, B=16, H=64, one thread). Not always a
+    gain: LLVM cannot tell such views apart, and the GRU's cell loops (up to eight views
+    each) ran slower with them (numba_gru.py keeps slices there)."""
     if not (isinstance(a, types.Array) and a.layout == "C" and isinstance(shape, types.BaseTuple)
             and all(isinstance(n, types.Integer) for n in shape)):
         return None
