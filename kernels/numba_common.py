@@ -643,11 +643,7 @@ def _matmul_small(a, b, out):
                 o[n] += s * bq[n]
 
 
-# -- row helpers -----------------------------------------------------------------------
-# Row copies as plain loops: Numba's slice assignment and in-place array operators check
-# for overlap and broadcast on every call, which costs more than the few vectors they move.
-# The kernels assign no array to a slice at all: that compiles Numba's shape-mismatch
-# message (string formatting, ~1-3 s a kernel on a cold cache).
+# -- views without references ----------------------------------------------------------
 @intrinsic
 def _view(typingctx, a, offset, shape):
     """A C-contiguous view of `shape` (a tuple of ints) over a's data from item `offset` on,
@@ -691,6 +687,11 @@ def _units(a, row, start, count):
     return _view(a, row * a.shape[-1] + start, (count,))
 
 
+# -- row helpers -----------------------------------------------------------------------
+# Row copies as plain loops: Numba's slice assignment and in-place array operators check
+# for overlap and broadcast on every call, which costs more than the few vectors they move.
+# The kernels assign no array to a slice at all: that compiles Numba's shape-mismatch
+# message (string formatting, ~1-3 s a kernel on a cold cache).
 @njit(inline="always")
 def _copy(src, dst):
     for j in range(dst.shape[0]):

@@ -61,7 +61,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "929f219624e3d804"
+COMMON_SOURCE_DIGEST = "94959a94d4d6480e"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
