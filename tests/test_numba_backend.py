@@ -227,24 +227,34 @@ def test_workers_run_one_after_another_do_not_deadlock(monkeypatch):
         assert np.array_equal(threaded[name], in_turn[name]), name
 
 
+def _blas_threads() -> list:
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+def _record_blas_threads(monkeypatch, module, *names) -> list:
+    """Replace module's kernels `names` by spies that record BLAS's thread counts as each is
+    called; returns the record (one list of counts a call)."""
+    seen = []
+    for name in names:
+        original = getattr(module, name)
+
+        def spy(*args, original=original):
+            seen.append(_blas_threads())
+            return original(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatch):
     """No oversubscription: Numba's threads each call BLAS, so BLAS must use one thread then."""
-    seen = []
-    original = kernels.forward_parallel
-
-    def spy(*args):
-        seen.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"])
-        return original(*args)
-
-    monkeypatch.setattr(kernels, "forward_parallel", spy)
-    monkeypatch.setattr(kernels, "forward_serial", spy)
-    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    seen = _record_blas_threads(monkeypatch, kernels, "forward_parallel", "forward_serial")
+    before = _blas_threads()
     lstm = fastlstm.LSTM(8, 64, backend="numba", dtype="float64")  # float64: per-step GEMMs through BLAS
     assert lstm._current_backend()._plan(32, 64, np.float64).mode == common.GEMM_BLAS
     lstm(np.ones((3, 32, 8)))
     assert seen and all(count == 1 for counts in seen for count in counts)
-    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    assert after == before
+    assert _blas_threads() == before
 
 
 @pytest.mark.skipif(fastlstm.threads.available_cores() < 2, reason="the gradients kernels run on the parallel plan only")
@@ -256,15 +266,7 @@ def test_gradients_kernels_set_blas_to_one_thread_when_they_call_it(cell, input_
     it costs tens of microseconds a call)."""
     from fastlstm.kernels import numba_gru
 
-    module = kernels if cell == "LSTM" else numba_gru
-    seen = []
-    original = module.gradients
-
-    def spy(*args):
-        seen.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"])
-        return original(*args)
-
-    monkeypatch.setattr(module, "gradients", spy)
+    seen = _record_blas_threads(monkeypatch, kernels if cell == "LSTM" else numba_gru, "gradients")
     layer = getattr(fastlstm, cell)(input_size, 64, backend="numba", seed=0)
     assert layer._current_backend()._plan(32, 64, np.float32).mode == common.GEMM_PACKED
     y, _ = layer(np.ones((3, 32, input_size), np.float32))
@@ -272,7 +274,7 @@ def test_gradients_kernels_set_blas_to_one_thread_when_they_call_it(cell, input_
     calls_blas = input_size % common.PANEL != 0
     assert numba_backend._gradients_call_blas(common.GEMM_PACKED, input_size) == calls_blas
     assert numba_backend._gradients_call_blas(common.GEMM_BLAS, input_size)
-    blas_threads = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    blas_threads = _blas_threads()
     assert len(seen) == 1
     if calls_blas or max(blas_threads, default=1) > 1:
         assert seen[0] == ([1] * len(seen[0]) if calls_blas else blas_threads)
