@@ -38,11 +38,16 @@ def base_package(tree: Path):
     sources = sorted({*(tree / "fastlstm").rglob("*.py"), *kernels.glob("*.py")})
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"fastlstm_overhead_ab_{digest}"
-    target = folder / "fastlstm_base"
-    if not target.exists():
+    if not folder.exists():  # made aside and renamed into place: an interrupted copy is never used
+        staging = Path(tempfile.mkdtemp(prefix=folder.name + "_staging_"))
+        target = staging / "fastlstm_base"
         shutil.copytree(tree / "fastlstm", target, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
         registry = target / "registry.py"
         registry.write_text(registry.read_text().replace('"fastlstm.backends.', '"fastlstm_base.backends.'))
+        try:
+            staging.rename(folder)
+        except OSError:  # another run put it there first
+            shutil.rmtree(staging)
     sys.path.insert(0, str(folder))
     import fastlstm_base
 
