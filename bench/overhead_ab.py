@@ -8,7 +8,8 @@ call (Python work, small kernels), which process-to-process spread hides on a bu
         [--configs 1x1x64x128,100x1x64x128,200x16x32x64] [--rounds 11]
 
 Configs are TxBxIxH (float32, numba backend). Each round times both trees' calls back to
-back; the ratio base / new is taken within each round (median and range). Results must
+back (bench/rounds.py: the order rotates, each runner's time is at least 0.2 s of calls);
+the ratio base / new is taken within each round (median and range). Results must
 agree bit for bit between the trees, or it stops (a speed change is not a numerics change).
 The copy's kernels compile on its first run (Numba caches them under the copy's folder).
 """
@@ -21,12 +22,16 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # "new" is this checkout, whatever is installed
+
+import rounds  # noqa: E402
+
+import fastlstm  # noqa: E402
 
 
 def base_package(tree: Path):
@@ -62,9 +67,6 @@ def main() -> None:
     parser.add_argument("--configs", default="1x1x64x128,100x1x64x128,200x16x32x64")
     parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    import fastlstm
-
     packages = {"base": base_package(args.base.resolve()), "new": fastlstm}
     training = args.mode == "training"
     for spec in args.configs.split(","):
@@ -83,14 +85,8 @@ def main() -> None:
         if not np.array_equal(results["base"], results["new"]) or (training and any(
                 not np.array_equal(layers["base"].grads[k], layers["new"].grads[k]) for k in layers["new"].grads)):
             raise SystemExit(f"{spec}: the trees' results differ")
-        calls = max(5, 20000 // (T * max(B, 4) * (3 if training else 1)))
-        times = {name: [] for name in layers}
-        for _ in range(args.rounds):
-            for name, layer in layers.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    call(layer)
-                times[name].append((time.perf_counter() - start) / calls * 1e6)
+        times = rounds.alternate({name: (lambda layer=layer: rounds.seconds_per_call(lambda: call(layer)) * 1e6)
+                                  for name, layer in layers.items()}, args.rounds)
         ratios = [b / n for b, n in zip(times["base"], times["new"])]
         print(f"{args.cell} {args.mode} T={T} B={B} I={I} H={H}: base {statistics.median(times['base']):.1f} us, "
               f"new {statistics.median(times['new']):.1f} us (medians of {args.rounds} rounds); base / new "
