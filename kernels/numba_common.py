@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import math
 import pathlib
-from types import FunctionType
 
 import numpy as np
 from llvmlite import binding as llvm_binding
@@ -47,29 +46,6 @@ _OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
 # Functions that only kernels call are not cached on their own: a cached kernel holds their
 # code, and caching them too would emit their machine code once more (compile time).
 _INNER = dict(error_model="numpy", fastmath={"contract"})
-
-
-def _only_prange() -> dict:
-    """Numba's `parallel` option for the kernels: the explicit prange loop only. By default
-    Numba also turns array expressions (np.zeros, a copy, +=) into parallel loops, each its own
-    compiled function (seconds of cold compile) for arrays too small to split.
-    (A new dict each time: Numba consumes it.)"""
-    return dict(prange=True, comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False,
-                stencil=False, fusion=False)
-
-
-def _parallel_and_serial(body):
-    """Compile one body twice: on threads (prange runs in parallel) and on the calling
-    thread (prange is then a plain range: no threads to start for small problems).
-
-    The serial copy gets its own qualified name because Numba's cache tells cached
-    functions apart by name and line, not by compile options.
-    """
-    serial_body = FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial",
-                               body.__defaults__, body.__closure__)
-    serial_body.__qualname__ = body.__qualname__ + "_serial"
-    serial_body.__doc__ = body.__doc__
-    return njit(parallel=_only_prange(), **_OPTS)(body), njit(**_OPTS)(serial_body)
 
 
 # -- activations ----------------------------------------------------------------------
@@ -177,7 +153,7 @@ def _block_view(flat, k, rows, cols):
 
 
 # -- step synchronisation ---------------------------------------------------------------
-# The parallel kernels run the whole time loop inside one parallel region: worker w does
+# The kernels run the whole time loop inside one parallel region (_launch): worker w does
 # block w at every step and waits at a spin barrier for the other blocks before the next
 # step (a fork/join per step costs ~1.6 us on this machine; a barrier ~0.1-0.3 us). Blocks
 # are *claimed* (an atomic counter per block and step), not owned: a worker that has waited
@@ -258,7 +234,7 @@ def _claim_block(sync, s, w, num_blocks):
     base = sync.ctypes.data + 8 * (_SYNC_HEADER + s * (num_blocks + 1))
     done = base + 8 * num_blocks
     if _try_claim(base + 8 * w):
-        return np.int64(w)  # a prange index may be unsigned: keep one signed return type
+        return w
     spins = 0
     while _atomic_load(done) < num_blocks:
         missing = _atomic_load(started) < num_blocks
@@ -281,6 +257,122 @@ def _block_done(sync, s, num_blocks):
 @njit(inline="always")
 def _worker_started(sync):
     _atomic_add(sync.ctypes.data, 1)
+
+
+# -- running a kernel's workers on threads ------------------------------------------------
+def _start_threading_layer():
+    """Numba's threading layer, started (once), which makes its `numba_parallel_for` and
+    `get_num_threads` known to the JIT linker: needed before a kernel that calls them is
+    linked, and so run again before such a kernel is loaded from the cache."""
+    from numba.np.ufunc.parallel import _launch_threads
+
+    _launch_threads()
+
+
+@intrinsic
+def _launch(typingctx, worker, count, args):
+    """worker(w, *args) for w in range(count) (args a tuple): on the threads of Numba's
+    threading layer, at most Numba's thread count (numba.set_num_threads) at once, without
+    the GIL, as a prange loop would; on the calling thread when count == 1.
+
+    Why not prange: Numba compiles a prange loop's body as a function, then two wrappers
+    around it, then the kernel, and each level links the one below and optimizes and emits
+    all its code again (the loop's callees four times over: ~40 % of a cold compile). Here
+    the worker is compiled once and linked once into the kernel that launches it, and one
+    compiled kernel serves the one-block plan too.
+    """
+    if not (isinstance(worker, types.Dispatcher) and isinstance(count, types.Integer)
+            and isinstance(args, types.BaseTuple)):
+        return None
+    _start_threading_layer()
+    worker_sig = typingctx.resolve_function_type(worker, (types.int64, *args.types), {})
+    if worker_sig is None or worker_sig.return_type != types.none:
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        _, count_value, args_value = llargs
+        compiled = worker.dispatcher.overloads[worker_sig.args]
+        library = context.active_code_library
+        library.add_linking_library(compiled.library)
+        library._reload_init.add(_start_threading_layer)  # what Numba does for a prange kernel
+        worker_fn = context.declare_function(builder.module, compiled.fndesc)
+
+        def call_worker(at, w, values):
+            return context.call_conv.call_function(at, worker_fn, types.none, worker_sig.args, [w, *values])[0]
+
+        i64 = ir.IntType(64)
+        n = context.cast(builder, count_value, signature.args[1], types.int64)
+        with builder.if_else(builder.icmp_signed("==", n, ir.Constant(i64, 1))) as (alone, on_threads):
+            with alone:  # an exception (MemoryError) passes on; on threads, as in a prange loop, it cannot
+                values = _without_references(context, builder, args, args_value)
+                status = call_worker(builder, ir.Constant(i64, 0), values)
+                with cgutils.if_unlikely(builder, status.is_error):
+                    context.call_conv.return_status_propagate(builder, status)
+            with on_threads:
+                run_range = _worker_range_function(context, builder.module, compiled.fndesc.mangled_name, args,
+                                                   call_worker)
+                data = cgutils.alloca_once_value(builder, args_value)
+                _parallel_for(context, builder, run_range, n, data)
+        return context.get_dummy_value()
+
+    return types.void(worker, count, args), codegen
+
+
+def _worker_range_function(context, module, worker_name, args, call_worker):
+    """The function the threading layer calls on its threads, with gufunc arguments:
+    void f(char **first, intp *counts, intp *steps, void *data) runs worker(w, *args) for
+    w = first[0] .. first[0] + counts[0] - 1. Worker indices travel as addresses (array 0
+    at address 0, step 1); data points to the args tuple."""
+    name = f"{worker_name}.range"
+    if name in module.globals:
+        return module.globals[name]
+    i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+    function = ir.Function(module, ir.FunctionType(ir.VoidType(), [i8p.as_pointer(), i64.as_pointer(),
+                                                                   i64.as_pointer(), i8p]), name=name)
+    function.linkage = "internal"
+    builder = ir.IRBuilder(function.append_basic_block())
+    first, counts, _, data = function.args
+    start = builder.ptrtoint(builder.load(first), i64)
+    args_value = builder.load(builder.bitcast(data, context.get_value_type(args).as_pointer()))
+    values = _without_references(context, builder, args, args_value)
+    with cgutils.for_range(builder, builder.load(counts)) as loop:
+        call_worker(builder, builder.add(start, loop.index), values)
+    builder.ret_void()
+    return function
+
+
+def _without_references(context, builder, args, args_value):
+    """The args tuple's items, its arrays as references-free views (no meminfo, as a prange
+    loop's body gets them, and as _view makes): otherwise each view a worker takes of an
+    argument (a step's rows of x, h_buffers[s & 1]) adds to and subtracts from the array's
+    reference count, an atomic write to a cache line that every worker's thread writes too
+    (stream-1 inference measured ~10 % slower). The launching kernel holds the references."""
+    values = cgutils.unpack_tuple(builder, args_value, len(args))
+    for i, item in enumerate(args):
+        if isinstance(item, types.Array):
+            array = context.make_array(item)(context, builder, values[i])
+            array.meminfo = cgutils.get_null_value(array.meminfo.type)
+            values[i] = array._getvalue()
+    return values
+
+
+def _parallel_for(context, builder, function, count, data):
+    """The threading layer's parallel_for (as Numba's prange wrapper calls it) over `count`
+    worker indices, on at most get_num_threads() threads, the GIL released meanwhile."""
+    i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+    parallel_for = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p] * 5 + [i64] * 3), "numba_parallel_for")
+    get_num_threads = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, []), "get_num_threads")
+    first = cgutils.alloca_once_value(builder, ir.Constant(i8p, None))
+    counts = cgutils.alloca_once_value(builder, count)
+    steps = cgutils.alloca_once_value(builder, ir.Constant(i64, 1))
+    pyapi = context.get_python_api(builder)
+    gil = pyapi.gil_ensure()
+    thread_state = pyapi.save_thread()
+    builder.call(parallel_for, [builder.bitcast(v, i8p) for v in (function, first, counts, steps, data)]
+                 + [ir.Constant(i64, 0), ir.Constant(i64, 1), builder.call(get_num_threads, [])])
+    pyapi.restore_thread(thread_state)
+    pyapi.gil_release(gil)
 
 
 # -- per-step GEMMs ---------------------------------------------------------------------
@@ -718,7 +810,6 @@ def _hidden_buffers(h0):
     for b in range(h0.shape[0]):
         _copy(h0[b], buffers[0, b])
     return buffers
-
 
 
 # -- tall GEMMs after the time loop ------------------------------------------------------

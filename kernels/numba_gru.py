@@ -32,7 +32,7 @@ each gate. The recurrent GEMM's operands are the weights in block order
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .numba_common import (
     _ONE,
@@ -50,10 +50,9 @@ from .numba_common import (
     _gemm_packed,
     _gemm_tall,
     _hidden_buffers,
+    _launch,
     _new_sync,
-    _only_prange,
     _panels,
-    _parallel_and_serial,
     _times_previous_states,
     _worker_started,
     sigmoid,
@@ -61,7 +60,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "94959a94d4d6480e"
+COMMON_SOURCE_DIGEST = "69c9f8c6bfa0d8ed"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -127,7 +126,7 @@ def _reset_gradient(d_reset, other, gr, dr):
 
 
 # -- forward ------------------------------------------------------------------------------
-@njit(**_INNER)
+@njit(inline="always")  # one call site (_forward_worker), as numba_lstm._forward_block_step
 def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
                          rec, lengths, y, h_states, hidden_n, training, mode):
     """Block k's share of step t: the whole step (reset_after), or Cho's phase 0 (r and z,
@@ -198,8 +197,9 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
                 _copy(part[r, q * nu : (q + 1) * nu], gates[r, q * hidden + u0 : q * hidden + u0 + nu])
 
 
-def _forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, reset_after,
-             training, mode, rec, y, h_states, hidden_n):
+@njit(**_OPTS)
+def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, reset_after,
+            training, mode, rec, y, h_states, hidden_n):
     """Whole-sequence forward, one block of hidden units per thread. Returns h_n.
 
     project: each block projects its columns of the input (x2 (T*B, I) @ its rows of W_ih,
@@ -214,34 +214,41 @@ def _forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengt
     carried state and what the reset met (W_hn h + b_hn, or r * h), written only when training.
     """
     num_blocks = bounds.shape[0] - 1
-    num_steps = y.shape[0]
     phases = 1 if reset_after else 2
     h_buffers = _hidden_buffers(h0)  # step s reads h from [s % 2], writes the other
     reset_h = np.zeros_like(h0)  # Cho: r * h of the current step, all units
-    sync = _new_sync(num_steps * phases, num_blocks)
-    for w in prange(num_blocks):  # one worker per block, each running the whole time loop
-        _worker_started(sync)
-        for s in range(num_steps):
-            t = num_steps - 1 - s if reverse else s
-            h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
-            for phase in range(phases):
-                p = s * phases + phase
+    sync = _new_sync(y.shape[0] * phases, num_blocks)
+    _launch(_forward_worker, num_blocks, (x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse,
+                                          bounds, reset_after, training, mode, rec, y, h_states, hidden_n, h_buffers,
+                                          reset_h, sync))
+    return h_buffers[y.shape[0] % 2].copy()
+
+
+@njit(**_INNER)
+def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse, bounds,
+                    reset_after, training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h, sync):
+    """Worker w of forward: the whole time loop, running its own block each phase (or another's)."""
+    num_blocks = bounds.shape[0] - 1
+    num_steps = y.shape[0]
+    phases = 1 if reset_after else 2
+    _worker_started(sync)
+    for s in range(num_steps):
+        t = num_steps - 1 - s if reverse else s
+        h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
+        for phase in range(phases):
+            p = s * phases + phase
+            k = _claim_block(sync, p, w, num_blocks)
+            while k >= 0:
+                if project and p == 0:  # a block's steps read only its own gate columns
+                    _project_block(k, bounds, x2, w_ih_ops, mode, gates)
+                _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
+                                     h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
+                _block_done(sync, p, num_blocks)
                 k = _claim_block(sync, p, w, num_blocks)
-                while k >= 0:
-                    if project and p == 0:  # a block's steps read only its own gate columns
-                        _project_block(k, bounds, x2, w_ih_ops, mode, gates)
-                    _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
-                                         h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
-                    _block_done(sync, p, num_blocks)
-                    k = _claim_block(sync, p, w, num_blocks)
-    return h_buffers[num_steps % 2].copy()
-
-
-forward_parallel, forward_serial = _parallel_and_serial(_forward)
 
 
 # -- backward -----------------------------------------------------------------------------
-@njit(**_INNER)
+@njit(inline="always")  # one call site (_backward_worker), as numba_lstm._forward_block_step
 def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n, w_ops, w_ops_n,
                           dy, lengths, dh_pass, partial, partial_next, partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                           scratch, mode):
@@ -310,8 +317,9 @@ def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_sta
         _gemm(d_rec_k, w_ops[k], width, hidden, partial_next[k], mode)
 
 
-def _backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengths, reverse, bounds, reset_after,
-                   max_nu, mode, d_in, d_hidden_n):
+@njit(**_OPTS)
+def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengths, reverse, bounds, reset_after,
+                  max_nu, mode, d_in, d_hidden_n):
     """Backward through time, one block per thread. Returns dh0.
 
     Fills d_in (T*B, 3H): the gradients of the input-side pre-activations (x W_ih^T + b_ih)
@@ -329,34 +337,42 @@ def _backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, leng
     d_rec = np.empty((num_blocks, batch * 3 * max_nu), dh_n.dtype)
     scratch = np.empty((num_blocks, max_nu), dh_n.dtype)
     sync = _new_sync(num_steps * phases, num_blocks)
-    for w in prange(num_blocks):  # one worker per block, each running the whole time loop
-        _worker_started(sync)
-        for s in range(num_steps):
-            t = s if reverse else num_steps - 1 - s
-            t_prev = t + 1 if reverse else t - 1
-            if t_prev == num_steps:
-                t_prev = -1
-            for phase in range(phases):
-                p = s * phases + phase
-                k = _claim_block(sync, p, w, num_blocks)
-                while k >= 0:
-                    _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n,
-                                          w_ops, w_ops_n, dy, lengths, dh_pass, partials[s & 1],
-                                          partials[(s + 1) & 1], partial_reset, dh_t, d_in, d_hidden_n, d_rec,
-                                          scratch, mode)
-                    _block_done(sync, p, num_blocks)
-                    k = _claim_block(sync, p, w, num_blocks)
+    _launch(_backward_worker, num_blocks, (gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse,
+                                           bounds, reset_after, mode, d_in, d_hidden_n, dh_pass, partials,
+                                           partial_reset, dh_t, d_rec, scratch, sync))
     dh0 = dh_pass.copy()
     for kk in range(num_blocks):
         dh0 += partials[num_steps % 2, kk]
     return dh0
 
 
-backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_loop)
+@njit(**_INNER)
+def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse, bounds, reset_after,
+                     mode, d_in, d_hidden_n, dh_pass, partials, partial_reset, dh_t, d_rec, scratch, sync):
+    """Worker w of backward_loop: the whole time loop, running its own block each phase (or another's)."""
+    num_blocks = bounds.shape[0] - 1
+    num_steps = dy.shape[0]
+    phases = 1 if reset_after else 2
+    _worker_started(sync)
+    for s in range(num_steps):
+        t = s if reverse else num_steps - 1 - s
+        t_prev = t + 1 if reverse else t - 1
+        if t_prev == num_steps:
+            t_prev = -1
+        for phase in range(phases):
+            p = s * phases + phase
+            k = _claim_block(sync, p, w, num_blocks)
+            while k >= 0:
+                _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n,
+                                      w_ops, w_ops_n, dy, lengths, dh_pass, partials[s & 1],
+                                      partials[(s + 1) & 1], partial_reset, dh_t, d_in, d_hidden_n, d_rec,
+                                      scratch, mode)
+                _block_done(sync, p, num_blocks)
+                k = _claim_block(sync, p, w, num_blocks)
 
 
 # -- weight and input gradients ------------------------------------------------------------
-@njit(inline="always")  # as the LSTM's (numba_lstm.gradients)
+@njit(inline="always")  # as the LSTM's (numba_lstm._gradients_worker)
 def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                         dw_ih, dw_hh, db_ih, db_hh):
     """Block k's units' rows of dW_ih, dW_hh, db_ih and db_hh (torch's order), gate by gate:
@@ -388,18 +404,24 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
             _copy(acc, db_hh[c0 : c0 + nu])
 
 
-@njit(parallel=_only_prange(), **_OPTS)
+@njit(**_OPTS)
 def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, mode,
               dw_ih, dw_hh, db_ih, db_hh, dx2):
     """After the backward loop (parallel plan): thread k computes block k's rows of the
     weight and bias gradients, then part k of dx's rows (d_in @ W_ih)."""
+    _launch(_gradients_worker, bounds.shape[0] - 1, (d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse,
+                                                     reset_after, bounds, mode, dw_ih, dw_hh, db_ih, db_hh, dx2))
+
+
+@njit(**_INNER)
+def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, mode,
+                      dw_ih, dw_hh, db_ih, db_hh, dx2):
+    """Thread k of gradients."""
     num_blocks = bounds.shape[0] - 1
     packed = mode == GEMM_PACKED
     rows = dx2.shape[0]
-    for p in prange(num_blocks):
-        k = np.int64(p)  # one signature for the callees (the parallel loop's index may be unsigned)
-        _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
-                            dw_ih, dw_hh, db_ih, db_hh)
-        r0, r1 = rows * k // num_blocks, rows * (k + 1) // num_blocks
-        if r1 > r0:
-            _gemm_tall(d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed)
+    _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
+                        dw_ih, dw_hh, db_ih, db_hh)
+    r0, r1 = rows * k // num_blocks, rows * (k + 1) // num_blocks
+    if r1 > r0:
+        _gemm_tall(d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed)

@@ -4,11 +4,12 @@ Built on ``numba_common.py`` (blocking, step barrier, per-step GEMMs, activation
 docstring describes the scheme). A block owns the four gates of its units. Per time step
 each block runs one GEMM for all four gates of its units (float32: the packed micro-kernel;
 otherwise single-threaded BLAS, or a hand-written kernel for batch 1) and then the fused
-pointwise cell update. Problems too small to split run one block on the calling thread
-(the ``*_serial`` kernels); their caller does the input projection and the weight
-gradients as NumPy GEMMs on BLAS's own threads. On the parallel plan the weight and
-input gradients after the loop run per block too (``gradients``), through the same
-micro-kernel with the operands read in place.
+pointwise cell update. Each kernel runs one worker per block through
+``numba_common._launch``: on threads, or on the calling thread for problems too small to
+split (one block), whose caller does the input projection and the weight gradients as
+NumPy GEMMs on BLAS's own threads. On the parallel plan the weight and input gradients
+after the loop run per block too (``gradients``), through the same micro-kernel with the
+operands read in place.
 
 Gate buffers: block k's gate columns are [i(u0:u1), f(u0:u1), g(u0:u1), o(u0:u1)], stored
 contiguously per block as (T*B, 4*nu) in a flat (num_blocks, T*B*4*max_nu) buffer.
@@ -17,7 +18,7 @@ contiguously per block as (T*B, 4*nu) in a flat (num_blocks, T*B*4*max_nu) buffe
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .numba_common import (  # noqa: F401  - PANEL and the modes are this module's interface too
     _INNER,
@@ -38,10 +39,9 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     _gemm_packed_sum,
     _gemm_tall,
     _hidden_buffers,
+    _launch,
     _new_sync,
-    _only_prange,
     _panels,
-    _parallel_and_serial,
     _times_previous_states,
     _units,
     _worker_started,
@@ -50,7 +50,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "94959a94d4d6480e"
+COMMON_SOURCE_DIGEST = "69c9f8c6bfa0d8ed"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -110,7 +110,7 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 
 
 # -- forward ----------------------------------------------------------------------------
-@njit(**_INNER)
+@njit(inline="always")  # one call site (_forward_worker): one compiled function fewer to optimize and emit
 def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, mode, recurrent_done, descending):
     """Block k's step t: its gate rows row0 .. row0 + B of `gates` hold the input projection
@@ -171,8 +171,9 @@ PROJECT_EACH_STEP = 2  # each block projects each step's rows just before it (in
 #                        the gate buffer holds one step, so no gates go through memory)
 
 
-def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, training,
-             mode, projection, parity, gates, rec, y, h_states, c_states):
+@njit(**_OPTS)
+def forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, training,
+            mode, projection, parity, gates, rec, y, h_states, c_states):
     """Whole-sequence forward, one block of hidden units per thread. Returns (h_n, c_n).
 
     x2: (T*B, I) input; w_ih_ops / w_hh_ops: each block's weight rows laid out as GEMM
@@ -185,43 +186,48 @@ def _forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, t
     written only when training.
     """
     num_blocks = bounds.shape[0] - 1
-    num_steps, batch = y.shape[0], y.shape[1]
     h_buffers = _hidden_buffers(h0)  # step s reads h from [s % 2], writes the other
     c = c0.copy()
-    sync = _new_sync(num_steps, num_blocks)
-    for w in prange(num_blocks):  # one worker per block, each running the whole time loop
-        _worker_started(sync)
-        for s in range(num_steps):
-            t = num_steps - 1 - s if reverse else s
-            h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
-            row0 = 0 if projection == PROJECT_EACH_STEP else t * batch  # this step's gate rows
-            descending = ((s + parity) & 1) == 1
-            # Packed, each step's input projected just before it: both products in one pass
-            # over the panels (zig-zag order).
-            fused = projection == PROJECT_EACH_STEP and mode == GEMM_PACKED
+    sync = _new_sync(y.shape[0], num_blocks)
+    _launch(_forward_worker, num_blocks, (x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds, training, mode,
+                                          projection, parity, gates, rec, y, h_states, c_states, h_buffers, c, sync))
+    return h_buffers[y.shape[0] % 2].copy(), c
+
+
+@njit(**_INNER)
+def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds, training, mode, projection, parity,
+                    gates, rec, y, h_states, c_states, h_buffers, c, sync):
+    """Worker w of forward: the whole time loop, running its own block each step (or another's)."""
+    num_blocks = bounds.shape[0] - 1
+    num_steps, batch = y.shape[0], y.shape[1]
+    _worker_started(sync)
+    for s in range(num_steps):
+        t = num_steps - 1 - s if reverse else s
+        h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
+        row0 = 0 if projection == PROJECT_EACH_STEP else t * batch  # this step's gate rows
+        descending = ((s + parity) & 1) == 1
+        # Packed, each step's input projected just before it: both products in one pass
+        # over the panels (zig-zag order).
+        fused = projection == PROJECT_EACH_STEP and mode == GEMM_PACKED
+        k = _claim_block(sync, s, w, num_blocks)
+        while k >= 0:
+            # A block's steps read only its own gate columns: it can project its input
+            # for all steps at the first step, or each step's just before it.
+            if fused:
+                _input_and_recurrent_block(k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops,
+                                           gates, descending)
+            elif projection == PROJECT_EACH_STEP:
+                _input_projection_block(k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode)
+            elif projection == PROJECT_AT_FIRST_STEP and s == 0:
+                _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
+            _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
+                                lengths, y, h_states, c_states, training, mode, fused, descending)
+            _block_done(sync, s, num_blocks)
             k = _claim_block(sync, s, w, num_blocks)
-            while k >= 0:
-                # A block's steps read only its own gate columns: it can project its input
-                # for all steps at the first step, or each step's just before it.
-                if fused:
-                    _input_and_recurrent_block(k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops,
-                                               gates, descending)
-                elif projection == PROJECT_EACH_STEP:
-                    _input_projection_block(k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode)
-                elif projection == PROJECT_AT_FIRST_STEP and s == 0:
-                    _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
-                _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
-                                    lengths, y, h_states, c_states, training, mode, fused, descending)
-                _block_done(sync, s, num_blocks)
-                k = _claim_block(sync, s, w, num_blocks)
-    return h_buffers[num_steps % 2].copy(), c
-
-
-forward_parallel, forward_serial = _parallel_and_serial(_forward)
 
 
 # -- backward ---------------------------------------------------------------------------
-@njit(**_INNER)
+@njit(inline="always")  # one call site (_backward_worker), as _forward_block_step
 def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
                          partial, partial_next, dc, d_gates, scratch, mode):
     batch, hidden = dc.shape
@@ -273,35 +279,40 @@ def _sum_carry(dh_pass, partial):
     return dh0
 
 
-def _backward_loop(gates, c_states, c0, w_hh_ops, dy, dh_n, dc_n, lengths, reverse, bounds,
-                   max_nu, mode, d_gates):
+@njit(**_OPTS)
+def backward_loop(gates, c_states, c0, w_hh_ops, dy, dh_n, dc_n, lengths, reverse, bounds, max_nu, mode, d_gates):
     """Backward through time, one block per thread; fills d_gates. Returns (dh0, dc0)."""
     num_blocks = bounds.shape[0] - 1
-    num_steps = dy.shape[0]
     dh_pass, dc, partials, scratch = _backward_loop_setup(dh_n, dc_n, num_blocks, max_nu)
-    sync = _new_sync(num_steps, num_blocks)
-    for w in prange(num_blocks):  # one worker per block, each running the whole time loop
-        _worker_started(sync)
-        for s in range(num_steps):
-            t = s if reverse else num_steps - 1 - s
-            t_prev = t + 1 if reverse else t - 1
-            if t_prev == num_steps:
-                t_prev = -1
-            # step s reads the blocks' dh_{t} shares from partials[s % 2], writes the other
+    sync = _new_sync(dy.shape[0], num_blocks)
+    _launch(_backward_worker, num_blocks, (gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bounds, mode, d_gates,
+                                           dh_pass, dc, partials, scratch, sync))
+    return _sum_carry(dh_pass, partials[dy.shape[0] % 2]), dc
+
+
+@njit(**_INNER)
+def _backward_worker(w, gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bounds, mode, d_gates, dh_pass, dc,
+                     partials, scratch, sync):
+    """Worker w of backward_loop: the whole time loop, running its own block each step (or another's)."""
+    num_blocks = bounds.shape[0] - 1
+    num_steps = dy.shape[0]
+    _worker_started(sync)
+    for s in range(num_steps):
+        t = s if reverse else num_steps - 1 - s
+        t_prev = t + 1 if reverse else t - 1
+        if t_prev == num_steps:
+            t_prev = -1
+        # step s reads the blocks' dh_{t} shares from partials[s % 2], writes the other
+        k = _claim_block(sync, s, w, num_blocks)
+        while k >= 0:
+            _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
+                                 partials[s & 1], partials[(s + 1) & 1], dc, d_gates, scratch, mode)
+            _block_done(sync, s, num_blocks)
             k = _claim_block(sync, s, w, num_blocks)
-            while k >= 0:
-                _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
-                                     partials[s & 1], partials[(s + 1) & 1], dc, d_gates, scratch, mode)
-                _block_done(sync, s, num_blocks)
-                k = _claim_block(sync, s, w, num_blocks)
-    return _sum_carry(dh_pass, partials[num_steps % 2]), dc
-
-
-backward_loop_parallel, backward_loop_serial = _parallel_and_serial(_backward_loop)
 
 
 # -- weight gradients -------------------------------------------------------------------
-@njit(inline="always")  # see gradients
+@njit(inline="always")  # see _gradients_worker
 def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p):
     """Block k's rows of dW_ih, dW_hh and dbias: GEMMs over all T*B rows, column sums."""
     rows = x2.shape[0]
@@ -318,7 +329,7 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, d
         _add(d_k[r], acc)
 
 
-@njit(inline="always")  # see gradients
+@njit(inline="always")  # see _gradients_worker
 def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
     """Rows of dx (T*B, I) for part p: sum over blocks of d_gates[block] @ W_ih_p[block rows]."""
     rows = dx2.shape[0]
@@ -333,16 +344,18 @@ def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
         _gemm_tall(d_k[r0:r1], False, w_ih_p[4 * u0 : 4 * u0 + 4 * nu], dx2[r0:r1], k > 0, packed)
 
 
-# gradients' callees are inlined into its parallel loop: Numba links each compiled callee
-# into its caller's code and optimizes and emits it again there, at every level (callee,
-# the loop's body, its wrapper, the kernel); inlined, the cold compile of a first training
-# step took ~10 % less CPU time.
-@njit(parallel=_only_prange(), **_OPTS)
+@njit(**_OPTS)
 def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
     """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
+    _launch(_gradients_worker, bounds.shape[0] - 1,
+            (d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2))
+
+
+# The worker's callees are inlined: one compiled function fewer to optimize and emit.
+@njit(**_INNER)
+def _gradients_worker(k, d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
+    """Thread k of gradients: block k's weight rows, then part k of dx's rows."""
     num_blocks = bounds.shape[0] - 1
     packed = mode == GEMM_PACKED
-    for p in prange(num_blocks):  # thread k: block k's weight rows, then part k of dx's rows
-        k = np.int64(p)  # one signature for the callees (the parallel loop's index may be unsigned)
-        _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p)
-        _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, packed, dx2)
+    _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p)
+    _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, packed, dx2)

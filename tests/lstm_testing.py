@@ -114,6 +114,16 @@ def forward_backward(layer, x, state, lengths, dy, dstate) -> dict:
     return {k: np.array(layer._storage.to_host(v), copy=True) for k, v in out.items()}
 
 
+def run_workers_in_turn(monkeypatch) -> None:
+    """From now on in the test, the numba backend's kernels run their workers one after another
+    on one thread (Numba's thread count held at 1, the plans keep their blocks), as a threading
+    layer may (TBB under nested parallelism)."""
+    import numba
+
+    set_num_threads = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: set_num_threads(1))
+
+
 def assert_layers_agree(layer, reference, problem, rtol: float, what: str = "", floor: float = 1e-30) -> None:
     """One forward + backward of `problem` (x, state, lengths, dy, dstate) on both layers:
     outputs, final states and every gradient of `layer` against `reference`'s (errors

@@ -364,8 +364,7 @@ def test_read_only_inputs_compile_nothing_new():
     writable arrays (the kernels are typed by writability: another would compile for seconds)."""
     from fastlstm.kernels import numba_gru, numba_lstm
 
-    kernels = [numba_lstm.forward_serial, numba_lstm.backward_loop_serial, numba_gru.forward_serial,
-               numba_gru.backward_loop_serial]
+    kernels = [numba_lstm.forward, numba_lstm.backward_loop, numba_gru.forward, numba_gru.backward_loop]
 
     def calls(read_only):
         for cell in CELLS:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,8 +23,9 @@ import threadpoolctl  # noqa: E402
 from fastlstm.backends import numba_backend  # noqa: E402
 from fastlstm.kernels import numba_common as common  # noqa: E402
 from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
-from lstm_testing import assert_close, assert_layers_agree, forward_backward  # noqa: E402
+from lstm_testing import assert_close, assert_layers_agree, forward_backward, run_workers_in_turn  # noqa: E402
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
 PARITY = {"float32": 1e-5, "float64": 1e-9}
 # Drawn problems (hypothesis) reach corners that fixed ones do not, one hidden unit through
 # several layers, say, where the float32 kernels' tanh approximation (3.7e-7 absolute,
@@ -137,14 +144,13 @@ def test_inference_matches_numpy_with_each_input_projection(projection, dtype, m
     if projection == "PROJECTED_BY_CALLER":
         monkeypatch.setattr(numba_backend, "_NUMPY_PROJECTION_MIN_WORK", 0)
     seen = []
-    for name in ("forward_parallel", "forward_serial"):
-        original = getattr(kernels, name)
+    original = kernels.forward
 
-        def spy(*args, original=original):
-            seen.append(args[11])  # the projection argument
-            return original(*args)
+    def spy(*args):
+        seen.append(args[11])  # the projection argument
+        return original(*args)
 
-        monkeypatch.setattr(kernels, name, spy)
+    monkeypatch.setattr(kernels, "forward", spy)
     numba_layer, numpy_layer = layer_pair(dtype, input_size=32, hidden_size=64, bidirectional=True)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((9, batch, 32))
@@ -197,9 +203,8 @@ def test_parallel_and_serial_paths_agree(monkeypatch):
 def test_workers_run_one_after_another_do_not_deadlock(monkeypatch):
     """The parallel kernels' workers meet at a barrier after every step. A threading layer
     may run them one after another (TBB under nested parallelism does): the first worker
-    must then run the missing worker's blocks itself. The kernels compiled without threads
-    run their workers in exactly that order; the results must be bit-identical to the
-    threaded run. A deadlock ends the process (faulthandler) instead of hanging CI."""
+    must then run the missing worker's blocks itself. On one thread the workers run in
+    exactly that order; the results must be bit-identical to the threaded run. A deadlock ends the process (faulthandler) instead of hanging CI."""
     import faulthandler
 
     if fastlstm.threads.available_cores() < 2:
@@ -216,8 +221,7 @@ def test_workers_run_one_after_another_do_not_deadlock(monkeypatch):
         return forward_backward(lstm, x, None, lengths, dy, None)
 
     threaded = run()
-    monkeypatch.setattr(kernels, "forward_parallel", kernels.forward_serial)
-    monkeypatch.setattr(kernels, "backward_loop_parallel", kernels.backward_loop_serial)
+    run_workers_in_turn(monkeypatch)
     faulthandler.dump_traceback_later(300, exit=True)
     try:
         in_turn = run()
@@ -248,7 +252,7 @@ def _record_blas_threads(monkeypatch, module, *names) -> list:
 
 def test_blas_runs_single_threaded_inside_the_kernels_and_is_restored(monkeypatch):
     """No oversubscription: Numba's threads each call BLAS, so BLAS must use one thread then."""
-    seen = _record_blas_threads(monkeypatch, kernels, "forward_parallel", "forward_serial")
+    seen = _record_blas_threads(monkeypatch, kernels, "forward")
     before = _blas_threads()
     lstm = fastlstm.LSTM(8, 64, backend="numba", dtype="float64")  # float64: per-step GEMMs through BLAS
     assert lstm._current_backend()._plan(32, 64, np.float64).mode == common.GEMM_BLAS
@@ -308,6 +312,79 @@ def test_views_without_references_are_the_slices_they_replace():
     operand = np.arange(3 * common.PANEL * 5, dtype=np.float32)
     np.testing.assert_array_equal(panels(operand, 5, 3 * common.PANEL),
                                   operand.reshape(3, 5, common.PANEL))
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """A kernel that launches `count` workers through numba_common._launch, each recording the
+    Numba thread it ran on (compiled once for the module)."""
+    import numba
+    from numba import njit
+
+    @njit
+    def record(w, threads, runs):
+        threads[w] = numba.get_thread_id()
+        runs[w] += 1
+
+    @njit
+    def launch(count, threads, runs):
+        common._launch(record, count, (threads, runs))
+
+    def run(count, num_threads):
+        threads, runs = np.full(count, -1, np.int64), np.zeros(count, np.int64)
+        before = numba.get_num_threads()
+        numba.set_num_threads(num_threads)
+        try:
+            launch(count, threads, runs)
+        finally:
+            numba.set_num_threads(before)
+        return threads, runs
+
+    return run
+
+
+def test_launch_runs_each_worker_once_on_numbas_threads(launched):
+    """_launch(worker, count, args): every worker index exactly once, on at most Numba's thread
+    count of threads at once; count 1 on the calling thread."""
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores")
+    threads, runs = launched(2, 2)
+    assert runs.tolist() == [1, 1] and sorted(threads.tolist()) == [0, 1]  # two workers, two threads
+    threads, runs = launched(5, 2)
+    assert runs.tolist() == [1] * 5 and set(threads.tolist()) <= {0, 1}
+    threads, runs = launched(3, 1)  # one thread: the workers one after another
+    assert runs.tolist() == [1] * 3 and threads.tolist() == [0, 0, 0]
+    threads, runs = launched(1, 2)
+    assert runs.tolist() == [1] and threads.tolist() == [0]
+
+
+def test_a_launching_kernel_loads_from_the_cache_in_a_new_process(tmp_path):
+    """A kernel that calls the threading layer (_launch) and is loaded from Numba's cache
+    in a fresh process, before anything has started the threading layer there, links and
+    runs (the load starts the layer first, as Numba does for prange kernels)."""
+    module = tmp_path / "launching.py"
+    module.write_text(textwrap.dedent("""
+        import numpy as np
+        from numba import njit
+        from fastlstm.kernels import numba_common as common
+
+        @njit
+        def record(w, runs):
+            runs[w] += 1
+
+        @njit(cache=True)
+        def launch(count, runs):
+            common._launch(record, count, (runs,))
+
+        runs = np.zeros(1, np.int64)
+        launch(1, runs)  # one worker: the kernel starts no thread
+        print(runs[0], launch.stats.cache_hits.most_common(1)[0][1] if launch.stats.cache_hits else 0)
+    """))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    outputs = [subprocess.run([sys.executable, str(module)], capture_output=True, text=True, env=env, timeout=300)
+               for _ in range(2)]
+    assert [out.returncode for out in outputs] == [0, 0], outputs[1].stderr[-2000:]
+    assert [out.stdout.split() for out in outputs] == [["1", "0"], ["1", "1"]]  # compiled, then loaded
 
 
 def test_thread_count_controls_the_plan():

@@ -19,7 +19,7 @@ if not fastlstm.available_backends()["numba"].available:
 
 from fastlstm.kernels import numba_common as common  # noqa: E402
 from fastlstm.kernels import numba_gru, numba_lstm  # noqa: E402
-from lstm_testing import assert_close, assert_layers_agree, forward_backward  # noqa: E402
+from lstm_testing import assert_close, assert_layers_agree, forward_backward, run_workers_in_turn  # noqa: E402
 
 PARITY = {"float32": 1e-5, "float64": 1e-9}
 # Drawn problems (hypothesis) reach corners that fixed ones do not, one hidden unit through
@@ -115,8 +115,7 @@ def test_every_plan_matches_numpy_threaded_and_in_turn(batch, hidden, dtype, mod
         assert_layers_agree(layer, reference, args, PARITY[dtype])
         layer.zero_grad()
         threaded = forward_backward(layer, *args)
-        monkeypatch.setattr(numba_gru, "forward_parallel", numba_gru.forward_serial)
-        monkeypatch.setattr(numba_gru, "backward_loop_parallel", numba_gru.backward_loop_serial)
+        run_workers_in_turn(monkeypatch)
         layer.zero_grad()
         in_turn = forward_backward(layer, *args)
     finally:

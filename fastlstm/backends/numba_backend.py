@@ -212,18 +212,18 @@ class NumbaBackend(ReferenceBackend):
             del self._plans[next(iter(self._plans))]
         return plan
 
-    def _run(self, plan: _Plan, parallel_kernel, serial_kernel, *args, calls_blas=None):
-        """Run a kernel with Numba's thread count set. Where it calls BLAS from its threads
-        (calls_blas; default: unless the packed kernel does every GEMM), BLAS runs on one."""
+    def _run(self, plan: _Plan, kernel, *args, calls_blas=None):
+        """Run a kernel (one worker per block of the plan) with Numba's thread count set. Where
+        it calls BLAS from its threads (calls_blas; default: unless the packed kernel does every
+        GEMM), BLAS runs on one."""
         if calls_blas is None:
             calls_blas = plan.mode != common.GEMM_PACKED
         if not calls_blas and not plan.parallel:  # one thread, no BLAS: runs beside other threads' calls
-            return serial_kernel(*args)
+            return kernel(*args)
         with _MULTICORE, self._blas.limit(limits=1, user_api="blas") if calls_blas else contextlib.nullcontext():
             if plan.parallel:
                 numba.set_num_threads(plan.num_blocks)
-                return parallel_kernel(*args)
-            return serial_kernel(*args)
+            return kernel(*args)
 
     @contextlib.contextmanager
     def _numpy_blas(self):
@@ -323,7 +323,7 @@ class NumbaBackend(ReferenceBackend):
         else:
             w_ih_ops = self._forward_operand(plan, w_ih, 4, keep=True)
         h_n, c_n = self._run(
-            plan, kernels.forward_parallel, kernels.forward_serial,
+            plan, kernels.forward,
             x2, w_ih_ops, w_hh_ops, bias_p, np.ascontiguousarray(h0), np.ascontiguousarray(c0),
             step_lengths, reverse, plan.bounds, training, plan.mode, projection, 0, gates, rec, y,
             h_states, c_states,
@@ -344,7 +344,7 @@ class NumbaBackend(ReferenceBackend):
         d_gates = take(saved.gates.shape, dtype)
         w_hh_ops = self._operands(plan, saved.w_hh_p, rows_are_inputs=True, scratch=True)
         dh0, dc0 = self._run(
-            plan, kernels.backward_loop_parallel, kernels.backward_loop_serial,
+            plan, kernels.backward_loop,
             saved.gates, saved.c_states, np.ascontiguousarray(saved.c0), w_hh_ops, dy,
             np.ascontiguousarray(dh_n), np.ascontiguousarray(dc_n), saved.lengths, saved.reverse,
             plan.bounds, plan.max_units, plan.mode, d_gates,
@@ -363,7 +363,7 @@ class NumbaBackend(ReferenceBackend):
         dx2 = np.empty((rows, input_size), dtype)
         mode = _gradients_mode(plan, rows, hidden)
         self._run(
-            plan, kernels.gradients, kernels.gradients,  # parallel plan: the serial kernel is never run
+            plan, kernels.gradients,
             d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
             plan.bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2, calls_blas=_gradients_call_blas(mode, input_size),
         )
@@ -419,7 +419,7 @@ class NumbaBackend(ReferenceBackend):
         else:
             h_states = hidden_n = np.empty((1, 1, 1), dtype)
         h_n = self._run(
-            plan, gru_kernels.forward_parallel, gru_kernels.forward_serial,
+            plan, gru_kernels.forward,
             x2, w_ih_ops, plan.parallel, gates, w_ops, w_ops_n, np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh),
             np.ascontiguousarray(h0),
             step_lengths, reverse, plan.bounds, reset_after, training, plan.mode, rec, y, h_states, hidden_n,
@@ -446,7 +446,7 @@ class NumbaBackend(ReferenceBackend):
         w_ops, w_ops_n = self._gru_operands(plan, saved.w_hh, saved.reset_after, rows_are_inputs=True)
         scratch += [w_ops] if saved.reset_after else [w_ops, w_ops_n]
         dh0 = self._run(
-            plan, gru_kernels.backward_loop_parallel, gru_kernels.backward_loop_serial,
+            plan, gru_kernels.backward_loop,
             saved.gates, saved.h_states, np.ascontiguousarray(saved.h0), saved.hidden_n, w_ops, w_ops_n,
             np.ascontiguousarray(dy), np.ascontiguousarray(dh_n), saved.lengths, saved.reverse, plan.bounds,
             saved.reset_after, plan.max_units, plan.mode, d_in, d_hidden_n if saved.reset_after else d_in,
@@ -459,7 +459,7 @@ class NumbaBackend(ReferenceBackend):
         db_ih, db_hh = np.empty(3 * hidden, dy.dtype), np.empty(3 * hidden, dy.dtype)
         if plan.parallel:
             self._run(
-                plan, gru_kernels.gradients, gru_kernels.gradients,  # parallel plan: never the serial kernel
+                plan, gru_kernels.gradients,
                 d_in, d_hidden_n if saved.reset_after else np.empty((1, 1), dy.dtype), saved.x2, saved.h_states,
                 np.ascontiguousarray(saved.h0), saved.hidden_n, np.ascontiguousarray(saved.w_ih), saved.reverse,
                 saved.reset_after, plan.bounds, plan.mode, dw_ih, dw_hh, db_ih, db_hh, dx2,
@@ -498,7 +498,7 @@ class NumbaBackend(ReferenceBackend):
             gates = np.empty((plan.num_blocks, batch * 4 * plan.max_units), dtype)
             rec = np.empty_like(gates)
             return self._run(
-                plan, kernels.forward_parallel, kernels.forward_serial,
+                plan, kernels.forward,
                 x2, w_ih_ops, w_hh_ops, bias_p, *states, lengths, False, plan.bounds, False, plan.mode,
                 kernels.PROJECT_EACH_STEP, parity, gates, rec, y, unused, unused,
                 calls_blas=plan.mode == common.GEMM_BLAS,  # batch 1 unpacked: the batch-1 kernel only
@@ -520,7 +520,7 @@ class NumbaBackend(ReferenceBackend):
             gates = np.empty((x2.shape[0], 3 * hidden), dtype)
             rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
             h_n = self._run(
-                plan, gru_kernels.forward_parallel, gru_kernels.forward_serial,
+                plan, gru_kernels.forward,
                 x2, w_ih_ops, True, gates, w_ops, w_ops_n, b_ih, b_hh, states[0], lengths, False, plan.bounds,
                 reset_after, False, plan.mode, rec, y, unused, unused,
             )
@@ -594,9 +594,8 @@ def cache_status() -> str:
     kernel not there compiles on its first call (seconds each). Reads Numba's cache index
     through its internals: "unknown" where they differ."""
     entry_kernels = [
-        kernels.forward_parallel, kernels.forward_serial, kernels.backward_loop_parallel,
-        kernels.backward_loop_serial, kernels.gradients, gru_kernels.forward_parallel, gru_kernels.forward_serial,
-        gru_kernels.backward_loop_parallel, gru_kernels.backward_loop_serial, gru_kernels.gradients,
+        kernels.forward, kernels.backward_loop, kernels.gradients, gru_kernels.forward, gru_kernels.backward_loop,
+        gru_kernels.gradients,
         common.pack_operands, common.same_bits,
     ]
     try:
@@ -622,7 +621,7 @@ def _numba_threads() -> int:
 
 # GNU OpenMP cannot run in a child forked after it started (Numba's omp layer aborts the
 # child: "fork() called from a process already using GNU OpenMP"): such a child runs every
-# kernel on its own thread (the serial kernels call no OpenMP). The other layers (tbb,
+# kernel on its own thread (one worker calls no OpenMP). The other layers (tbb,
 # workqueue) keep their threads across fork.
 _openmp_unusable_after_fork = False
 
