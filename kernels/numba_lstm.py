@@ -50,7 +50,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "69c9f8c6bfa0d8ed"
+COMMON_SOURCE_DIGEST = "79058aa9fa6f6fe3"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
