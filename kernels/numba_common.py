@@ -259,6 +259,24 @@ def _worker_started(sync):
     _atomic_add(sync.ctypes.data, 1)
 
 
+@njit(inline="always")
+def _backward_times(s, num_steps, reverse):
+    """Backward step s's time t, and t_prev: the time whose state step t started from
+    (-1: the initial state)."""
+    t = s if reverse else num_steps - 1 - s
+    t_prev = t + 1 if reverse else t - 1
+    return t, -1 if t_prev == num_steps else t_prev
+
+
+@njit(inline="always")
+def _sum_carry(dh_pass, partial):
+    """dh0 after a backward loop: the carry passed through plus every block's share (partial[k])."""
+    dh0 = dh_pass.copy()
+    for kk in range(partial.shape[0]):
+        dh0 += partial[kk]
+    return dh0
+
+
 # -- running a kernel's workers on threads ------------------------------------------------
 def _start_threading_layer():
     """Numba's threading layer, started (once), which makes its `numba_parallel_for` and

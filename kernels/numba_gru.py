@@ -41,6 +41,7 @@ from .numba_common import (
     GEMM_PACKED,
     PANEL,
     _add,
+    _backward_times,
     _block_done,
     _block_view,
     _claim_block,
@@ -53,6 +54,7 @@ from .numba_common import (
     _launch,
     _new_sync,
     _panels,
+    _sum_carry,
     _times_previous_states,
     _worker_started,
     sigmoid,
@@ -60,7 +62,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "79058aa9fa6f6fe3"
+COMMON_SOURCE_DIGEST = "e8ef55622dd8bb61"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -340,10 +342,7 @@ def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengt
     _launch(_backward_worker, num_blocks, (gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse,
                                            bounds, reset_after, mode, d_in, d_hidden_n, dh_pass, partials,
                                            partial_reset, dh_t, d_rec, scratch, sync))
-    dh0 = dh_pass.copy()
-    for kk in range(num_blocks):
-        dh0 += partials[num_steps % 2, kk]
-    return dh0
+    return _sum_carry(dh_pass, partials[num_steps % 2])
 
 
 @njit(**_INNER)
@@ -355,10 +354,7 @@ def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengt
     phases = 1 if reset_after else 2
     _worker_started(sync)
     for s in range(num_steps):
-        t = s if reverse else num_steps - 1 - s
-        t_prev = t + 1 if reverse else t - 1
-        if t_prev == num_steps:
-            t_prev = -1
+        t, t_prev = _backward_times(s, num_steps, reverse)
         for phase in range(phases):
             p = s * phases + phase
             k = _claim_block(sync, p, w, num_blocks)

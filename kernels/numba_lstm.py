@@ -28,6 +28,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     GEMM_SMALL,
     PANEL,
     _add,
+    _backward_times,
     _block_done,
     _block_view,
     _claim_block,
@@ -42,6 +43,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     _launch,
     _new_sync,
     _panels,
+    _sum_carry,
     _times_previous_states,
     _units,
     _worker_started,
@@ -50,7 +52,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "79058aa9fa6f6fe3"
+COMMON_SOURCE_DIGEST = "e8ef55622dd8bb61"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -271,14 +273,6 @@ def _backward_loop_setup(dh_n, dc_n, num_blocks, max_nu):
     return dh_pass, dc, partials, scratch
 
 
-@njit(inline="always")
-def _sum_carry(dh_pass, partial):
-    dh0 = dh_pass.copy()
-    for kk in range(partial.shape[0]):
-        dh0 += partial[kk]
-    return dh0
-
-
 @njit(**_OPTS)
 def backward_loop(gates, c_states, c0, w_hh_ops, dy, dh_n, dc_n, lengths, reverse, bounds, max_nu, mode, d_gates):
     """Backward through time, one block per thread; fills d_gates. Returns (dh0, dc0)."""
@@ -298,10 +292,7 @@ def _backward_worker(w, gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bou
     num_steps = dy.shape[0]
     _worker_started(sync)
     for s in range(num_steps):
-        t = s if reverse else num_steps - 1 - s
-        t_prev = t + 1 if reverse else t - 1
-        if t_prev == num_steps:
-            t_prev = -1
+        t, t_prev = _backward_times(s, num_steps, reverse)
         # step s reads the blocks' dh_{t} shares from partials[s % 2], writes the other
         k = _claim_block(sync, s, w, num_blocks)
         while k >= 0:
