@@ -30,7 +30,9 @@ before every division, which stops the loops from vectorizing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import math
 import pathlib
 
@@ -42,10 +44,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
+# Every compiled function is cached on its own. A kernel calls another compiled function
+# (one not inlined) only through _call or _launch, by its symbol: each function's code is
+# optimized and emitted once, not once more in every caller that links it in (see _call).
 _OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
-# Functions that only kernels call are not cached on their own: a cached kernel holds their
-# code, and caching them too would emit their machine code once more (compile time).
-_INNER = dict(error_model="numpy", fastmath={"contract"})
 
 
 # -- activations ----------------------------------------------------------------------
@@ -108,19 +110,6 @@ def _sigmoid_overload(x):
         return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
 
     return exact
-
-
-@njit(**_OPTS)
-def apply_tanh(values, out):
-    """Elementwise tanh as the kernels compute it (for tests of accuracy)."""
-    for n in range(values.shape[0]):
-        out[n] = tanh(values[n])
-
-
-@njit(**_OPTS)
-def apply_sigmoid(values, out):
-    for n in range(values.shape[0]):
-        out[n] = sigmoid(values[n])
 
 
 # -- blocking -------------------------------------------------------------------------
@@ -287,47 +276,112 @@ def _start_threading_layer():
     _launch_threads()
 
 
+def _compile_separately(typingctx, function, arg_types):
+    """The signature of `function` (a Numba dispatcher that returns None) compiled for
+    arg_types, literal types taken as their plain types (one compiled body for a call with
+    `True` and one with a variable); None where it does not type or returns something."""
+    if not isinstance(function, types.Dispatcher):
+        return None
+    signature = typingctx.resolve_function_type(function, tuple(types.unliteral(t) for t in arg_types), {})
+    if signature is None or signature.return_type != types.none:
+        return None
+    return signature
+
+
+def _declare_separately_compiled(context, builder, function, signature):
+    """Declare `function`'s code compiled for `signature` in the module being built, to be
+    called by its symbol; and, for a load from Numba's cache, a step that defines that symbol
+    first (_define_symbol)."""
+    dispatcher = function.dispatcher
+    compiled = dispatcher.overloads[signature.args]
+    define = functools.partial(_define_symbol, dispatcher.py_func.__module__, dispatcher.py_func.__qualname__,
+                               signature.args, compiled.fndesc.mangled_name)
+    context.active_code_library._reload_init.add(define)
+    return context.declare_function(builder.module, compiled.fndesc)
+
+
+def _define_symbol(module, qualname, arg_types, symbol):
+    """Before a caller is loaded from Numba's cache: compile (or load from the cache) the
+    function it calls, and make `symbol`, the name the caller was compiled against, resolve
+    to that code (a function compiled in another process has another unique name)."""
+    dispatcher = getattr(importlib.import_module(module), qualname)
+    dispatcher.compile(arg_types)
+    compiled = dispatcher.overloads[arg_types]
+    llvm_binding.add_symbol(symbol, compiled.library.get_pointer_to_function(compiled.fndesc.mangled_name))
+
+
+def _call_values(context, builder, args, args_value, signature):
+    """The args tuple's items cast to the separately compiled function's argument types."""
+    values = cgutils.unpack_tuple(builder, args_value, len(args))
+    return [context.cast(builder, v, t, to) for v, t, to in zip(values, args, signature.args[-len(args):])]
+
+
+def _return_on_error(context, builder, status):
+    with cgutils.if_unlikely(builder, status.is_error):
+        context.call_conv.return_status_propagate(builder, status)
+
+
+@intrinsic
+def _call(typingctx, function, args):
+    """function(*args) (args a tuple; function a Numba dispatcher that returns None) through
+    its own compiled code, called by its symbol. An exception in it passes on.
+
+    Why not a plain call: Numba links the callee's compiled module into its caller's, which
+    optimizes and emits all of it again, and a function called from a worker called from a
+    kernel was emitted three times (each time 0.2-1.6 s of LLVM on a cold cache). Here every
+    function is compiled, cached and emitted once, and a caller holds only a call."""
+    if not isinstance(args, types.BaseTuple):
+        return None
+    signature = _compile_separately(typingctx, function, args.types)
+    if signature is None:
+        return None
+
+    def codegen(context, builder, call_signature, llargs):
+        callee = _declare_separately_compiled(context, builder, function, signature)
+        values = _call_values(context, builder, args, llargs[1], signature)
+        status, _ = context.call_conv.call_function(builder, callee, types.none, signature.args, values)
+        _return_on_error(context, builder, status)
+        return context.get_dummy_value()
+
+    return types.none(function, args), codegen
+
+
 @intrinsic
 def _launch(typingctx, worker, count, args):
     """worker(w, *args) for w in range(count) (args a tuple): on the threads of Numba's
     threading layer, at most Numba's thread count (numba.set_num_threads) at once, without
-    the GIL, as a prange loop would; on the calling thread when count == 1.
+    the GIL, as a prange loop would; on the calling thread when count == 1. The worker is
+    called by its symbol, as _call calls.
 
     Why not prange: Numba compiles a prange loop's body as a function, then two wrappers
     around it, then the kernel, and each level links the one below and optimizes and emits
     all its code again (a time loop's step function five times). Here the worker is compiled
-    once and linked once into the kernel that launches it, and one compiled kernel serves the
-    one-block plan too: a third less cold compile (bench/results/2026-12-02-cpu-compile-launch.md).
+    once, and one compiled kernel serves the one-block plan too: a third less cold compile
+    (bench/results/2026-12-02-cpu-compile-launch.md).
     """
-    if not (isinstance(worker, types.Dispatcher) and isinstance(count, types.Integer)
-            and isinstance(args, types.BaseTuple)):
+    if not (isinstance(count, types.Integer) and isinstance(args, types.BaseTuple)):
         return None
     _start_threading_layer()
-    worker_sig = typingctx.resolve_function_type(worker, (types.int64, *args.types), {})
-    if worker_sig is None or worker_sig.return_type != types.none:
+    signature = _compile_separately(typingctx, worker, (types.int64, *args.types))
+    if signature is None:
         return None
 
-    def codegen(context, builder, signature, llargs):
+    def codegen(context, builder, launch_signature, llargs):
         _, count_value, args_value = llargs
-        compiled = worker.dispatcher.overloads[worker_sig.args]
-        library = context.active_code_library
-        library.add_linking_library(compiled.library)
-        library._reload_init.add(_start_threading_layer)  # what Numba does for a prange kernel
-        worker_fn = context.declare_function(builder.module, compiled.fndesc)
+        context.active_code_library._reload_init.add(_start_threading_layer)  # what Numba does for a prange kernel
+        worker_fn = _declare_separately_compiled(context, builder, worker, signature)
 
         def call_worker(at, w, values):
-            return context.call_conv.call_function(at, worker_fn, types.none, worker_sig.args, [w, *values])[0]
+            return context.call_conv.call_function(at, worker_fn, types.none, signature.args, [w, *values])[0]
 
         i64 = ir.IntType(64)
-        n = context.cast(builder, count_value, signature.args[1], types.int64)
+        n = context.cast(builder, count_value, launch_signature.args[1], types.int64)
         with builder.if_else(builder.icmp_signed("==", n, ir.Constant(i64, 1))) as (alone, on_threads):
             with alone:  # an exception (MemoryError) passes on; on threads, as in a prange loop, it cannot
-                values = _without_references(context, builder, args, args_value)
-                status = call_worker(builder, ir.Constant(i64, 0), values)
-                with cgutils.if_unlikely(builder, status.is_error):
-                    context.call_conv.return_status_propagate(builder, status)
+                values = _without_references(context, builder, args, args_value, signature)
+                _return_on_error(context, builder, call_worker(builder, ir.Constant(i64, 0), values))
             with on_threads:
-                run_range = _worker_range_function(context, builder.module, compiled.fndesc.mangled_name, args,
+                run_range = _worker_range_function(context, builder.module, worker_fn.name, args, signature,
                                                    call_worker)
                 data = cgutils.alloca_once_value(builder, args_value)
                 _parallel_for(context, builder, run_range, n, data)
@@ -336,12 +390,12 @@ def _launch(typingctx, worker, count, args):
     return types.void(worker, count, args), codegen
 
 
-def _worker_range_function(context, module, worker_name, args, call_worker):
+def _worker_range_function(context, module, worker_name, args, signature, call_worker):
     """The function the threading layer calls on its threads, with gufunc arguments:
     void f(char **first, intp *counts, intp *steps, void *data) runs worker(w, *args) for
     w = first[0] .. first[0] + counts[0] - 1. Worker indices travel as addresses (array 0
     at address 0, step 1); data points to the args tuple."""
-    name = f"{worker_name}.range"
+    name = f"worker_range.{worker_name}"
     if name in module.globals:
         return module.globals[name]
     i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
@@ -352,21 +406,21 @@ def _worker_range_function(context, module, worker_name, args, call_worker):
     first, counts, _, data = function.args
     start = builder.ptrtoint(builder.load(first), i64)
     args_value = builder.load(builder.bitcast(data, context.get_value_type(args).as_pointer()))
-    values = _without_references(context, builder, args, args_value)
+    values = _without_references(context, builder, args, args_value, signature)
     with cgutils.for_range(builder, builder.load(counts)) as loop:
         call_worker(builder, builder.add(start, loop.index), values)
     builder.ret_void()
     return function
 
 
-def _without_references(context, builder, args, args_value):
+def _without_references(context, builder, args, args_value, signature):
     """The args tuple's items, its arrays as references-free views (no meminfo, as a prange
     loop's body gets them, and as _view makes): otherwise each view a worker takes of an
     argument (a step's rows of x, h_buffers[s & 1]) adds to and subtracts from the array's
     reference count, an atomic write to a cache line that every worker's thread writes too
     (stream-1 inference measured ~10 % slower). The launching kernel holds the references."""
-    values = cgutils.unpack_tuple(builder, args_value, len(args))
-    for i, item in enumerate(args):
+    values = _call_values(context, builder, args, args_value, signature)
+    for i, item in enumerate(signature.args[1:]):
         if isinstance(item, types.Array):
             array = context.make_array(item)(context, builder, values[i])
             array.meminfo = cgutils.get_null_value(array.meminfo.type)
@@ -608,7 +662,7 @@ def _panels(operand, inner, cols):
     return _view(operand, 0, (cols // PANEL, inner, PANEL))
 
 
-@njit(**_INNER)  # not inlined: one compiled body per kernel instead of one per call site (compile time)
+@njit(**_OPTS)  # not inlined (_call): one compiled body for all call sites (compile time)
 def _gemm(a, operand, inner, cols, out, mode):
     """out (M, cols) = a (M, inner) @ W, W the flat block operand laid out for `mode`."""
     if mode == GEMM_PACKED:
@@ -831,7 +885,7 @@ def _hidden_buffers(h0):
 
 
 # -- tall GEMMs after the time loop ------------------------------------------------------
-@njit(**_INNER)  # not inlined: its call sites share one compiled body (compile time)
+@njit(**_OPTS)  # not inlined (_call): its call sites share one compiled body (compile time)
 def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
     """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the
     operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS."""
@@ -856,13 +910,13 @@ def _times_previous_states(d, h_states, h0, reverse, out, packed):
     rows = num_steps * batch
     h2 = h_states.reshape((rows, hidden))
     if reverse:  # the first step is the last time step; it started from h0
-        _gemm_tall(d[rows - batch :], True, h0, out, False, packed)
+        _call(_gemm_tall, (d[rows - batch :], True, h0, out, False, packed))
         if rows > batch:
-            _gemm_tall(d[: rows - batch], True, h2[batch:], out, True, packed)
+            _call(_gemm_tall, (d[: rows - batch], True, h2[batch:], out, True, packed))
     else:
-        _gemm_tall(d[:batch], True, h0, out, False, packed)
+        _call(_gemm_tall, (d[:batch], True, h0, out, False, packed))
         if rows > batch:
-            _gemm_tall(d[batch:], True, h2[: rows - batch], out, True, packed)
+            _call(_gemm_tall, (d[batch:], True, h2[: rows - batch], out, True, packed))
 
 
 def source_digest() -> str:

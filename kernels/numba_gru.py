@@ -36,7 +36,6 @@ from numba import njit
 
 from .numba_common import (
     _ONE,
-    _INNER,
     _OPTS,
     GEMM_PACKED,
     PANEL,
@@ -44,6 +43,7 @@ from .numba_common import (
     _backward_times,
     _block_done,
     _block_view,
+    _call,
     _claim_block,
     _copy,
     _fill,
@@ -62,7 +62,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "e8ef55622dd8bb61"
+COMMON_SOURCE_DIGEST = "5799b1d1ff389f7f"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -140,13 +140,13 @@ def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n
     b_hr, b_hz, b_hn = _unit_views(b_hh, hidden, u0, nu)
     if reset_after:
         rec_k = _block_view(rec, k, batch, 3 * nu)
-        _gemm(h, w_ops[k], hidden, 3 * nu, rec_k, mode)
+        _call(_gemm, (h, w_ops[k], hidden, 3 * nu, rec_k, mode))
     elif phase == 0:
         rec_k = _block_view(rec, k, batch, 2 * nu)
-        _gemm(h, w_ops[k], hidden, 2 * nu, rec_k, mode)
+        _call(_gemm, (h, w_ops[k], hidden, 2 * nu, rec_k, mode))
     else:
         rec_k = rec[k, batch * 2 * nu : batch * 3 * nu].reshape((batch, nu))
-        _gemm(reset_h, w_ops_n[k], hidden, nu, rec_k, mode)
+        _call(_gemm, (reset_h, w_ops_n[k], hidden, nu, rec_k, mode))
     for b in range(batch):
         gr, gz, gn = _unit_views(gates[t * batch + b], hidden, u0, nu)
         h_row, h_new = h[b, u0 : u0 + nu], h_next[b, u0 : u0 + nu]
@@ -179,7 +179,7 @@ def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n
                 _fill(rh, 0)
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
     """Block k's units' columns of the input projection x W_ih^T of all T*B rows, gate by gate."""
     hidden = gates.shape[1] // 3
@@ -226,7 +226,7 @@ def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, length
     return h_buffers[y.shape[0] % 2].copy()
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse, bounds,
                     reset_after, training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h, sync):
     """Worker w of forward: the whole time loop, running its own block each phase (or another's)."""
@@ -242,7 +242,7 @@ def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh,
             k = _claim_block(sync, p, w, num_blocks)
             while k >= 0:
                 if project and p == 0:  # a block's steps read only its own gate columns
-                    _project_block(k, bounds, x2, w_ih_ops, mode, gates)
+                    _call(_project_block, (k, bounds, x2, w_ih_ops, mode, gates))
                 _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
                                      h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
                 _block_done(sync, p, num_blocks)
@@ -312,11 +312,11 @@ def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_sta
                 passed[j] = dh[j] * gz[j] + d_reset_h[j] * gr[j]
     # This block's share of dh_{t-1} (or, Cho's phase 0, of d(r * h)): d_rec_k @ W[block rows].
     if reset_after:
-        _gemm(d_rec_k, w_ops[k], width, hidden, partial_next[k], mode)
+        _call(_gemm, (d_rec_k, w_ops[k], width, hidden, partial_next[k], mode))
     elif phase == 0:
-        _gemm(d_rec_k, w_ops_n[k], width, hidden, partial_reset[k], mode)
+        _call(_gemm, (d_rec_k, w_ops_n[k], width, hidden, partial_reset[k], mode))
     else:
-        _gemm(d_rec_k, w_ops[k], width, hidden, partial_next[k], mode)
+        _call(_gemm, (d_rec_k, w_ops[k], width, hidden, partial_next[k], mode))
 
 
 @njit(**_OPTS)
@@ -345,7 +345,7 @@ def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengt
     return _sum_carry(dh_pass, partials[num_steps % 2])
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse, bounds, reset_after,
                      mode, d_in, d_hidden_n, dh_pass, partials, partial_reset, dh_t, d_rec, scratch, sync):
     """Worker w of backward_loop: the whole time loop, running its own block each phase (or another's)."""
@@ -380,7 +380,7 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
     for q in range(3):
         c0 = q * hidden + u0
         d_q = d_in[:, c0 : c0 + nu]
-        _gemm_tall(d_q, True, x2, dw_ih[c0 : c0 + nu], False, packed)
+        _call(_gemm_tall, (d_q, True, x2, dw_ih[c0 : c0 + nu], False, packed))
         acc = db_ih[c0 : c0 + nu]
         _fill(acc, 0)
         for r in range(rows):
@@ -396,7 +396,7 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
             for r in range(rows):
                 _add(d_n[r], acc)
         else:  # W_hn met r * h
-            _gemm_tall(d_q, True, hidden_n.reshape((rows, hidden)), dw_hh[c0 : c0 + nu], False, packed)
+            _call(_gemm_tall, (d_q, True, hidden_n.reshape((rows, hidden)), dw_hh[c0 : c0 + nu], False, packed))
             _copy(acc, db_hh[c0 : c0 + nu])
 
 
@@ -409,7 +409,7 @@ def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset
                                                      reset_after, bounds, mode, dw_ih, dw_hh, db_ih, db_hh, dx2))
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, mode,
                       dw_ih, dw_hh, db_ih, db_hh, dx2):
     """Thread k of gradients."""
@@ -420,4 +420,4 @@ def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, rev
                         dw_ih, dw_hh, db_ih, db_hh)
     r0, r1 = rows * k // num_blocks, rows * (k + 1) // num_blocks
     if r1 > r0:
-        _gemm_tall(d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed)
+        _call(_gemm_tall, (d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed))

@@ -21,7 +21,6 @@ import numpy as np
 from numba import njit
 
 from .numba_common import (  # noqa: F401  - PANEL and the modes are this module's interface too
-    _INNER,
     _OPTS,
     GEMM_BLAS,
     GEMM_PACKED,
@@ -31,6 +30,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
     _backward_times,
     _block_done,
     _block_view,
+    _call,
     _claim_block,
     _copy,
     _fill,
@@ -52,7 +52,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "e8ef55622dd8bb61"
+COMMON_SOURCE_DIGEST = "5799b1d1ff389f7f"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -128,7 +128,7 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
         _gemm_packed_in_order(h, _panels(w_hh_ops[k], hidden, 4 * nu), g_t, True, descending)
     else:
         r = _block_view(rec, k, batch, 4 * nu)
-        _gemm(h, w_hh_ops[k], hidden, 4 * nu, r, mode)
+        _call(_gemm, (h, w_hh_ops[k], hidden, 4 * nu, r, mode))
         for b in range(batch):
             _add(r[b], g_t[b])
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
@@ -147,17 +147,17 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
             _copy(c_row, _units(c_states, t * batch + b, u0, nu))
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
     """Block k's input projection of the rows of x2 into the first rows of its gate buffer
     (unpacked: one row by the batch-1 kernel, more by BLAS)."""
     nu = bounds[k + 1] - bounds[k]
     g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
     by = mode if mode == GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1) else GEMM_BLAS
-    _gemm(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, by)
+    _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, by))
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, descending):
     """Block k's gate rows of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
     nu = bounds[k + 1] - bounds[k]
@@ -196,7 +196,7 @@ def forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, tr
     return h_buffers[y.shape[0] % 2].copy(), c
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds, training, mode, projection, parity,
                     gates, rec, y, h_states, c_states, h_buffers, c, sync):
     """Worker w of forward: the whole time loop, running its own block each step (or another's)."""
@@ -216,12 +216,12 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
             # A block's steps read only its own gate columns: it can project its input
             # for all steps at the first step, or each step's just before it.
             if fused:
-                _input_and_recurrent_block(k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops,
-                                           gates, descending)
+                _call(_input_and_recurrent_block,
+                      (k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops, gates, descending))
             elif projection == PROJECT_EACH_STEP:
-                _input_projection_block(k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode)
+                _call(_input_projection_block, (k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode))
             elif projection == PROJECT_AT_FIRST_STEP and s == 0:
-                _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode)
+                _call(_input_projection_block, (k, bounds, x2, w_ih_ops, gates, mode))
             _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                                 lengths, y, h_states, c_states, training, mode, fused, descending)
             _block_done(sync, s, num_blocks)
@@ -260,7 +260,7 @@ def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy
             _copy(dhr, passed)
     # This block's share of dh_{t-1}: d_gates[t][:, block] @ W_hh_p[block rows].
     da_t = d_k[t * batch : (t + 1) * batch]
-    _gemm(da_t, w_hh_ops[k], 4 * nu, hidden, partial_next[k], mode)
+    _call(_gemm, (da_t, w_hh_ops[k], 4 * nu, hidden, partial_next[k], mode))
 
 
 @njit(inline="always")
@@ -284,7 +284,7 @@ def backward_loop(gates, c_states, c0, w_hh_ops, dy, dh_n, dc_n, lengths, revers
     return _sum_carry(dh_pass, partials[dy.shape[0] % 2]), dc
 
 
-@njit(**_INNER)
+@njit(**_OPTS)
 def _backward_worker(w, gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bounds, mode, d_gates, dh_pass, dc,
                      partials, scratch, sync):
     """Worker w of backward_loop: the whole time loop, running its own block each step (or another's)."""
@@ -311,7 +311,7 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, d
     nu = bounds[k + 1] - u0
     r0, r1 = 4 * u0, 4 * u0 + 4 * nu
     d_k = _block_view(d_gates, k, rows, 4 * nu)
-    _gemm_tall(d_k, True, x2, dw_ih_p[r0:r1], False, packed)
+    _call(_gemm_tall, (d_k, True, x2, dw_ih_p[r0:r1], False, packed))
     _times_previous_states(d_k, h_states, h0, reverse, dw_hh_p[r0:r1], packed)
     # Deterministic column sums: rows in order, no atomics.
     acc = dbias_p[r0:r1]
@@ -332,7 +332,7 @@ def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
         u0 = bounds[k]
         nu = bounds[k + 1] - u0
         d_k = _block_view(d_gates, k, rows, 4 * nu)
-        _gemm_tall(d_k[r0:r1], False, w_ih_p[4 * u0 : 4 * u0 + 4 * nu], dx2[r0:r1], k > 0, packed)
+        _call(_gemm_tall, (d_k[r0:r1], False, w_ih_p[4 * u0 : 4 * u0 + 4 * nu], dx2[r0:r1], k > 0, packed))
 
 
 @njit(**_OPTS)
@@ -343,7 +343,7 @@ def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p,
 
 
 # The worker's callees are inlined: one compiled function fewer to optimize and emit.
-@njit(**_INNER)
+@njit(**_OPTS)
 def _gradients_worker(k, d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
     """Thread k of gradients: block k's weight rows, then part k of dx's rows."""
     num_blocks = bounds.shape[0] - 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,12 +42,25 @@ def whole_real_line(dtype):
     return values.astype(dtype)
 
 
+@numba.njit
+def apply_tanh(values, out):
+    """Elementwise tanh as the kernels compute it."""
+    for n in range(values.shape[0]):
+        out[n] = common.tanh(values[n])
+
+
+@numba.njit
+def apply_sigmoid(values, out):
+    for n in range(values.shape[0]):
+        out[n] = common.sigmoid(values[n])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_activations_are_accurate_on_the_whole_real_line(dtype):
     x = whole_real_line(dtype)
     tanh_out, sigmoid_out = np.empty_like(x), np.empty_like(x)
-    common.apply_tanh(x, tanh_out)
-    common.apply_sigmoid(x, sigmoid_out)
+    apply_tanh(x, tanh_out)
+    apply_sigmoid(x, sigmoid_out)
     exact = x.astype(np.float64)
     with np.errstate(over="ignore"):
         sigmoid_exact = 1.0 / (1.0 + np.exp(-exact))
@@ -57,8 +72,8 @@ def test_activations_are_accurate_on_the_whole_real_line(dtype):
 def test_activations_special_values(dtype):
     x = np.array([np.nan, np.inf, -np.inf, 0.0], dtype=dtype)
     t, s = np.empty_like(x), np.empty_like(x)
-    common.apply_tanh(x, t)
-    common.apply_sigmoid(x, s)
+    apply_tanh(x, t)
+    apply_sigmoid(x, s)
     assert np.isnan(t[0]) and np.isnan(s[0])
     np.testing.assert_array_equal(t[1:], [1, -1, 0])
     np.testing.assert_array_equal(s[1:], [1, 0, 0.5])
@@ -358,23 +373,32 @@ def test_launch_runs_each_worker_once_on_numbas_threads(launched):
     assert runs.tolist() == [1] and threads.tolist() == [0]
 
 
-def test_a_launching_kernel_loads_from_the_cache_in_a_new_process(tmp_path):
-    """A kernel that calls the threading layer (_launch) and is loaded from Numba's cache
-    in a fresh process, before anything has started the threading layer there, links and
-    runs (the load starts the layer first, as Numba does for prange kernels)."""
+@pytest.mark.parametrize("callees_cached", [True, False], ids=["callees-cached", "callees-compiled-anew"])
+def test_a_launching_kernel_loads_from_the_cache_in_a_new_process(tmp_path, callees_cached):
+    """A kernel that calls the threading layer (_launch) and functions compiled on their own
+    (_launch's worker, _call's function: called by their symbols) is loaded from Numba's
+    cache in a fresh process, before anything has started the threading layer there, and
+    links and runs: the load starts the layer first, as Numba does for prange kernels, and
+    defines the symbols it was compiled against, whether the callees load from the cache too
+    or compile anew (under other unique names)."""
     module = tmp_path / "launching.py"
-    module.write_text(textwrap.dedent("""
+    module.write_text(textwrap.dedent(f"""
         import numpy as np
         from numba import njit
         from fastlstm.kernels import numba_common as common
 
-        @njit
+        @njit(cache={callees_cached})
+        def bump(runs, w, by):
+            runs[w] += by
+
+        @njit(cache={callees_cached})
         def record(w, runs):
-            runs[w] += 1
+            common._call(bump, (runs, w, 1))
 
         @njit(cache=True)
         def launch(count, runs):
             common._launch(record, count, (runs,))
+            common._call(bump, (runs, 0, 10))
 
         runs = np.zeros(1, np.int64)
         launch(1, runs)  # one worker: the kernel starts no thread
@@ -384,7 +408,70 @@ def test_a_launching_kernel_loads_from_the_cache_in_a_new_process(tmp_path):
     outputs = [subprocess.run([sys.executable, str(module)], capture_output=True, text=True, env=env, timeout=300)
                for _ in range(2)]
     assert [out.returncode for out in outputs] == [0, 0], outputs[1].stderr[-2000:]
-    assert [out.stdout.split() for out in outputs] == [["1", "0"], ["1", "1"]]  # compiled, then loaded
+    assert [out.stdout.split() for out in outputs] == [["11", "0"], ["11", "1"]]  # compiled, then loaded
+
+
+def test_call_passes_an_exception_on():
+    @numba.njit
+    def refuse(x):
+        if x < 0:
+            raise ValueError("negative")
+
+    @numba.njit
+    def caller(x):
+        common._call(refuse, (x,))
+        return x + 1
+
+    assert caller(1) == 2
+    with pytest.raises(ValueError, match="negative"):
+        caller(-1)
+
+
+def _kernel_function_of(symbol):
+    """(module, function) of a compiled function of fastlstm's kernels from its mangled name
+    (or that of its CPython or C wrapper), else None."""
+    match = re.match(r"(?:cfunc\.)?_ZN(?:7cpython)?8fastlstm7kernels(.*)", symbol)
+    if match is None:
+        return None
+    parts, rest = [], match.group(1)
+    while rest[:1].isdigit():
+        digits = re.match(r"\d+", rest).group()
+        size = int(digits)
+        parts.append(rest[len(digits) : len(digits) + size])
+        rest = rest[len(digits) + size :]
+    return tuple(parts[:2])
+
+
+@pytest.mark.parametrize("make", [fastlstm.LSTM, fastlstm.GRU, lambda i, h, **kw: fastlstm.GRU(i, h, reset_after=False,
+                                                                                                 **kw)],
+                         ids=["lstm", "gru", "gru-cho"])
+def test_each_compiled_kernel_function_holds_only_its_own_code(make):
+    """No kernel function links another one's compiled code into its own (each is called
+    through _call or _launch by its symbol): every function is optimized and emitted once on a
+    cold cache, not again in each caller (numba_common's rule)."""
+    from fastlstm.kernels import numba_gru
+
+    for dtype, batch in (("float32", 17), ("float32", 1), ("float64", 3)):  # packed; batch-1 kernel; BLAS
+        layer = make(32, 32, num_layers=2, bidirectional=True, backend="numba", dtype=dtype)
+        x = np.ones((5, batch, 32), dtype)
+        for training in (False, True):
+            layer.train(training)
+            y, _ = layer(x, lengths=np.arange(batch) % 5 + 1)
+            if training:
+                layer.backward(np.ones_like(y))
+    dispatchers = {dispatcher for module in (common, kernels, numba_gru) for dispatcher in vars(module).values()
+                   if isinstance(dispatcher, numba.core.registry.CPUDispatcher)}
+    compiled = 0
+    for dispatcher in dispatchers:
+        own = (dispatcher.py_func.__module__.rsplit(".", 1)[1], dispatcher.py_func.__qualname__)
+        for result in dispatcher.overloads.values():
+            compiled += 1
+            library = result.library
+            # The module as compiled (a fresh compile), or as its cache entry keeps it (its IR beside the object code).
+            llvm_module = library._shared_module if library._shared_module is not None else library._final_module
+            defined = {_kernel_function_of(f.name) for f in llvm_module.functions if not f.is_declaration}
+            assert defined - {None} == {own}, (own, defined)
+    assert compiled >= 8
 
 
 def test_thread_count_controls_the_plan():

@@ -588,26 +588,30 @@ def _gradients_call_blas(mode: int, input_size: int) -> bool:
     return mode != common.GEMM_PACKED or input_size % common.PANEL != 0
 
 
+def _cached_functions() -> list:
+    """Every compiled function of the kernels' modules: the kernels a call starts and those
+    they call (numba_common._call, _launch), each compiled and cached on its own."""
+    return [function for module in (common, kernels, gru_kernels) for function in vars(module).values()
+            if isinstance(function, numba.core.registry.CPUDispatcher) and function.py_func.__module__ == module.__name__
+            and isinstance(function._cache, numba.core.caching.FunctionCache)]
+
+
 def cache_status() -> str:
-    """What `fastlstm info` says of Numba's cache: how many of the kernels a call starts have
-    code compiled for this CPU in it (loaded in well under a second), and where it is; a
-    kernel not there compiles on its first call (seconds each). Reads Numba's cache index
+    """What `fastlstm info` says of Numba's cache: how many of the kernels' compiled functions
+    have code compiled for this CPU in it (loaded in well under a second), and where it is; a
+    function not there compiles on its first call (seconds each). Reads Numba's cache index
     through its internals: "unknown" where they differ."""
-    entry_kernels = [
-        kernels.forward, kernels.backward_loop, kernels.gradients, gru_kernels.forward, gru_kernels.backward_loop,
-        gru_kernels.gradients,
-        common.pack_operands, common.same_bits,
-    ]
     try:
-        host = entry_kernels[0].targetctx.codegen().magic_tuple()
-        cached = sum(any(key[1] == host for key in kernel._cache._cache_file._load_index())
-                     for kernel in entry_kernels)
-        folder = entry_kernels[0]._cache._cache_path
+        functions = _cached_functions()
+        host = functions[0].targetctx.codegen().magic_tuple()
+        cached = sum(any(key[1] == host for key in function._cache._cache_file._load_index())
+                     for function in functions)
+        folder = functions[0]._cache._cache_path
     except Exception as exc:  # noqa: BLE001 - a report, never a failure
         return f"unknown ({type(exc).__name__}: {exc})"
-    state = "warm" if cached == len(entry_kernels) else "cold" if cached == 0 else "partly warm"
-    return (f"{state}: {cached} of {len(entry_kernels)} kernels compiled for this CPU, in {folder} "
-            f"(a kernel not there compiles on its first call: 5-20 s each)")
+    state = "warm" if cached == len(functions) else "cold" if cached == 0 else "partly warm"
+    return (f"{state}: {cached} of {len(functions)} compiled functions of the kernels are there for this CPU, in "
+            f"{folder} (one not there compiles on its first call: 1-5 s each)")
 
 
 def _numba_threads() -> int:
