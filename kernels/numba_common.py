@@ -41,6 +41,7 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
@@ -843,6 +844,21 @@ def _view(typingctx, a, offset, shape):
     return view(a, offset, shape), codegen
 
 
+@intrinsic
+def _any_layout(typingctx, a):
+    """The array `a` typed as of any layout ('A'), as a column slice is: a separately compiled
+    function called with it compiles once for contiguous arrays and slices alike (a 'C'
+    array's specialization would be a second compile of seconds, for no speed)."""
+    if not isinstance(a, types.Array):
+        return None
+    any_layout = a.copy(layout="A")
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, any_layout, context.cast(builder, args[0], a, any_layout))
+
+    return any_layout(a), codegen
+
+
 @njit(inline="always")
 def _units(a, row, start, count):
     """a's items start .. start + count of row `row`, a seen as (rows, last axis): for a
@@ -885,10 +901,17 @@ def _hidden_buffers(h0):
 
 
 # -- tall GEMMs after the time loop ------------------------------------------------------
-@njit(**_OPTS)  # not inlined (_call): its call sites share one compiled body (compile time)
+@njit(inline="always")
 def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
     """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the
-    operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS."""
+    operands in place, when `packed` (a float32 plan) and c's width is whole panels; else BLAS.
+    One compiled body (_tall_product) serves every call site, `a` whole rows or a column slice."""
+    _call(_tall_product, (_any_layout(a), a_transposed, b, c, accumulate, packed))
+
+
+@njit(**_OPTS)  # not inlined (_call): its call sites share one compiled body (compile time)
+def _tall_product(a, a_transposed, b, c, accumulate, packed):
+    """_gemm_tall's work."""
     if packed and c.shape[1] % PANEL == 0:
         _gemm_unpacked(a, a_transposed, b, c, accumulate)
         return
@@ -910,13 +933,13 @@ def _times_previous_states(d, h_states, h0, reverse, out, packed):
     rows = num_steps * batch
     h2 = h_states.reshape((rows, hidden))
     if reverse:  # the first step is the last time step; it started from h0
-        _call(_gemm_tall, (d[rows - batch :], True, h0, out, False, packed))
+        _gemm_tall(d[rows - batch :], True, h0, out, False, packed)
         if rows > batch:
-            _call(_gemm_tall, (d[: rows - batch], True, h2[batch:], out, True, packed))
+            _gemm_tall(d[: rows - batch], True, h2[batch:], out, True, packed)
     else:
-        _call(_gemm_tall, (d[:batch], True, h0, out, False, packed))
+        _gemm_tall(d[:batch], True, h0, out, False, packed)
         if rows > batch:
-            _call(_gemm_tall, (d[batch:], True, h2[: rows - batch], out, True, packed))
+            _gemm_tall(d[batch:], True, h2[: rows - batch], out, True, packed)
 
 
 def source_digest() -> str:

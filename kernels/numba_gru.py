@@ -62,7 +62,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "5799b1d1ff389f7f"
+COMMON_SOURCE_DIGEST = "2a57a49486a7ae7b"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -380,7 +380,7 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
     for q in range(3):
         c0 = q * hidden + u0
         d_q = d_in[:, c0 : c0 + nu]
-        _call(_gemm_tall, (d_q, True, x2, dw_ih[c0 : c0 + nu], False, packed))
+        _gemm_tall(d_q, True, x2, dw_ih[c0 : c0 + nu], False, packed)
         acc = db_ih[c0 : c0 + nu]
         _fill(acc, 0)
         for r in range(rows):
@@ -396,7 +396,7 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
             for r in range(rows):
                 _add(d_n[r], acc)
         else:  # W_hn met r * h
-            _call(_gemm_tall, (d_q, True, hidden_n.reshape((rows, hidden)), dw_hh[c0 : c0 + nu], False, packed))
+            _gemm_tall(d_q, True, hidden_n.reshape((rows, hidden)), dw_hh[c0 : c0 + nu], False, packed)
             _copy(acc, db_hh[c0 : c0 + nu])
 
 
@@ -420,4 +420,4 @@ def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, rev
                         dw_ih, dw_hh, db_ih, db_hh)
     r0, r1 = rows * k // num_blocks, rows * (k + 1) // num_blocks
     if r1 > r0:
-        _call(_gemm_tall, (d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed))
+        _gemm_tall(d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed)

@@ -52,7 +52,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "5799b1d1ff389f7f"
+COMMON_SOURCE_DIGEST = "2a57a49486a7ae7b"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -311,7 +311,7 @@ def _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, d
     nu = bounds[k + 1] - u0
     r0, r1 = 4 * u0, 4 * u0 + 4 * nu
     d_k = _block_view(d_gates, k, rows, 4 * nu)
-    _call(_gemm_tall, (d_k, True, x2, dw_ih_p[r0:r1], False, packed))
+    _gemm_tall(d_k, True, x2, dw_ih_p[r0:r1], False, packed)
     _times_previous_states(d_k, h_states, h0, reverse, dw_hh_p[r0:r1], packed)
     # Deterministic column sums: rows in order, no atomics.
     acc = dbias_p[r0:r1]
@@ -332,7 +332,7 @@ def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
         u0 = bounds[k]
         nu = bounds[k + 1] - u0
         d_k = _block_view(d_gates, k, rows, 4 * nu)
-        _call(_gemm_tall, (d_k[r0:r1], False, w_ih_p[4 * u0 : 4 * u0 + 4 * nu], dx2[r0:r1], k > 0, packed))
+        _gemm_tall(d_k[r0:r1], False, w_ih_p[4 * u0 : 4 * u0 + 4 * nu], dx2[r0:r1], k > 0, packed)
 
 
 @njit(**_OPTS)
