@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
@@ -442,8 +443,7 @@ def _kernel_function_of(symbol):
     return tuple(parts[:2])
 
 
-@pytest.mark.parametrize("make", [fastlstm.LSTM, fastlstm.GRU, lambda i, h, **kw: fastlstm.GRU(i, h, reset_after=False,
-                                                                                                 **kw)],
+@pytest.mark.parametrize("make", [fastlstm.LSTM, fastlstm.GRU, functools.partial(fastlstm.GRU, reset_after=False)],
                          ids=["lstm", "gru", "gru-cho"])
 def test_each_compiled_kernel_function_holds_only_its_own_code(make):
     """No kernel function links another one's compiled code into its own (each is called
