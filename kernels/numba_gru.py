@@ -250,7 +250,7 @@ def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh,
 
 
 # -- backward -----------------------------------------------------------------------------
-@njit(inline="always")  # one call site (_backward_worker), as numba_lstm._forward_block_step
+@njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
 def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n, w_ops, w_ops_n,
                           dy, lengths, dh_pass, partial, partial_next, partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                           scratch, mode):
@@ -359,16 +359,16 @@ def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengt
             p = s * phases + phase
             k = _claim_block(sync, p, w, num_blocks)
             while k >= 0:
-                _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n,
-                                      w_ops, w_ops_n, dy, lengths, dh_pass, partials[s & 1],
-                                      partials[(s + 1) & 1], partial_reset, dh_t, d_in, d_hidden_n, d_rec,
-                                      scratch, mode)
+                _call(_backward_block_phase, (k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0,
+                                              hidden_n, w_ops, w_ops_n, dy, lengths, dh_pass, partials[s & 1],
+                                              partials[(s + 1) & 1], partial_reset, dh_t, d_in, d_hidden_n, d_rec,
+                                              scratch, mode))
                 _block_done(sync, p, num_blocks)
                 k = _claim_block(sync, p, w, num_blocks)
 
 
 # -- weight and input gradients ------------------------------------------------------------
-@njit(inline="always")  # as the LSTM's (numba_lstm._gradients_worker)
+@njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
 def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                         dw_ih, dw_hh, db_ih, db_hh):
     """Block k's units' rows of dW_ih, dW_hh, db_ih and db_hh (torch's order), gate by gate:
@@ -416,8 +416,8 @@ def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, rev
     num_blocks = bounds.shape[0] - 1
     packed = mode == GEMM_PACKED
     rows = dx2.shape[0]
-    _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
-                        dw_ih, dw_hh, db_ih, db_hh)
+    _call(_weight_grads_block, (k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
+                                dw_ih, dw_hh, db_ih, db_hh))
     r0, r1 = rows * k // num_blocks, rows * (k + 1) // num_blocks
     if r1 > r0:
         _gemm_tall(d_in[r0:r1], False, w_ih, dx2[r0:r1], False, packed)
