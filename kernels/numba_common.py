@@ -452,7 +452,13 @@ def _parallel_for(context, builder, function, count, data):
 # How a kernel multiplies by a weight block (the caller lays the operand out to match):
 GEMM_BLAS = 0  # np.dot (scipy's BLAS, one thread); operand (K, N) row-major
 GEMM_SMALL = 1  # _matmul_small, batch 1; operand (K, N) row-major
-GEMM_PACKED = 2  # _gemm_packed, float32; operand (N / PANEL, K, PANEL) column panels
+GEMM_PACKED = None  # _gemm_packed, float32; operand (N / PANEL, K, PANEL) column panels
+# GEMM_PACKED is None, not a number: None is a type of its own to Numba, which drops a branch
+# on a None argument compared with a constant before typing it (dead-branch pruning, also in
+# what it inlines and in a _call'ed function given the mode). So a kernel compiled for a
+# packed plan holds no BLAS call and no batch-1 loops (~1 s less of a cold first inference).
+# The kernels test the mode on its own (`if mode is GEMM_PACKED:`; `and` with a run-time value
+# keeps both branches) and pass it on as it came.
 
 # Packed float32 GEMM: the operand is packed once per sequence into column panels, and
 # a register-tiled micro-kernel (LLVM vector IR, below) multiplies by it with no
@@ -666,7 +672,7 @@ def _panels(operand, inner, cols):
 @njit(**_OPTS)  # not inlined (_call): one compiled body for all call sites (compile time)
 def _gemm(a, operand, inner, cols, out, mode):
     """out (M, cols) = a (M, inner) @ W, W the flat block operand laid out for `mode`."""
-    if mode == GEMM_PACKED:
+    if mode is GEMM_PACKED:
         _gemm_packed(a, _panels(operand, inner, cols), out, False)
     else:
         w = operand[: inner * cols].reshape((inner, cols))
@@ -732,8 +738,8 @@ def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
         r0 = gates * bounds[k]
         n_rows = gates * bounds[k + 1] - r0
         if rows_are_inputs:  # operand (gates*nu, K)
-            if mode == GEMM_PACKED:
-                dst = out[k, : n_rows * width].reshape((width // PANEL, n_rows, PANEL))
+            if mode is GEMM_PACKED:
+                dst = _view(out, k * out.shape[1], (width // PANEL, n_rows, PANEL))
                 for p in range(width // PANEL):
                     for i in range(n_rows):
                         for q in range(PANEL):  # a plain loop: a slice copy per row costs a view
@@ -741,8 +747,8 @@ def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
             else:
                 for i in range(n_rows):
                     _copy(w_p[r0 + i], out[k, i * width : (i + 1) * width])
-        elif mode == GEMM_PACKED:  # operand (K, gates*nu) as column panels: float32 only
-            dst = out[k, : n_rows * width].reshape((n_rows // PANEL, width, PANEL))
+        elif mode is GEMM_PACKED:  # operand (K, gates*nu) as column panels: float32 only
+            dst = _view(out, k * out.shape[1], (n_rows // PANEL, width, PANEL))
             ld = w_p.strides[0] // 4
             whole = width - width % _LANES
             for p in range(n_rows // PANEL):

@@ -62,7 +62,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "2a57a49486a7ae7b"
+COMMON_SOURCE_DIGEST = "d1e549ea3f583ca8"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -186,7 +186,7 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
     inner = x2.shape[1]
     u0 = bounds[k]
     nu = bounds[k + 1] - u0
-    if mode == GEMM_PACKED:  # nu is whole panels: each gate's columns are its own panels
+    if mode is GEMM_PACKED:  # nu is whole panels: each gate's columns are its own panels
         panels = _panels(w_ih_ops[k], inner, 3 * nu)
         per_gate = nu // PANEL
         for q in range(3):
@@ -414,7 +414,7 @@ def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, rev
                       dw_ih, dw_hh, db_ih, db_hh, dx2):
     """Thread k of gradients."""
     num_blocks = bounds.shape[0] - 1
-    packed = mode == GEMM_PACKED
+    packed = mode is GEMM_PACKED
     rows = dx2.shape[0]
     _call(_weight_grads_block, (k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                                 dw_ih, dw_hh, db_ih, db_hh))

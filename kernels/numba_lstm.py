@@ -52,7 +52,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "2a57a49486a7ae7b"
+COMMON_SOURCE_DIGEST = "d1e549ea3f583ca8"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -126,7 +126,7 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
     g_t = _block_view(gates, k, row0 + batch, 4 * nu)[row0:]
     if recurrent_done:
         pass
-    elif mode == GEMM_PACKED:  # the recurrent part accumulates straight into the gate rows
+    elif mode is GEMM_PACKED:  # the recurrent part accumulates straight into the gate rows
         _gemm_packed_in_order(h, _panels(w_hh_ops[k], hidden, 4 * nu), g_t, True, descending)
     else:
         r = _block_view(rec, k, batch, 4 * nu)
@@ -155,8 +155,10 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
     (unpacked: one row by the batch-1 kernel, more by BLAS)."""
     nu = bounds[k + 1] - bounds[k]
     g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
-    by = mode if mode == GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1) else GEMM_BLAS
-    _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, by))
+    if mode is GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1):
+        _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, mode))
+    else:
+        _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_BLAS))
 
 
 @njit(**_OPTS)
@@ -212,7 +214,7 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
         descending = ((s + parity) & 1) == 1
         # Packed, each step's input projected just before it: both products in one pass
         # over the panels (zig-zag order).
-        fused = projection == PROJECT_EACH_STEP and mode == GEMM_PACKED
+        fused = projection == PROJECT_EACH_STEP and mode is GEMM_PACKED
         k = _claim_block(sync, s, w, num_blocks)
         while k >= 0:
             # A block's steps read only its own gate columns: it can project its input
@@ -353,6 +355,6 @@ def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p,
 def _gradients_worker(k, d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
     """Thread k of gradients: block k's weight rows, then part k of dx's rows."""
     num_blocks = bounds.shape[0] - 1
-    packed = mode == GEMM_PACKED
+    packed = mode is GEMM_PACKED
     _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p)
     _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, packed, dx2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 import re
@@ -472,6 +473,49 @@ def test_each_compiled_kernel_function_holds_only_its_own_code(make):
             defined = {_kernel_function_of(f.name) for f in llvm_module.functions if not f.is_declaration}
             assert defined - {None} == {own}, (own, defined)
     assert compiled >= 8
+
+
+def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
+    """A float32 inference on the packed plan types no BLAS call: Numba pruned the other GEMM
+    modes' branches before typing them (GEMM_PACKED is None: numba_common). Seen in a fresh
+    process on an empty cache, through Numba's compile events: typing np.dot compiles its
+    overload (dot_...), as a float64 call (BLAS) shows. (Training types np.dot either way: the
+    weight gradients use BLAS for widths that are not whole panels, known only at run time.)"""
+    script = tmp_path / "compiled.py"
+    script.write_text(textwrap.dedent("""
+        import json
+        import numpy as np
+        import fastlstm
+        from numba.core import event
+
+        compiled = []
+
+        class Listener(event.Listener):
+            def on_start(self, e):
+                if "dispatcher" in e.data:
+                    compiled.append(e.data["dispatcher"].py_func.__qualname__)
+
+            def on_end(self, e):
+                pass
+
+        event.register("numba:compile", Listener())
+        seen = {}
+        for name, make, dtype in (("lstm", fastlstm.LSTM, "float32"), ("gru", fastlstm.GRU, "float32"),
+                                  ("lstm-float64", fastlstm.LSTM, "float64")):
+            layer = make(32, 64, backend="numba", dtype=dtype).eval()  # whole panels a block: float32 packs
+            for batch in (1, 17):  # each step's input projected at the first step; and just before it
+                layer(np.ones((5, batch, 32), dtype))
+            seen[name] = sorted(set(compiled))
+            compiled.clear()
+        print(json.dumps(seen))
+    """))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    typed_dot = {name: any(function.startswith("dot_") for function in functions) for name, functions in seen.items()}
+    assert typed_dot == {"lstm": False, "gru": False, "lstm-float64": True}, seen
+    assert {"forward", "_forward_worker", "_input_projection_block", "_gemm", "pack_operands"} <= set(seen["lstm"])
 
 
 def test_thread_count_controls_the_plan():

@@ -92,7 +92,7 @@ _MULTICORE = threading.RLock()
 class _Plan:
     bounds: np.ndarray  # block boundaries over hidden units
     perm: np.ndarray  # weight row order matching the blocks
-    mode: int  # common.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED
+    mode: int | None  # common.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED (None)
     num_blocks: int
     max_units: int
 
