@@ -456,9 +456,10 @@ GEMM_PACKED = None  # _gemm_packed, float32; operand (N / PANEL, K, PANEL) colum
 # GEMM_PACKED is None, not a number: None is a type of its own to Numba, which drops a branch
 # on a None argument compared with a constant before typing it (dead-branch pruning, also in
 # what it inlines and in a _call'ed function given the mode). So a kernel compiled for a
-# packed plan holds no BLAS call and no batch-1 loops (~1 s less of a cold first inference).
-# The kernels test the mode on its own (`if mode is GEMM_PACKED:`; `and` with a run-time value
-# keeps both branches) and pass it on as it came.
+# packed plan holds no BLAS call and no batch-1 loops (~1 s less of a cold first inference);
+# a process that also runs an unpacked plan (float64, widths not in whole panels) compiles
+# such kernels once more. The kernels test the mode on its own (`if mode is GEMM_PACKED:`;
+# `and` with a run-time value keeps both branches) and pass it on as it came.
 
 # Packed float32 GEMM: the operand is packed once per sequence into column panels, and
 # a register-tiled micro-kernel (LLVM vector IR, below) multiplies by it with no

@@ -62,7 +62,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "d1e549ea3f583ca8"
+COMMON_SOURCE_DIGEST = "5435cf9d60322ca7"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -401,20 +401,20 @@ def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n,
 
 
 @njit(**_OPTS)
-def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, mode,
+def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, packed,
               dw_ih, dw_hh, db_ih, db_hh, dx2):
     """After the backward loop (parallel plan): thread k computes block k's rows of the
-    weight and bias gradients, then part k of dx's rows (d_in @ W_ih)."""
+    weight and bias gradients, then part k of dx's rows (d_in @ W_ih). packed: as
+    numba_lstm.gradients's."""
     _launch(_gradients_worker, bounds.shape[0] - 1, (d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse,
-                                                     reset_after, bounds, mode, dw_ih, dw_hh, db_ih, db_hh, dx2))
+                                                     reset_after, bounds, packed, dw_ih, dw_hh, db_ih, db_hh, dx2))
 
 
 @njit(**_OPTS)
-def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, mode,
+def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, packed,
                       dw_ih, dw_hh, db_ih, db_hh, dx2):
     """Thread k of gradients."""
     num_blocks = bounds.shape[0] - 1
-    packed = mode is GEMM_PACKED
     rows = dx2.shape[0]
     _call(_weight_grads_block, (k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                                 dw_ih, dw_hh, db_ih, db_hh))

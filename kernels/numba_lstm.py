@@ -52,7 +52,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "d1e549ea3f583ca8"
+COMMON_SOURCE_DIGEST = "5435cf9d60322ca7"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -343,18 +343,21 @@ def _input_grad_rows(p, num_parts, bounds, d_gates, w_ih_p, packed, dx2):
 
 
 @njit(**_OPTS)
-def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
-    """After the loop: weight, bias and input gradients, in parallel over blocks / rows."""
+def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, packed, dw_ih_p, dw_hh_p, dbias_p, dx2):
+    """After the loop: weight, bias and input gradients, in parallel over blocks / rows.
+    packed: the float32 micro-kernel where widths allow (_gemm_tall), else BLAS. A flag, not
+    the GEMM mode: its code has both either way (widths are known at run time), and one
+    compiled kernel serves the packed and the BLAS plans."""
     _launch(_gradients_worker, bounds.shape[0] - 1,
-            (d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2))
+            (d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, packed, dw_ih_p, dw_hh_p, dbias_p, dx2))
 
 
 # The worker's callees are inlined: small enough that Numba's copy of their IR costs
 # ~0.15 s, less than compiling one more function (the GRU's larger block is _call'ed).
 @njit(**_OPTS)
-def _gradients_worker(k, d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2):
+def _gradients_worker(k, d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, packed, dw_ih_p, dw_hh_p, dbias_p,
+                      dx2):
     """Thread k of gradients: block k's weight rows, then part k of dx's rows."""
     num_blocks = bounds.shape[0] - 1
-    packed = mode is GEMM_PACKED
     _weight_grads_block(k, bounds, d_gates, x2, h_states, h0, reverse, packed, dw_ih_p, dw_hh_p, dbias_p)
     _input_grad_rows(k, num_blocks, bounds, d_gates, w_ih_p, packed, dx2)

@@ -518,6 +518,26 @@ def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
     assert {"forward", "_forward_worker", "_input_projection_block", "_gemm", "pack_operands"} <= set(seen["lstm"])
 
 
+def test_one_compiled_gradients_kernel_serves_packed_and_blas_gradients(monkeypatch):
+    """The LSTM's gradients after the backward loop take BLAS for large layers and the
+    micro-kernel for small ones (_gradients_mode): the kernel gets a flag, not the GEMM mode
+    (None or a number: two compiled kernels), so both use one compiled kernel."""
+    if fastlstm.threads.available_cores() < 2:
+        pytest.skip("needs 2 cores: the one-block plan runs its gradients on NumPy")
+    monkeypatch.setattr(numba_backend, "_GRADIENTS_BY_BLAS", True)
+    monkeypatch.setattr(numba_backend, "_GRADIENTS_BLAS_MIN_ROWS", 40)
+    layer = fastlstm.LSTM(32, 128, backend="numba", dtype="float32", seed=0)
+    modes = set()
+    for batch in (2, 16):  # 10 rows, packed; 80 rows, BLAS
+        x = np.ones((5, batch, 32), np.float32)
+        y, _ = layer(x)
+        layer.backward(np.ones_like(y))
+        modes.add(numba_backend._gradients_mode(layer._current_backend()._plan(batch, 128, np.float32), 5 * batch, 128))
+    assert modes == {common.GEMM_PACKED, common.GEMM_BLAS}
+    float32 = [s for s in kernels.gradients.signatures if s[0].dtype == numba.float32]
+    assert len(float32) == 1, float32
+
+
 def test_thread_count_controls_the_plan():
     backend = fastlstm.LSTM(2, 2, backend="numba")._current_backend()
     cores = fastlstm.threads.available_cores()

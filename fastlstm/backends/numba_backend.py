@@ -365,7 +365,8 @@ class NumbaBackend(ReferenceBackend):
         self._run(
             plan, kernels.gradients,
             d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
-            plan.bounds, mode, dw_ih_p, dw_hh_p, dbias_p, dx2, calls_blas=_gradients_call_blas(mode, input_size),
+            plan.bounds, mode is common.GEMM_PACKED, dw_ih_p, dw_hh_p, dbias_p, dx2,
+            calls_blas=_gradients_call_blas(mode, input_size),
         )
         # Back from the blocked row order to torch's [i; f; g; o].
         dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
@@ -462,7 +463,7 @@ class NumbaBackend(ReferenceBackend):
                 plan, gru_kernels.gradients,
                 d_in, d_hidden_n if saved.reset_after else np.empty((1, 1), dy.dtype), saved.x2, saved.h_states,
                 np.ascontiguousarray(saved.h0), saved.hidden_n, np.ascontiguousarray(saved.w_ih), saved.reverse,
-                saved.reset_after, plan.bounds, plan.mode, dw_ih, dw_hh, db_ih, db_hh, dx2,
+                saved.reset_after, plan.bounds, plan.mode is common.GEMM_PACKED, dw_ih, dw_hh, db_ih, db_hh, dx2,
                 calls_blas=_gradients_call_blas(plan.mode, saved.x2.shape[1]),
             )
             self._workspaces.give(*scratch)
