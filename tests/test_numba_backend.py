@@ -505,7 +505,7 @@ def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
             layer = make(32, 64, backend="numba", dtype=dtype).eval()  # whole panels a block: float32 packs
             for batch in (1, 17):  # each step's input projected at the first step; and just before it
                 layer(np.ones((5, batch, 32), dtype))
-            seen[name] = sorted(set(compiled))
+            seen[name] = sorted(set(compiled))  # what this layer compiled beyond the ones before it
             compiled.clear()
         print(json.dumps(seen))
     """))
