@@ -129,10 +129,11 @@ def _reset_gradient(d_reset, other, gr, dr):
 
 # -- forward ------------------------------------------------------------------------------
 @njit(inline="always")  # one call site (_forward_worker), as numba_lstm._forward_block_step
-def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
+def _forward_block_phase(k, t, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
                          rec, lengths, y, h_states, hidden_n, training, mode):
-    """Block k's share of step t: the whole step (reset_after), or Cho's phase 0 (r and z,
-    r * h) or phase 1 (n and h')."""
+    """Block k's share of step t: the whole step (reset_after: w_ops_n None), or Cho's phase 0
+    (r and z, r * h) or phase 1 (n and h')."""
+    reset_after = w_ops_n is None
     batch, hidden = h.shape
     u0 = bounds[k]
     nu = bounds[k + 1] - u0
@@ -165,9 +166,10 @@ def _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n
                 _copy(h_new, h_states[t, b, u0 : u0 + nu])
                 # What the reset met; the backward reads it only where the sequence runs (and
                 # Cho's weight gradient reads r * h everywhere: zero past the end, phase 0).
-                if reset_after and active:
-                    _copy(rec_k[b, 2 * nu : 3 * nu], hidden_n[t, b, u0 : u0 + nu])
-                elif not reset_after:
+                if reset_after:
+                    if active:
+                        _copy(rec_k[b, 2 * nu : 3 * nu], hidden_n[t, b, u0 : u0 + nu])
+                else:
                     _copy(reset_h[b, u0 : u0 + nu], hidden_n[t, b, u0 : u0 + nu])
         else:  # Cho's phase 0
             rh = reset_h[b, u0 : u0 + nu]
@@ -200,7 +202,7 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
 
 
 @njit(**_OPTS)
-def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, reset_after,
+def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds,
             training, mode, rec, y, h_states, hidden_n):
     """Whole-sequence forward, one block of hidden units per thread. Returns h_n.
 
@@ -211,28 +213,30 @@ def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, length
     gates: (T*B, 3H) input projection x W_ih^T (no bias) in (or projected here), activated
     gates out;
     w_ops: each block's rows of W_hh (reset_after) or of W_hr, W_hz (Cho) as GEMM operands
-    for `mode` (numba_common.pack_operands); w_ops_n: Cho's W_hn rows likewise (unused with
-    reset_after); rec: (num_blocks, B*3*max_nu) scratch; h_states, hidden_n: (T, B, H) the
-    carried state and what the reset met (W_hn h + b_hn, or r * h), written only when training.
+    for `mode` (numba_common.pack_operands); w_ops_n: Cho's W_hn rows likewise, or None for
+    reset_after (torch's GRU; None, as GEMM_PACKED, so that the kernel compiled for it holds
+    none of Cho's code); rec: (num_blocks, B*3*max_nu) scratch; h_states, hidden_n: (T, B, H)
+    the carried state and what the reset met (W_hn h + b_hn, or r * h), written only when
+    training.
     """
     num_blocks = bounds.shape[0] - 1
-    phases = 1 if reset_after else 2
+    phases = 1 if w_ops_n is None else 2  # reset_after: one phase a step
     h_buffers = _hidden_buffers(h0)  # step s reads h from [s % 2], writes the other
     reset_h = np.zeros_like(h0)  # Cho: r * h of the current step, all units
     sync = _new_sync(y.shape[0] * phases, num_blocks)
     _launch(_forward_worker, num_blocks, (x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse,
-                                          bounds, reset_after, training, mode, rec, y, h_states, hidden_n, h_buffers,
-                                          reset_h, sync))
+                                          bounds, training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h,
+                                          sync))
     return h_buffers[y.shape[0] % 2].copy()
 
 
 @njit(**_OPTS)
 def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse, bounds,
-                    reset_after, training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h, sync):
+                    training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h, sync):
     """Worker w of forward: the whole time loop, running its own block each phase (or another's)."""
     num_blocks = bounds.shape[0] - 1
     num_steps = y.shape[0]
-    phases = 1 if reset_after else 2
+    phases = 1 if w_ops_n is None else 2
     _worker_started(sync)
     for s in range(num_steps):
         t = num_steps - 1 - s if reverse else s
@@ -243,7 +247,7 @@ def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh,
             while k >= 0:
                 if project and p == 0:  # a block's steps read only its own gate columns
                     _call(_project_block, (k, bounds, x2, w_ih_ops, mode, gates))
-                _forward_block_phase(k, t, phase, reset_after, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
+                _forward_block_phase(k, t, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
                                      h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
                 _block_done(sync, p, num_blocks)
                 k = _claim_block(sync, p, w, num_blocks)
@@ -251,11 +255,13 @@ def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh,
 
 # -- backward -----------------------------------------------------------------------------
 @njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
-def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0, hidden_n, w_ops, w_ops_n,
+def _backward_block_phase(k, t, t_prev, phase, bounds, gates, h_states, h0, hidden_n, w_ops, w_ops_n,
                           dy, lengths, dh_pass, partial, partial_next, partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                           scratch, mode):
     """Block k's share of backward step t (phases as in the forward, in reverse order: Cho's
-    phase 0 here is the n and z gradients and d(r * h)'s share, phase 1 the reset's)."""
+    phase 0 here is the n and z gradients and d(r * h)'s share, phase 1 the reset's; w_ops_n
+    None: reset_after, one phase)."""
+    reset_after = w_ops_n is None
     batch, hidden = dh_pass.shape
     num_blocks = bounds.shape[0] - 1
     u0 = bounds[k]
@@ -320,18 +326,19 @@ def _backward_block_phase(k, t, t_prev, phase, reset_after, bounds, gates, h_sta
 
 
 @njit(**_OPTS)
-def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengths, reverse, bounds, reset_after,
+def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengths, reverse, bounds,
                   max_nu, mode, d_in, d_hidden_n):
     """Backward through time, one block per thread. Returns dh0.
 
     Fills d_in (T*B, 3H): the gradients of the input-side pre-activations (x W_ih^T + b_ih)
     in torch's order, which for r and z are those of the recurrent side too; with
     reset_after, d_hidden_n (T*B, H): the gradient of W_hn h + b_hn (Cho's is d_in's n part).
-    w_ops / w_ops_n: the blocks' weight rows as backward GEMM operands (rows_are_inputs).
+    w_ops / w_ops_n: the blocks' weight rows as backward GEMM operands (rows_are_inputs);
+    w_ops_n None for reset_after, as in forward.
     """
     num_blocks = bounds.shape[0] - 1
     num_steps, batch, hidden = dy.shape
-    phases = 1 if reset_after else 2
+    phases = 1 if w_ops_n is None else 2
     dh_pass = dh_n.copy()
     partials = np.zeros((2, num_blocks, batch, hidden), dh_n.dtype)  # each block's share of dh, by step parity
     partial_reset = np.zeros((num_blocks, batch, hidden), dh_n.dtype)  # Cho: each block's share of d(r * h)
@@ -340,18 +347,18 @@ def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengt
     scratch = np.empty((num_blocks, max_nu), dh_n.dtype)
     sync = _new_sync(num_steps * phases, num_blocks)
     _launch(_backward_worker, num_blocks, (gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse,
-                                           bounds, reset_after, mode, d_in, d_hidden_n, dh_pass, partials,
-                                           partial_reset, dh_t, d_rec, scratch, sync))
+                                           bounds, mode, d_in, d_hidden_n, dh_pass, partials, partial_reset, dh_t,
+                                           d_rec, scratch, sync))
     return _sum_carry(dh_pass, partials[num_steps % 2])
 
 
 @njit(**_OPTS)
-def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse, bounds, reset_after,
+def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse, bounds,
                      mode, d_in, d_hidden_n, dh_pass, partials, partial_reset, dh_t, d_rec, scratch, sync):
     """Worker w of backward_loop: the whole time loop, running its own block each phase (or another's)."""
     num_blocks = bounds.shape[0] - 1
     num_steps = dy.shape[0]
-    phases = 1 if reset_after else 2
+    phases = 1 if w_ops_n is None else 2
     _worker_started(sync)
     for s in range(num_steps):
         t, t_prev = _backward_times(s, num_steps, reverse)
@@ -359,7 +366,7 @@ def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengt
             p = s * phases + phase
             k = _claim_block(sync, p, w, num_blocks)
             while k >= 0:
-                _call(_backward_block_phase, (k, t, t_prev, phase, reset_after, bounds, gates, h_states, h0,
+                _call(_backward_block_phase, (k, t, t_prev, phase, bounds, gates, h_states, h0,
                                               hidden_n, w_ops, w_ops_n, dy, lengths, dh_pass, partials[s & 1],
                                               partials[(s + 1) & 1], partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                                               scratch, mode))

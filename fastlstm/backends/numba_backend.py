@@ -380,7 +380,7 @@ class NumbaBackend(ReferenceBackend):
                           num_threads=num_threads)
 
     def _gru_operands(self, plan, w_hh, reset_after, rows_are_inputs, keep=False):
-        """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, unused), or
+        """The blocks' rows of W_hh as per-step GEMM operands: (all three gates, None), or
         Cho's (W_hr and W_hz, W_hn). keep: forward operands kept for inference (_forward_operand).
         The backward's (rows_are_inputs) are scratch, for the caller to give back."""
         hidden = w_hh.shape[1]
@@ -392,7 +392,7 @@ class NumbaBackend(ReferenceBackend):
             return self._forward_operand(plan, w, gates, keep, permute_gates)
 
         if reset_after:
-            return operand(w_hh, 3), np.empty((1, 1), w_hh.dtype)
+            return operand(w_hh, 3), None
         return operand(w_hh[: 2 * hidden], 2, permute_gates=2), operand(w_hh[2 * hidden :], 1, permute_gates=1)
 
     def gru_forward_sequence(self, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse, training, reset_after):
@@ -423,7 +423,7 @@ class NumbaBackend(ReferenceBackend):
             plan, gru_kernels.forward,
             x2, w_ih_ops, plan.parallel, gates, w_ops, w_ops_n, np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh),
             np.ascontiguousarray(h0),
-            step_lengths, reverse, plan.bounds, reset_after, training, plan.mode, rec, y, h_states, hidden_n,
+            step_lengths, reverse, plan.bounds, training, plan.mode, rec, y, h_states, hidden_n,
         )
         self._workspaces.give(rec)
         saved = None
@@ -450,7 +450,7 @@ class NumbaBackend(ReferenceBackend):
             plan, gru_kernels.backward_loop,
             saved.gates, saved.h_states, np.ascontiguousarray(saved.h0), saved.hidden_n, w_ops, w_ops_n,
             np.ascontiguousarray(dy), np.ascontiguousarray(dh_n), saved.lengths, saved.reverse, plan.bounds,
-            saved.reset_after, plan.max_units, plan.mode, d_in, d_hidden_n if saved.reset_after else d_in,
+            plan.max_units, plan.mode, d_in, d_hidden_n if saved.reset_after else d_in,
         )
         # After the loop: dx and the weight gradients as GEMMs over all T*B rows; per block on
         # the parallel plan (Numba's threads, no BLAS threads left spinning), else on NumPy's BLAS.
@@ -523,7 +523,7 @@ class NumbaBackend(ReferenceBackend):
             h_n = self._run(
                 plan, gru_kernels.forward,
                 x2, w_ih_ops, True, gates, w_ops, w_ops_n, b_ih, b_hh, states[0], lengths, False, plan.bounds,
-                reset_after, False, plan.mode, rec, y, unused, unused,
+                False, plan.mode, rec, y, unused, unused,
             )
             return (h_n,)
 
