@@ -215,7 +215,8 @@ def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, length
     w_ops: each block's rows of W_hh (reset_after) or of W_hr, W_hz (Cho) as GEMM operands
     for `mode` (numba_common.pack_operands); w_ops_n: Cho's W_hn rows likewise, or None for
     reset_after (torch's GRU; None, as GEMM_PACKED, so that the kernel compiled for it holds
-    none of Cho's code); rec: (num_blocks, B*3*max_nu) scratch; h_states, hidden_n: (T, B, H)
+    none of Cho's code: it would not even type, as Cho's code indexes w_ops_n, were the
+    branches not pruned); rec: (num_blocks, B*3*max_nu) scratch; h_states, hidden_n: (T, B, H)
     the carried state and what the reset met (W_hn h + b_hn, or r * h), written only when
     training.
     """
