@@ -450,8 +450,6 @@ def test_each_compiled_kernel_function_holds_only_its_own_code(make):
     """No kernel function links another one's compiled code into its own (each is called
     through _call or _launch by its symbol): every function is optimized and emitted once on a
     cold cache, not again in each caller (numba_common's rule)."""
-    from fastlstm.kernels import numba_gru
-
     for dtype, batch in (("float32", 17), ("float32", 1), ("float64", 3)):  # packed; batch-1 kernel; BLAS
         layer = make(32, 32, num_layers=2, bidirectional=True, backend="numba", dtype=dtype)
         x = np.ones((5, batch, 32), dtype)
@@ -460,10 +458,8 @@ def test_each_compiled_kernel_function_holds_only_its_own_code(make):
             y, _ = layer(x, lengths=np.arange(batch) % 5 + 1)
             if training:
                 layer.backward(np.ones_like(y))
-    dispatchers = {dispatcher for module in (common, kernels, numba_gru) for dispatcher in vars(module).values()
-                   if isinstance(dispatcher, numba.core.registry.CPUDispatcher)}
     compiled = 0
-    for dispatcher in dispatchers:
+    for dispatcher in numba_backend._cached_functions():
         own = (dispatcher.py_func.__module__.rsplit(".", 1)[1], dispatcher.py_func.__qualname__)
         for result in dispatcher.overloads.values():
             compiled += 1
