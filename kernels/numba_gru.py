@@ -4,10 +4,10 @@ Built on ``numba_common.py`` (blocking, step barrier, per-step GEMMs, activation
 docstring describes the scheme). A block owns the three gates r, z, n of its units. Per
 time step each block runs its recurrent GEMM (float32: the packed micro-kernel; otherwise
 single-threaded BLAS, or a hand-written kernel for batch 1) and then the fused pointwise
-cell update. The input projection x W_ih^T of all steps, and after the backward loop dx and
-the weight gradients, are large GEMMs over all T*B rows: on the parallel plan each block's
-share runs on the loop's own threads (the projection at the first step, ``gradients``
-after the loop), because a multi-threaded BLAS call next to the loop leaves BLAS's
+cell update. The input projection x W_ih^T, and after the backward loop dx and the weight
+gradients, are large GEMMs over all T*B rows: on the parallel plan each block's share runs
+on the loop's own threads (the projection at the first step, or each step's rows just
+before the step; ``gradients`` after the loop), because a multi-threaded BLAS call next to the loop leaves BLAS's
 threads spinning on the cores the loop needs (stream-1: 8 ms instead of 0.5); on one block
 the caller runs them on NumPy's BLAS.
 
@@ -39,6 +39,8 @@ from .numba_common import (
     _OPTS,
     GEMM_PACKED,
     PANEL,
+    PROJECT_AT_FIRST_STEP,
+    PROJECT_EACH_STEP,
     _add,
     _backward_times,
     _block_done,
@@ -62,7 +64,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "5435cf9d60322ca7"
+COMMON_SOURCE_DIGEST = "48bab48b4e103d03"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -129,10 +131,10 @@ def _reset_gradient(d_reset, other, gr, dr):
 
 # -- forward ------------------------------------------------------------------------------
 @njit(inline="always")  # one call site (_forward_worker), as numba_lstm._forward_block_step
-def _forward_block_phase(k, t, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
+def _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
                          rec, lengths, y, h_states, hidden_n, training, mode):
-    """Block k's share of step t: the whole step (reset_after: w_ops_n None), or Cho's phase 0
-    (r and z, r * h) or phase 1 (n and h')."""
+    """Block k's share of step t, whose gate rows start at row0: the whole step (reset_after:
+    w_ops_n None), or Cho's phase 0 (r and z, r * h) or phase 1 (n and h')."""
     reset_after = w_ops_n is None
     batch, hidden = h.shape
     u0 = bounds[k]
@@ -149,7 +151,7 @@ def _forward_block_phase(k, t, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh,
         rec_k = rec[k, batch * 2 * nu : batch * 3 * nu].reshape((batch, nu))
         _call(_gemm, (reset_h, w_ops_n[k], hidden, nu, rec_k, mode))
     for b in range(batch):
-        gr, gz, gn = _unit_views(gates[t * batch + b], hidden, u0, nu)
+        gr, gz, gn = _unit_views(gates[row0 + b], hidden, u0, nu)
         h_row, h_new = h[b, u0 : u0 + nu], h_next[b, u0 : u0 + nu]
         active = t < lengths[b]
         if reset_after or phase == 1:
@@ -183,7 +185,8 @@ def _forward_block_phase(k, t, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh,
 
 @njit(**_OPTS)
 def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
-    """Block k's units' columns of the input projection x W_ih^T of all T*B rows, gate by gate."""
+    """Block k's units' columns of the input projection x2 W_ih^T into the rows of `gates`
+    (as many as x2 has), gate by gate."""
     hidden = gates.shape[1] // 3
     inner = x2.shape[1]
     u0 = bounds[k]
@@ -202,16 +205,17 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
 
 
 @njit(**_OPTS)
-def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds,
+def forward(x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds,
             training, mode, rec, y, h_states, hidden_n):
     """Whole-sequence forward, one block of hidden units per thread. Returns h_n.
 
-    project: each block projects its columns of the input (x2 (T*B, I) @ its rows of W_ih,
-    laid out by pack_operands as w_ih_ops) at the first step; else the caller has, and
-    x2 and w_ih_ops are not read. A multi-threaded BLAS call just before the time loop
-    would leave BLAS's threads spinning on the cores the loop's workers need.
-    gates: (T*B, 3H) input projection x W_ih^T (no bias) in (or projected here), activated
-    gates out;
+    projection: PROJECT_AT_FIRST_STEP or PROJECT_EACH_STEP, where each block projects its
+    columns of the input (x2 (T*B, I) @ its rows of W_ih, laid out by pack_operands as
+    w_ih_ops); or PROJECTED_BY_CALLER, and x2 and w_ih_ops are not read. A multi-threaded
+    BLAS call just before the time loop would leave BLAS's threads spinning on the cores
+    the loop's workers need.
+    gates: (R, 3H) input projection x W_ih^T (no bias) in (or projected here), activated
+    gates out; R = B for PROJECT_EACH_STEP in inference (one step's), T*B otherwise;
     w_ops: each block's rows of W_hh (reset_after) or of W_hr, W_hz (Cho) as GEMM operands
     for `mode` (numba_common.pack_operands); w_ops_n: Cho's W_hn rows likewise, or None for
     reset_after (torch's GRU; None, as GEMM_PACKED, so that the kernel compiled for it holds
@@ -225,30 +229,36 @@ def forward(x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, h0, length
     h_buffers = _hidden_buffers(h0)  # step s reads h from [s % 2], writes the other
     reset_h = np.zeros_like(h0)  # Cho: r * h of the current step, all units
     sync = _new_sync(y.shape[0] * phases, num_blocks)
-    _launch(_forward_worker, num_blocks, (x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse,
+    _launch(_forward_worker, num_blocks, (x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse,
                                           bounds, training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h,
                                           sync))
     return h_buffers[y.shape[0] % 2].copy()
 
 
 @njit(**_OPTS)
-def _forward_worker(w, x2, w_ih_ops, project, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse, bounds,
+def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse, bounds,
                     training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h, sync):
     """Worker w of forward: the whole time loop, running its own block each phase (or another's)."""
     num_blocks = bounds.shape[0] - 1
-    num_steps = y.shape[0]
+    num_steps, batch = y.shape[0], y.shape[1]
     phases = 1 if w_ops_n is None else 2
     _worker_started(sync)
     for s in range(num_steps):
         t = num_steps - 1 - s if reverse else s
         h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
+        row0 = 0 if projection == PROJECT_EACH_STEP and not training else t * batch  # this step's gate rows
         for phase in range(phases):
             p = s * phases + phase
             k = _claim_block(sync, p, w, num_blocks)
             while k >= 0:
-                if project and p == 0:  # a block's steps read only its own gate columns
+                # A block's steps read only its own gate columns: it can project its input
+                # for all steps at the first step, or each step's just before it.
+                if projection == PROJECT_AT_FIRST_STEP and p == 0:
                     _call(_project_block, (k, bounds, x2, w_ih_ops, mode, gates))
-                _forward_block_phase(k, t, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
+                elif projection == PROJECT_EACH_STEP and phase == 0:
+                    _call(_project_block, (k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, mode,
+                                           gates[row0 : row0 + batch]))
+                _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
                                      h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
                 _block_done(sync, p, num_blocks)
                 k = _claim_block(sync, p, w, num_blocks)

@@ -20,12 +20,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_common import (  # noqa: F401  - PANEL and the modes are this module's interface too
+from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection modes are this module's interface too
     _OPTS,
     GEMM_BLAS,
     GEMM_PACKED,
     GEMM_SMALL,
     PANEL,
+    PROJECT_AT_FIRST_STEP,
+    PROJECT_EACH_STEP,
+    PROJECTED_BY_CALLER,
     _add,
     _backward_times,
     _block_done,
@@ -52,7 +55,7 @@ from .numba_common import (  # noqa: F401  - PANEL and the modes are this module
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "5435cf9d60322ca7"
+COMMON_SOURCE_DIGEST = "48bab48b4e103d03"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -150,11 +153,11 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
 
 
 @njit(**_OPTS)
-def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
-    """Block k's input projection of the rows of x2 into the first rows of its gate buffer
+def _input_projection_block(k, bounds, x2, w_ih_ops, gates, row0, mode):
+    """Block k's input projection of the rows of x2 into its gate rows from row0 on
     (unpacked: one row by the batch-1 kernel, more by BLAS)."""
     nu = bounds[k + 1] - bounds[k]
-    g_k = _block_view(gates, k, x2.shape[0], 4 * nu)
+    g_k = _block_view(gates, k, row0 + x2.shape[0], 4 * nu)[row0:]
     if mode is GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1):
         _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, mode))
     else:
@@ -162,19 +165,12 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, mode):
 
 
 @njit(**_OPTS)
-def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, descending):
-    """Block k's gate rows of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
+def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, row0, descending):
+    """Block k's gate rows row0 .. row0 + B of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
     nu = bounds[k + 1] - bounds[k]
-    g_k = _block_view(gates, k, x_t.shape[0], 4 * nu)
+    g_k = _block_view(gates, k, row0 + x_t.shape[0], 4 * nu)[row0:]
     _gemm_packed_sum(x_t, _panels(w_ih_ops[k], x_t.shape[1], 4 * nu), h, _panels(w_hh_ops[k], h.shape[1], 4 * nu),
                      g_k, descending)
-
-
-# Where the forward's input projection x W_ih^T comes from:
-PROJECTED_BY_CALLER = 0  # the caller has put it into the gate buffer (all steps)
-PROJECT_AT_FIRST_STEP = 1  # each block projects all steps at the first step (a tall GEMM)
-PROJECT_EACH_STEP = 2  # each block projects each step's rows just before it (inference only:
-#                        the gate buffer holds one step, so no gates go through memory)
 
 
 @njit(**_OPTS)
@@ -186,7 +182,7 @@ def forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, tr
     operands for `mode` (pack_operands); projection: PROJECTED_BY_CALLER, PROJECT_AT_FIRST_STEP
     or PROJECT_EACH_STEP; parity: 0 or 1, the packed GEMMs' panel order at the first step
     (zig-zag, numba_common: a caller running steps call after call flips it as it goes);
-    gates: (num_blocks, R*4*max_nu) scratch, R = B for PROJECT_EACH_STEP
+    gates: (num_blocks, R*4*max_nu) scratch, R = B for PROJECT_EACH_STEP in inference
     and T*B otherwise, that holds the activated gates of every step afterwards when training;
     rec: (num_blocks, B*4*max_nu) scratch; h_states / c_states: (T, B, H) carried states,
     written only when training.
@@ -210,7 +206,7 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
     for s in range(num_steps):
         t = num_steps - 1 - s if reverse else s
         h, h_next = h_buffers[s & 1], h_buffers[(s + 1) & 1]
-        row0 = 0 if projection == PROJECT_EACH_STEP else t * batch  # this step's gate rows
+        row0 = 0 if projection == PROJECT_EACH_STEP and not training else t * batch  # this step's gate rows
         descending = ((s + parity) & 1) == 1
         # Packed, each step's input projected just before it: both products in one pass
         # over the panels (zig-zag order).
@@ -221,11 +217,12 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
             # for all steps at the first step, or each step's just before it.
             if fused:
                 _call(_input_and_recurrent_block,
-                      (k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops, gates, descending))
+                      (k, bounds, x2[t * batch : (t + 1) * batch], h, w_ih_ops, w_hh_ops, gates, row0, descending))
             elif projection == PROJECT_EACH_STEP:
-                _call(_input_projection_block, (k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, mode))
+                _call(_input_projection_block,
+                      (k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, row0, mode))
             elif projection == PROJECT_AT_FIRST_STEP and s == 0:
-                _call(_input_projection_block, (k, bounds, x2, w_ih_ops, gates, mode))
+                _call(_input_projection_block, (k, bounds, x2, w_ih_ops, gates, 0, mode))
             _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                                 lengths, y, h_states, c_states, training, mode, fused, descending)
             _block_done(sync, s, num_blocks)

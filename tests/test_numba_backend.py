@@ -151,11 +151,15 @@ def test_inference_matches_numpy_on_every_feature(problem):
     assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, problem[5])
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("projection", ["PROJECT_EACH_STEP", "PROJECT_AT_FIRST_STEP", "PROJECTED_BY_CALLER"])
-def test_inference_matches_numpy_with_each_input_projection(projection, dtype, monkeypatch):
+def test_matches_numpy_with_each_input_projection(projection, dtype, training, monkeypatch):
     """Each place the forward's input projection can come from, with lengths, both
-    directions and an initial state, in eval mode (where all three are used)."""
+    directions and an initial state: eval mode's outputs, or training's outputs and
+    gradients (the gates each step's projection went into are the ones its backward reads)."""
+    if projection == "PROJECT_EACH_STEP" and training and dtype == "float64":
+        pytest.skip("training projects each step only with the packed GEMM (float32)")
     batch = 16 if projection == "PROJECT_EACH_STEP" else 4
     num_threads = 1 if projection == "PROJECTED_BY_CALLER" else min(2, fastlstm.threads.available_cores())
     if projection == "PROJECTED_BY_CALLER":
@@ -175,7 +179,11 @@ def test_inference_matches_numpy_with_each_input_projection(projection, dtype, m
     lengths = rng.integers(1, 10, size=batch)
     fastlstm.set_num_threads(num_threads)
     try:
-        assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, dtype)
+        if training:
+            dy = rng.standard_normal((9, batch, 128))
+            assert_layers_agree(numba_layer, numpy_layer, (x, state, lengths, dy, None), PARITY[dtype])
+        else:
+            assert_inference_matches(numba_layer, numpy_layer, x, state, lengths, dtype)
     finally:
         fastlstm.set_num_threads(None)
     assert seen and set(seen) == {getattr(kernels, projection)}

@@ -124,6 +124,49 @@ def test_every_plan_matches_numpy_threaded_and_in_turn(batch, hidden, dtype, mod
         assert np.array_equal(threaded[name], in_turn[name]), name
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize(("projection", "batch", "dtype"), [
+    ("PROJECT_EACH_STEP", 16, "float32"),
+    ("PROJECT_EACH_STEP", 16, "float64"),
+    ("PROJECT_AT_FIRST_STEP", 4, "float32"),
+    ("PROJECT_AT_FIRST_STEP", 16, "float64"),
+    ("PROJECTED_BY_CALLER", 4, "float32"),
+])
+def test_matches_numpy_with_each_input_projection(projection, batch, dtype, reset_after, training, monkeypatch):
+    """Each place the forward's input projection can come from (the caller on one block;
+    in the kernel on two, each step's from batch 16 on where the GEMM is packed), with
+    lengths, both directions and an initial state: eval outputs, or training's outputs and
+    gradients (the gates each step's projection went into are the ones its backward reads)."""
+    num_threads = 1 if projection == "PROJECTED_BY_CALLER" else 2
+    if num_threads > fastlstm.threads.available_cores():
+        pytest.skip("needs 2 cores")
+    if batch == 16 and dtype == "float64" and (projection == "PROJECT_EACH_STEP") == training:
+        pytest.skip("from batch 16 on inference projects each step; training only with the packed GEMM (float32)")
+    seen = []
+    original = numba_gru.forward
+
+    def spy(*args):
+        seen.append(args[2])  # the projection argument
+        return original(*args)
+
+    monkeypatch.setattr(numba_gru, "forward", spy)
+    fastlstm.set_num_threads(num_threads)
+    try:
+        layer, reference = gru_pair(dtype, input_size=5, hidden_size=64, bidirectional=True, reset_after=reset_after,
+                                    seed=2)
+        args = inputs(layer, 7, batch, seed=4, lengths=np.arange(batch) % 7 + 1)
+        if training:
+            assert_layers_agree(layer, reference, args, PARITY[dtype])
+        else:
+            (y, h_n), (y_ref, h_ref) = (gru.eval()(*args[:3]) for gru in (layer, reference))
+            assert_close(y, y_ref, PARITY[dtype], "y")
+            assert_close(h_n, h_ref, PARITY[dtype], "h_n")
+    finally:
+        fastlstm.set_num_threads(None)
+    assert seen and set(seen) == {getattr(common, projection)}
+
+
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_deterministic(reset_after):
     results = []

@@ -53,10 +53,12 @@ _PARALLEL_MIN_STEP_WORK = 32 * 1024
 _SMALL_BATCH = 1
 # Single-block plan: input projections smaller than this (multiply-adds) stay in the kernel.
 _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
-# Inference from this batch size on projects each step's input just before the step: the
-# gates of one step stay in cache instead of T steps' going through memory (train-m: ~9 %
-# faster). Below it, one tall GEMM over all steps reuses each weight panel far more (batch 1:
-# per-step projection is ~16 % slower).
+# From this batch size on each step's input is projected just before the step, with its
+# recurrent product where the GEMM is packed: the projection is not written for all T steps
+# and read back from memory (train-m inference ~9 % faster; training ~20 %, its gate rows
+# written once, as gates). Below it, one tall GEMM over all steps reuses each weight panel
+# far more (batch 1: per-step projection is ~16 % slower). Training with BLAS keeps the tall
+# GEMM (BLAS is far better at one tall product than at T short ones).
 _STEPWISE_PROJECTION_MIN_BATCH = 16
 # Plans kept (least recently used dropped first): one per shape, dtype, cell and thread count.
 _PLANS_KEPT = 64
@@ -293,16 +295,17 @@ class NumbaBackend(ReferenceBackend):
             w_hh_ops = self._forward_operand(plan, w_hh, 4, keep=True)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         x2 = x.reshape(num_steps * batch, input_size)
-        # The input projection: per block inside the kernel (each step's just before it for
-        # inference at batch >= 16, else all steps at the first step), or, for a large one on
-        # the single-block plan, one GEMM on NumPy's BLAS threads.
-        if not training and batch >= _STEPWISE_PROJECTION_MIN_BATCH:
-            projection = kernels.PROJECT_EACH_STEP
+        # The input projection: per block inside the kernel (each step's just before it at
+        # batch >= 16, packed or for inference; else all steps at the first step), or, for a
+        # large one on the single-block plan, one GEMM on NumPy's BLAS threads.
+        if _projects_each_step(plan, batch, training):
+            projection = common.PROJECT_EACH_STEP
         elif plan.parallel or x2.size * 4 * hidden < _NUMPY_PROJECTION_MIN_WORK:
-            projection = kernels.PROJECT_AT_FIRST_STEP
+            projection = common.PROJECT_AT_FIRST_STEP
         else:
-            projection = kernels.PROJECTED_BY_CALLER
-        gate_rows = batch if projection == kernels.PROJECT_EACH_STEP else num_steps * batch
+            projection = common.PROJECTED_BY_CALLER
+        one_step = projection == common.PROJECT_EACH_STEP and not training  # no gates kept
+        gate_rows = batch if one_step else num_steps * batch
         gates = take((plan.num_blocks, gate_rows * 4 * plan.max_units), dtype)
         rec = take((plan.num_blocks, batch * 4 * plan.max_units), dtype)
         scratch.append(rec)
@@ -313,7 +316,7 @@ class NumbaBackend(ReferenceBackend):
         else:
             h_states = c_states = np.empty((1, 1, 1), dtype)
             scratch.append(gates)
-        if projection == kernels.PROJECTED_BY_CALLER:
+        if projection == common.PROJECTED_BY_CALLER:
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates.reshape(num_steps * batch, 4 * hidden))
@@ -402,15 +405,23 @@ class NumbaBackend(ReferenceBackend):
         plan = self._gru_plan(batch, hidden, dtype, reset_after)
         take = self._workspaces.take
         x2 = x.reshape(num_steps * batch, input_size)
-        gates = take((num_steps * batch, 3 * hidden), dtype)
-        # The input projection of all steps: on the parallel plan each block's, in the kernel
-        # (see numba_gru._forward); on one block, one GEMM on NumPy's BLAS threads.
-        if plan.parallel:
-            w_ih_ops = self._forward_operand(plan, w_ih, 3, keep=not training)
+        # The input projection: on the parallel plan each block's, in the kernel (each step's
+        # just before it, as the LSTM's, else all steps at the first step; see
+        # numba_gru.forward); on one block, all steps in one GEMM on NumPy's BLAS threads.
+        if not plan.parallel:
+            projection = common.PROJECTED_BY_CALLER
+        elif _projects_each_step(plan, batch, training):
+            projection = common.PROJECT_EACH_STEP
         else:
+            projection = common.PROJECT_AT_FIRST_STEP
+        one_step = projection == common.PROJECT_EACH_STEP and not training  # no gates kept
+        gates = take((batch if one_step else num_steps * batch, 3 * hidden), dtype)
+        if projection == common.PROJECTED_BY_CALLER:
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
                 np.dot(x2, w_ih.T, out=gates)
+        else:
+            w_ih_ops = self._forward_operand(plan, w_ih, 3, keep=not training)
         w_ops, w_ops_n = self._gru_operands(plan, w_hh, reset_after, rows_are_inputs=False, keep=not training)
         step_lengths = np.full(batch, num_steps, np.int64) if lengths is None else lengths
         rec = take((plan.num_blocks, batch * 3 * plan.max_units), dtype)
@@ -421,7 +432,7 @@ class NumbaBackend(ReferenceBackend):
             h_states = hidden_n = np.empty((1, 1, 1), dtype)
         h_n = self._run(
             plan, gru_kernels.forward,
-            x2, w_ih_ops, plan.parallel, gates, w_ops, w_ops_n, np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh),
+            x2, w_ih_ops, projection, gates, w_ops, w_ops_n, np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh),
             np.ascontiguousarray(h0),
             step_lengths, reverse, plan.bounds, training, plan.mode, rec, y, h_states, hidden_n,
         )
@@ -501,7 +512,7 @@ class NumbaBackend(ReferenceBackend):
             return self._run(
                 plan, kernels.forward,
                 x2, w_ih_ops, w_hh_ops, bias_p, *states, lengths, False, plan.bounds, False, plan.mode,
-                kernels.PROJECT_EACH_STEP, parity, gates, rec, y, unused, unused,
+                common.PROJECT_EACH_STEP, parity, gates, rec, y, unused, unused,
                 calls_blas=plan.mode == common.GEMM_BLAS,  # batch 1 unpacked: the batch-1 kernel only
             )
 
@@ -522,8 +533,8 @@ class NumbaBackend(ReferenceBackend):
             rec = np.empty((plan.num_blocks, batch * 3 * plan.max_units), dtype)
             h_n = self._run(
                 plan, gru_kernels.forward,
-                x2, w_ih_ops, True, gates, w_ops, w_ops_n, b_ih, b_hh, states[0], lengths, False, plan.bounds,
-                False, plan.mode, rec, y, unused, unused,
+                x2, w_ih_ops, common.PROJECT_AT_FIRST_STEP, gates, w_ops, w_ops_n, b_ih, b_hh, states[0], lengths,
+                False, plan.bounds, False, plan.mode, rec, y, unused, unused,
             )
             return (h_n,)
 
@@ -572,6 +583,13 @@ class _StreamRun:
         self._parity = (parity + num_steps) & 1  # raced by streams on other threads: costs speed, no bit
         states_n = self._run(plan, packed, x.reshape(num_steps * batch, -1), tuple(states), lengths, y, parity)
         return y, states_n
+
+
+def _projects_each_step(plan: _Plan, batch: int, training: bool) -> bool:
+    """Whether a forward kernel projects each step's input just before the step
+    (_STEPWISE_PROJECTION_MIN_BATCH): from batch 16 on, for inference, or for training with
+    the packed GEMM."""
+    return batch >= _STEPWISE_PROJECTION_MIN_BATCH and (not training or plan.mode is common.GEMM_PACKED)
 
 
 def _gradients_mode(plan: _Plan, rows: int, hidden: int) -> int:
