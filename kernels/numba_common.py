@@ -790,18 +790,28 @@ def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
 
 @njit(**_OPTS)
 def same_bits(x, y):
-    """Whether two equal-length uint32 views hold the same bits (of float weights: NaN equals
-    itself, 0.0 differs from -0.0), read a chunk at a time with an exit at the first chunk
-    that differs: a changed weight is usually found at once, an unchanged one costs a read."""
+    """Whether two equal-length unsigned integer views hold the same bits (of float weights:
+    NaN equals itself, 0.0 differs from -0.0), read a chunk at a time with an exit at the
+    first chunk that differs: a changed weight is usually found at once, an unchanged one
+    costs a read. Each chunk is read as four interleaved quarters, four independent OR
+    chains: one chain waits on its own result each step (uint64 views, 256 KB: 15 -> 10 us)."""
     n = x.shape[0]
     start = 0
     while start < n:
         stop = min(start + 4096, n)
         xs, ys = x[start:stop], y[start:stop]
-        diff = np.uint32(0)
-        for i in range(xs.shape[0]):
-            diff |= xs[i] ^ ys[i]
-        if diff != 0:
+        q = xs.shape[0] // 4
+        x0, x1, x2, x3 = xs[:q], xs[q : 2 * q], xs[2 * q : 3 * q], xs[3 * q : 4 * q]
+        y0, y1, y2, y3 = ys[:q], ys[q : 2 * q], ys[2 * q : 3 * q], ys[3 * q : 4 * q]
+        d0 = d1 = d2 = d3 = xs[0] ^ xs[0]  # zero of the views' type
+        for i in range(q):
+            d0 |= x0[i] ^ y0[i]
+            d1 |= x1[i] ^ y1[i]
+            d2 |= x2[i] ^ y2[i]
+            d3 |= x3[i] ^ y3[i]
+        for i in range(4 * q, xs.shape[0]):
+            d0 |= xs[i] ^ ys[i]
+        if (d0 | d1 | d2 | d3) != 0:
             return False
         start = stop
     return True

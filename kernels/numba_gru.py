@@ -64,7 +64,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "48bab48b4e103d03"
+COMMON_SOURCE_DIGEST = "34011389e95eeb60"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------

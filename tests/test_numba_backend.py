@@ -25,6 +25,7 @@ if not fastlstm.available_backends()["numba"].available:
 import threadpoolctl  # noqa: E402
 
 from fastlstm.backends import numba_backend  # noqa: E402
+from fastlstm.backends.numba_backend import _bits  # noqa: E402
 from fastlstm.kernels import numba_common as common  # noqa: E402
 from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
 from lstm_testing import assert_close, assert_layers_agree, forward_backward, run_workers_in_turn  # noqa: E402
@@ -766,6 +767,28 @@ def test_inference_sees_weights_changed_in_place(make, hidden):
         change(layer.params[name])  # in place: the same array, the same address
         reference.load_state_dict(layer.state_dict())
         assert_close(layer(x)[0], reference(x)[0], 1e-5, name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("size", [1, 3, 7, 8, 33, 4095, 4097, 3 * 4096 + 5, 16384])
+def test_same_bits_finds_any_one_changed_item(size, dtype):
+    """The kept weights' check (common.same_bits on _bits views, uint64 where the size allows,
+    else uint32): equal bits pass; one bit changed in any item (each quarter of a chunk, chunk
+    edges, a tail past the last whole quarter) fails; NaN equals itself; -0.0 is not 0.0."""
+    kept = np.random.default_rng(size).standard_normal(size).astype(dtype)
+    kept[size // 2] = np.nan
+    live = kept.copy()
+    assert _bits(kept).dtype == (np.uint32 if kept.nbytes % 8 else np.uint64)
+    assert common.same_bits(_bits(kept), _bits(live))
+    positions = set(range(0, size, max(1, size // 61))) | {size - 1, size // 4, size // 2, 3 * size // 4}
+    positions |= {p for edge in range(4096, size, 4096) for p in (edge - 1, edge) if p < size}
+    for position in sorted(positions):
+        item = live[position : position + 1].view(np.uint32 if dtype == "float32" else np.uint64)
+        item ^= 1  # the lowest bit of one item
+        assert not common.same_bits(_bits(kept), _bits(live)), position
+        item ^= 1
+    zero = np.zeros(size, dtype)
+    assert not common.same_bits(_bits(zero), _bits(-zero))
 
 
 def test_kept_weights_are_bounded(monkeypatch):

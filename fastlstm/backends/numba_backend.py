@@ -127,8 +127,10 @@ class _KeptOperand:
 
 
 def _bits(w: np.ndarray) -> np.ndarray:
-    """A C-contiguous float array's bits as one flat uint32 array (no copy), for same_bits."""
-    return w.reshape(-1).view(np.uint32)
+    """A C-contiguous float array's bits as one flat unsigned array (no copy), for same_bits:
+    uint64 where its size allows (half the items to compare), else uint32."""
+    flat = w.reshape(-1)
+    return flat.view(np.uint64 if flat.nbytes % 8 == 0 else np.uint32)
 
 
 @dataclass
