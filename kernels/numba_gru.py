@@ -58,6 +58,7 @@ from .numba_common import (
     _panels,
     _sum_carry,
     _times_previous_states,
+    _view,
     _worker_started,
     sigmoid,
     tanh,
@@ -256,8 +257,9 @@ def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_
                 if projection == PROJECT_AT_FIRST_STEP and p == 0:
                     _call(_project_block, (k, bounds, x2, w_ih_ops, mode, gates))
                 elif projection == PROJECT_EACH_STEP and phase == 0:
-                    _call(_project_block, (k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, mode,
-                                           gates[row0 : row0 + batch]))
+                    x_t = _view(x2, t * batch * x2.shape[1], (batch, x2.shape[1]))
+                    _call(_project_block, (k, bounds, x_t, w_ih_ops, mode, _view(gates, row0 * gates.shape[1],
+                                                                                     (batch, gates.shape[1]))))
                 _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
                                      h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
                 _block_done(sync, p, num_blocks)

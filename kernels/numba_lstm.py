@@ -49,6 +49,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
     _sum_carry,
     _times_previous_states,
     _units,
+    _view,
     _worker_started,
     sigmoid,
     tanh,
@@ -157,7 +158,7 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, row0, mode):
     """Block k's input projection of the rows of x2 into its gate rows from row0 on
     (unpacked: one row by the batch-1 kernel, more by BLAS)."""
     nu = bounds[k + 1] - bounds[k]
-    g_k = _block_view(gates, k, row0 + x2.shape[0], 4 * nu)[row0:]
+    g_k = _view(gates, k * gates.shape[1] + row0 * 4 * nu, (x2.shape[0], 4 * nu))
     if mode is GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1):
         _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, mode))
     else:
@@ -168,7 +169,7 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, row0, mode):
 def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, row0, descending):
     """Block k's gate rows row0 .. row0 + B of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
     nu = bounds[k + 1] - bounds[k]
-    g_k = _block_view(gates, k, row0 + x_t.shape[0], 4 * nu)[row0:]
+    g_k = _view(gates, k * gates.shape[1] + row0 * 4 * nu, (x_t.shape[0], 4 * nu))
     _gemm_packed_sum(x_t, _panels(w_ih_ops[k], x_t.shape[1], 4 * nu), h, _panels(w_hh_ops[k], h.shape[1], 4 * nu),
                      g_k, descending)
 
