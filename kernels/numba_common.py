@@ -662,7 +662,7 @@ def _gemm_unpacked(a, a_transposed, b, c, accumulate):
     column panels first, as pack_operands lays out weights: read in place, a panel's rows
     lie one row of b apart (512 B to 2 KB at the gradients' widths), fall into a few of L1's
     sets and evict each other before the next tile reuses them (dW_ih and dW_hh of train-m
-    on one core: 77 -> 99 GFLOP/s, dx 60 -> 67; the same products, bit for bit). Copying a's
+    on one core: 58-80 -> 92-103 GFLOP/s, dx 55-72 -> 67-73; the same products, bit for bit). Copying a's
     chunk too (transposed into rows) measured no faster.
     """
     rows, cols = c.shape

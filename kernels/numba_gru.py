@@ -7,9 +7,9 @@ single-threaded BLAS, or a hand-written kernel for batch 1) and then the fused p
 cell update. The input projection x W_ih^T, and after the backward loop dx and the weight
 gradients, are large GEMMs over all T*B rows: on the parallel plan each block's share runs
 on the loop's own threads (the projection at the first step, or each step's rows just
-before the step; ``gradients`` after the loop), because a multi-threaded BLAS call next to the loop leaves BLAS's
-threads spinning on the cores the loop needs (stream-1: 8 ms instead of 0.5); on one block
-the caller runs them on NumPy's BLAS.
+before the step; ``gradients`` after the loop), because a multi-threaded BLAS call next to
+the loop leaves BLAS's threads spinning on the cores the loop needs (stream-1: 8 ms
+instead of 0.5); on one block the caller runs them on NumPy's BLAS.
 
 The two conventions differ in how many GEMMs a step needs:
 
@@ -65,7 +65,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "34011389e95eeb60"
+COMMON_SOURCE_DIGEST = "5082adf3ba9633d5"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -258,8 +258,8 @@ def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_
                     _call(_project_block, (k, bounds, x2, w_ih_ops, mode, gates))
                 elif projection == PROJECT_EACH_STEP and phase == 0:
                     x_t = _view(x2, t * batch * x2.shape[1], (batch, x2.shape[1]))
-                    _call(_project_block, (k, bounds, x_t, w_ih_ops, mode, _view(gates, row0 * gates.shape[1],
-                                                                                     (batch, gates.shape[1]))))
+                    gates_t = _view(gates, row0 * gates.shape[1], (batch, gates.shape[1]))
+                    _call(_project_block, (k, bounds, x_t, w_ih_ops, mode, gates_t))
                 _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
                                      h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
                 _block_done(sync, p, num_blocks)
