@@ -114,6 +114,20 @@ def forward_backward(layer, x, state, lengths, dy, dstate) -> dict:
     return {k: np.array(layer._storage.to_host(v), copy=True) for k, v in out.items()}
 
 
+def record_argument(monkeypatch, module, name: str, index: int) -> list:
+    """Wrap module.name (a kernel) for the test: each call appends its argument `index` to
+    the list returned, then runs the kernel."""
+    seen = []
+    original = getattr(module, name)
+
+    def spy(*args):
+        seen.append(args[index])
+        return original(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 def run_workers_in_turn(monkeypatch) -> None:
     """From now on in the test, the numba backend's kernels run their workers one after another
     on one thread (Numba's thread count held at 1, the plans keep their blocks), as a threading

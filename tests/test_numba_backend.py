@@ -28,7 +28,13 @@ from fastlstm.backends import numba_backend  # noqa: E402
 from fastlstm.backends.numba_backend import _bits  # noqa: E402
 from fastlstm.kernels import numba_common as common  # noqa: E402
 from fastlstm.kernels import numba_lstm as kernels  # noqa: E402
-from lstm_testing import assert_close, assert_layers_agree, forward_backward, run_workers_in_turn  # noqa: E402
+from lstm_testing import (  # noqa: E402
+    assert_close,
+    assert_layers_agree,
+    forward_backward,
+    record_argument,
+    run_workers_in_turn,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PARITY = {"float32": 1e-5, "float64": 1e-9}
@@ -165,14 +171,7 @@ def test_matches_numpy_with_each_input_projection(projection, dtype, training, m
     num_threads = 1 if projection == "PROJECTED_BY_CALLER" else min(2, fastlstm.threads.available_cores())
     if projection == "PROJECTED_BY_CALLER":
         monkeypatch.setattr(numba_backend, "_NUMPY_PROJECTION_MIN_WORK", 0)
-    seen = []
-    original = kernels.forward
-
-    def spy(*args):
-        seen.append(args[11])  # the projection argument
-        return original(*args)
-
-    monkeypatch.setattr(kernels, "forward", spy)
+    seen = record_argument(monkeypatch, kernels, "forward", 11)  # the projection argument
     numba_layer, numpy_layer = layer_pair(dtype, input_size=32, hidden_size=64, bidirectional=True)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((9, batch, 32))

@@ -19,7 +19,13 @@ if not fastlstm.available_backends()["numba"].available:
 
 from fastlstm.kernels import numba_common as common  # noqa: E402
 from fastlstm.kernels import numba_gru, numba_lstm  # noqa: E402
-from lstm_testing import assert_close, assert_layers_agree, forward_backward, run_workers_in_turn  # noqa: E402
+from lstm_testing import (  # noqa: E402
+    assert_close,
+    assert_layers_agree,
+    forward_backward,
+    record_argument,
+    run_workers_in_turn,
+)
 
 PARITY = {"float32": 1e-5, "float64": 1e-9}
 # Drawn problems (hypothesis) reach corners that fixed ones do not, one hidden unit through
@@ -143,14 +149,7 @@ def test_matches_numpy_with_each_input_projection(projection, batch, dtype, rese
         pytest.skip("needs 2 cores")
     if batch == 16 and dtype == "float64" and (projection == "PROJECT_EACH_STEP") == training:
         pytest.skip("from batch 16 on inference projects each step; training only with the packed GEMM (float32)")
-    seen = []
-    original = numba_gru.forward
-
-    def spy(*args):
-        seen.append(args[2])  # the projection argument
-        return original(*args)
-
-    monkeypatch.setattr(numba_gru, "forward", spy)
+    seen = record_argument(monkeypatch, numba_gru, "forward", 2)  # the projection argument
     fastlstm.set_num_threads(num_threads)
     try:
         layer, reference = gru_pair(dtype, input_size=5, hidden_size=64, bidirectional=True, reset_after=reset_after,
