@@ -28,6 +28,10 @@ import numpy as np
 
 _HEADER_KEY = "__fastlstm_header__"
 _MAX_HEADER_BYTES = 1 << 20  # the JSON header: a layer's is a few hundred bytes
+# How deep the header's arrays and objects may nest (a layer's: 2). Checked before parsing:
+# json's parser recurses once a level, and a file of 100000 '[' would run it to Python's
+# recursion limit, where even the garbage collector's callbacks fail.
+_MAX_HEADER_NESTING = 32
 MAX_FILE_MEMBERS = 100_000
 
 
@@ -129,7 +133,30 @@ def _members(archive: zipfile.ZipFile, path: Path) -> dict:
     return members
 
 
+def _nesting_depth(raw: bytes) -> int:
+    """How deep a JSON text's arrays and objects nest, brackets inside strings left out,
+    without parsing it (vectorized: linear in the text, whatever it holds). Over the part of
+    a text that json accepts, this is the depth its parser recurses to."""
+    text = np.frombuffer(raw, np.uint8)
+    if text.size == 0:
+        return 0
+    at = np.arange(text.size)
+    backslash = text == ord("\\")
+    # A quote opens or closes a string unless an odd run of backslashes comes just before it.
+    last_other = np.maximum.accumulate(np.where(backslash, -1, at))  # last non-backslash up to here
+    run_before = np.concatenate(([0], at[:-1] - last_other[:-1]))  # backslashes just before each byte
+    quote = (text == ord('"')) & (run_before % 2 == 0)
+    outside = np.cumsum(quote) % 2 == 0  # after an even number of quotes: not in a string
+    opens = outside & ((text == ord("[")) | (text == ord("{")))
+    closes = outside & ((text == ord("]")) | (text == ord("}")))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max())
+
+
 def _parse_header(raw: bytes, path: Path, kind: str) -> dict:
+    depth = _nesting_depth(raw)
+    if depth > _MAX_HEADER_NESTING:
+        raise CheckpointError(f"{path}: not a readable {kind} file: its header nests {depth} levels deep "
+                              f"(at most {_MAX_HEADER_NESTING})")
     header = json.loads(raw.decode("utf-8"))
     if not isinstance(header, dict) or header.get("format") != kind:
         found = header.get("format") if isinstance(header, dict) else None

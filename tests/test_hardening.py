@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from fastlstm import registry
+from fastlstm import checkpoint, registry
 from lstm_testing import CPU_BACKENDS, assert_close, forward_backward
 
 CELLS = ["lstm", "gru"]
@@ -249,8 +249,10 @@ def test_hostile_layer_files_are_refused_before_anything_large_is_allocated(tmp_
         "huge_shape.npz": ({**layer_file_members(config, {}),
                             "weight_ih_l0.npy": npy_bytes(np.zeros(3, np.float32)).replace(b"(3,)", b"(1000000000000,)")},
                            zipfile.ZIP_STORED, "do not match|declares shape"),
+        # refused before json's parser recurses 100000 levels (near Python's recursion limit
+        # even the garbage collector's callbacks fail)
         "deep_header.npz": ({"__fastlstm_header__.npy": npy_bytes(np.frombuffer(b"[" * 100000, np.uint8))},
-                            zipfile.ZIP_STORED, "not a readable"),
+                            zipfile.ZIP_STORED, "not a readable .* nests 100000 levels deep"),
         "object_array.npz": ({**layer_file_members(config, arrays),
                               "weight_ih_l0.npy": npy_bytes(np.zeros((16, 3), np.float32)).replace(b"'<f4'", b"'|O' ")},
                              zipfile.ZIP_STORED, "dtype|not a readable"),
@@ -270,6 +272,19 @@ def test_hostile_layer_files_are_refused_before_anything_large_is_allocated(tmp_
     data[at] ^= 0xFF
     (tmp_path / "flipped.npz").write_bytes(bytes(data))
     refused_cheaply(tmp_path / "flipped.npz", "not a readable")
+
+
+@pytest.mark.parametrize(("text", "depth"), [
+    (b"", 0),
+    (b'{"format": "layer", "config": {"hidden_size": 4, "sizes": [1, [2]]}}', 4),
+    (b'{"name": "[[[{{"}', 1),  # brackets in a string do not nest
+    (b'["]]]]]", [[1]]]', 3),  # nor do they close
+    (b'["a\\\\", [[1]]]', 3),  # an escaped backslash, then the string's end
+    (b'["a\\"[[", 1]', 1),  # an escaped quote: the string goes on
+    (b"[" * 1000, 1000),
+])
+def test_a_header_nesting_is_measured_without_parsing(text, depth):
+    assert checkpoint._nesting_depth(text) == depth
 
 
 def test_saving_writes_through_symlinks_keeps_permissions_and_takes_long_names(tmp_path):
