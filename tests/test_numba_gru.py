@@ -141,7 +141,8 @@ def test_every_plan_matches_numpy_threaded_and_in_turn(batch, hidden, dtype, mod
 ])
 def test_matches_numpy_with_each_input_projection(projection, batch, dtype, reset_after, training, monkeypatch):
     """Each place the forward's input projection can come from (the caller on one block;
-    in the kernel on two, each step's from batch 16 on where the GEMM is packed), with
+    in the kernel on two, each step's from batch 16 on, in training only where the GEMM is
+    packed), with
     lengths, both directions and an initial state: eval outputs, or training's outputs and
     gradients (the gates each step's projection went into are the ones its backward reads)."""
     num_threads = 1 if projection == "PROJECTED_BY_CALLER" else 2
