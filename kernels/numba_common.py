@@ -41,6 +41,7 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
@@ -474,7 +475,15 @@ GEMM_PACKED = None  # _gemm_packed, float32; operand (N / PANEL, K, PANEL) colum
 # a register-tiled micro-kernel (LLVM vector IR, below) multiplies by it with no
 # per-call packing, which is what BLAS spends 20-40 % of a small per-step GEMM on.
 # Tile shapes fit the vector registers: 32 of 512 bits with AVX-512, 16 of 256 without.
-_AVX512 = "+avx512f" in llvm_binding.get_host_cpu_features().flatten().split(",")
+# The features are those Numba compiles for: NUMBA_CPU_FEATURES where set (with
+# NUMBA_CPU_NAME=haswell and NUMBA_CPU_FEATURES="", an AVX-512 machine builds and runs the
+# AVX2 kernels, as the tests do), else the host's.
+def _target_features() -> list:
+    features = numba_config.CPU_FEATURES
+    return (llvm_binding.get_host_cpu_features().flatten() if features is None else features).split(",")
+
+
+_AVX512 = "+avx512f" in _target_features()
 _LANES = 16 if _AVX512 else 8  # float32 per vector register
 PANEL = 2 * _LANES  # columns per panel: two vectors
 _TILE_ROWS = 8 if _AVX512 else 6  # 16 (12) accumulators + 2 operand vectors + 1 broadcast

@@ -522,6 +522,50 @@ def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
     assert {"forward", "_forward_worker", "_input_projection_block", "_gemm", "pack_operands"} <= set(seen["lstm"])
 
 
+def test_the_avx2_kernels_match_numpy(tmp_path):
+    """The kernels built for a CPU without AVX-512 (8-lane vectors, 16-column panels, 6-row
+    tiles), on whatever CPU runs the tests: a fresh process with Numba targeting Haswell
+    (NUMBA_CPU_NAME=haswell, NUMBA_CPU_FEATURES="") and an empty cache. LSTM and GRU,
+    training (outputs and every gradient) and eval at batch 16 and 1, against NumPy."""
+    script = tmp_path / "avx2.py"
+    script.write_text(textwrap.dedent("""
+        import json
+        import numpy as np
+        import fastlstm
+        from fastlstm.kernels import numba_common as common
+
+        def error(actual, expected):
+            return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+        errors = {"panel": common.PANEL, "avx512": common._AVX512}
+        rng = np.random.default_rng(0)
+        for name, make in (("lstm", fastlstm.LSTM), ("gru", fastlstm.GRU)):
+            layers = [make(8, 64, backend=backend, dtype="float32", seed=0, bidirectional=True)
+                      for backend in ("numba", "numpy")]
+            layers[1].load_state_dict(layers[0].state_dict())
+            x = rng.standard_normal((5, 16, 8)).astype(np.float32)
+            lengths = np.arange(16) % 5 + 1
+            dy = rng.standard_normal((5, 16, 128)).astype(np.float32)
+            results = []
+            for layer in layers:
+                y, _ = layer.train()(x, lengths=lengths)
+                dx, _ = layer.backward(dy)
+                eval_16, _ = layer.eval()(x, lengths=lengths)
+                eval_1, _ = layer(x[:, :1])
+                results.append({"y": y, "dx": dx, "eval_16": eval_16, "eval_1": eval_1, **layer.grads})
+            for key in results[1]:
+                errors[f"{name} {key}"] = error(results[0][key], results[1][key])
+        print(json.dumps(errors))
+    """))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO), NUMBA_CPU_NAME="haswell",
+               NUMBA_CPU_FEATURES="")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (errors.pop("panel"), errors.pop("avx512")) == (16, False)
+    assert len(errors) == 2 * (4 + 8) and all(value <= 1e-5 for value in errors.values()), errors  # 8: 2 directions
+
+
 def test_one_compiled_gradients_kernel_serves_packed_and_blas_gradients(monkeypatch):
     """The LSTM's gradients after the backward loop take BLAS for large layers and the
     micro-kernel for small ones (_gradients_mode): the kernel gets a flag, not the GEMM mode
