@@ -663,6 +663,15 @@ _K_CHUNK = 128
 
 
 @njit(inline="always")
+def _rows_into_panels(src, r0, n_rows, dst):
+    """dst (N / PANEL, n_rows, PANEL) = rows r0 .. r0 + n_rows of src (., N), as column panels."""
+    for p in range(dst.shape[0]):
+        for i in range(n_rows):
+            for q in range(PANEL):  # a plain loop: a slice copy per row costs a view
+                dst[p, i, q] = src[r0 + i, p * PANEL + q]
+
+
+@njit(inline="always")
 def _gemm_unpacked(a, a_transposed, b, c, accumulate):
     """c (M, N) (+)= op(a) @ b for float32 with N a multiple of PANEL, a read in place.
 
@@ -681,10 +690,7 @@ def _gemm_unpacked(a, a_transposed, b, c, accumulate):
     panels = np.empty(_K_CHUNK * cols, np.float32)  # a chunk of b: (cols / PANEL, kc, PANEL)
     for k0 in range(0, inner, _K_CHUNK):
         kc = min(_K_CHUNK, inner - k0)
-        for k in range(kc):
-            row = b[k0 + k]
-            for p in range(cols // PANEL):
-                _copy(row[p * PANEL : (p + 1) * PANEL], panels[(p * kc + k) * PANEL : (p * kc + k + 1) * PANEL])
+        _rows_into_panels(b, k0, kc, _view(panels, 0, (cols // PANEL, kc, PANEL)))
         a_addr = a.ctypes.data + k0 * a_col * 4
         for p in range(cols // PANEL):
             _tiles_of_panel(a_addr, a_row, a_col, rows, panels.ctypes.data + p * kc * PANEL * 4, PANEL,
@@ -767,11 +773,7 @@ def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
         n_rows = gates * bounds[k + 1] - r0
         if rows_are_inputs:  # operand (gates*nu, K)
             if mode is GEMM_PACKED:
-                dst = _view(out, k * out.shape[1], (width // PANEL, n_rows, PANEL))
-                for p in range(width // PANEL):
-                    for i in range(n_rows):
-                        for q in range(PANEL):  # a plain loop: a slice copy per row costs a view
-                            dst[p, i, q] = w_p[r0 + i, p * PANEL + q]
+                _rows_into_panels(w_p, r0, n_rows, _view(out, k * out.shape[1], (width // PANEL, n_rows, PANEL)))
             else:
                 for i in range(n_rows):
                     _copy(w_p[r0 + i], out[k, i * width : (i + 1) * width])
