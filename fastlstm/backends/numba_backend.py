@@ -55,10 +55,11 @@ _SMALL_BATCH = 1
 _NUMPY_PROJECTION_MIN_WORK = 8 * 1024 * 1024
 # From this batch size on each step's input is projected just before the step, with its
 # recurrent product where the GEMM is packed: the projection is not written for all T steps
-# and read back from memory (train-m: the inference forward ~9 % faster, the training forward
-# ~13 %, its gate rows written once, as gates). Below it, one tall GEMM over all steps reuses each weight panel
-# far more (batch 1: per-step projection is ~16 % slower). Training with BLAS keeps the tall
-# GEMM (BLAS is far better at one tall product than at T short ones).
+# and read back from memory (train-m: the inference forward ~9 % faster, the training
+# forward ~13 %, its gate rows written once, as gates). Below it, one tall GEMM over all
+# steps reuses each weight panel far more (batch 1: per-step projection is ~16 % slower).
+# Training with BLAS keeps the tall GEMM (BLAS is far better at one tall product than at T
+# short ones).
 _STEPWISE_PROJECTION_MIN_BATCH = 16
 # Plans kept (least recently used dropped first): one per shape, dtype, cell and thread count.
 _PLANS_KEPT = 64
@@ -306,8 +307,7 @@ class NumbaBackend(ReferenceBackend):
             projection = common.PROJECT_AT_FIRST_STEP
         else:
             projection = common.PROJECTED_BY_CALLER
-        one_step = projection == common.PROJECT_EACH_STEP and not training  # no gates kept
-        gate_rows = batch if one_step else num_steps * batch
+        gate_rows = _gate_rows(projection, training, num_steps, batch)
         gates = take((plan.num_blocks, gate_rows * 4 * plan.max_units), dtype)
         rec = take((plan.num_blocks, batch * 4 * plan.max_units), dtype)
         scratch.append(rec)
@@ -416,8 +416,7 @@ class NumbaBackend(ReferenceBackend):
             projection = common.PROJECT_EACH_STEP
         else:
             projection = common.PROJECT_AT_FIRST_STEP
-        one_step = projection == common.PROJECT_EACH_STEP and not training  # no gates kept
-        gates = take((batch if one_step else num_steps * batch, 3 * hidden), dtype)
+        gates = take((_gate_rows(projection, training, num_steps, batch), 3 * hidden), dtype)
         if projection == common.PROJECTED_BY_CALLER:
             w_ih_ops = np.empty((1, 1), dtype)
             with self._numpy_blas():
@@ -592,6 +591,12 @@ def _projects_each_step(plan: _Plan, batch: int, training: bool) -> bool:
     (_STEPWISE_PROJECTION_MIN_BATCH): from batch 16 on, for inference, or for training with
     the packed GEMM."""
     return batch >= _STEPWISE_PROJECTION_MIN_BATCH and (not training or plan.mode is common.GEMM_PACKED)
+
+
+def _gate_rows(projection: int, training: bool, num_steps: int, batch: int) -> int:
+    """Rows of a forward's gate buffer: one step's where each step is projected just before
+    it and nothing is kept (inference), else every step's (the kernels index it alike)."""
+    return batch if projection == common.PROJECT_EACH_STEP and not training else num_steps * batch
 
 
 def _gradients_mode(plan: _Plan, rows: int, hidden: int) -> int:
