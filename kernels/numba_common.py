@@ -671,30 +671,97 @@ def _rows_into_panels(src, r0, n_rows, dst):
                 dst[p, i, q] = src[r0 + i, p * PANEL + q]
 
 
+# Rows of op(a) a chunk's copy holds at a time: 128 KB of a at _K_CHUNK, reused by every panel from L2.
+_M_BLOCK = 256
+# The most of b (floats, 512 KB) that _gemm_unpacked copies whole rather than chunk by chunk.
+_B_WHOLE = 128 * 1024
+# The fewest columns of c for which _gemm_unpacked copies op(a): a copy that one or two panels
+# reuse costs more than it saves (small's dW and dx: one panel).
+_A_COPY_MIN_COLS = 4 * PANEL
+
+
+@njit(inline="always")
+def _a_into_groups(a, a_transposed, m0, k0, kc, dst):
+    """dst (n, kc, _LANES) = op(a)[m0 + g * _LANES + r, k0 + k] at dst[g, k, r]: op(a)'s rows in
+    groups of _LANES, each group's columns one after another (the tile kernels read it in order)."""
+    lda = a.strides[0] // 4
+    for g in range(dst.shape[0]):
+        r0 = m0 + g * _LANES
+        if a_transposed:  # op(a)'s rows are a's columns: row copies
+            for k in range(kc):
+                for r in range(_LANES):
+                    dst[g, k, r] = a[k0 + k, r0 + r]
+        else:  # a transpose, _LANES x _LANES at a time
+            whole = kc - kc % _LANES
+            for j in range(0, whole, _LANES):
+                _transpose_tile(a.ctypes.data + (r0 * lda + k0 + j) * 4, lda, dst.ctypes.data + (g * kc + j) * _LANES * 4,
+                                _LANES)
+            for k in range(whole, kc):
+                for r in range(_LANES):
+                    dst[g, k, r] = a[r0 + r, k0 + k]
+
+
+@njit(inline="always")
+def _block_of_chunk(a, a_transposed, m0, m1, k0, kc, panels, groups, c, accumulate):
+    """c[m0:m1] (+)= op(a)[m0:m1, k0:k0 + kc] @ (a chunk of b as column panels at `panels`):
+    op(a)'s rows copied into groups (the last (m1 - m0) % _LANES read in place)."""
+    cols = c.shape[1]
+    lda, ldc = a.strides[0] // 4, c.strides[0] // 4
+    a_row, a_col = (1, lda) if a_transposed else (lda, 1)
+    grouped = m0 + (m1 - m0) // _LANES * _LANES if groups.size > 0 else m0
+    n_groups = (grouped - m0) // _LANES
+    _a_into_groups(a, a_transposed, m0, k0, kc, _view(groups, 0, (n_groups, kc, _LANES)))
+    for p in range(cols // PANEL):
+        b_addr = panels.ctypes.data + p * kc * PANEL * 4
+        for g in range(n_groups):
+            _tiles_of_panel(groups.ctypes.data + g * kc * _LANES * 4, 1, _LANES, _LANES, b_addr, PANEL,
+                            c.ctypes.data + ((m0 + g * _LANES) * ldc + p * PANEL) * 4, ldc, kc, accumulate)
+        if grouped < m1:
+            _tiles_of_panel(a.ctypes.data + (grouped * a_row + k0 * a_col) * 4, a_row, a_col, m1 - grouped, b_addr,
+                            PANEL, c.ctypes.data + (grouped * ldc + p * PANEL) * 4, ldc, kc, accumulate)
+
+
 @njit(inline="always")
 def _gemm_unpacked(a, a_transposed, b, c, accumulate):
-    """c (M, N) (+)= op(a) @ b for float32 with N a multiple of PANEL, a read in place.
+    """c (M, N) (+)= op(a) @ b for float32 with N a multiple of PANEL.
 
     op(a) = a (M, K), or a.T when a_transposed (a is (K, M)); a, b and c may be row
-    slices of larger arrays (unit stride along rows). Each chunk of b's rows is copied into
-    column panels first, as pack_operands lays out weights: read in place, a panel's rows
-    lie one row of b apart (512 B to 2 KB at the gradients' widths), fall into a few of L1's
-    sets and evict each other before the next tile reuses them (dW_ih and dW_hh of train-m
-    on one core: 58-80 -> 92-103 GFLOP/s, dx 55-72 -> 67-73; the same products, bit for bit). Copying a's
-    chunk too (transposed into rows) measured no faster.
+    slices of larger arrays (unit stride along rows). K is cut into chunks; each chunk of
+    b's rows is copied into column panels, as pack_operands lays out weights, and (c at
+    least _A_COPY_MIN_COLS wide) op(a)'s rows, _M_BLOCK at a time, into groups of _LANES
+    rows that the tiles read in order. Read in place, the operands' rows lie one row apart
+    (0.5-8 KB at the gradients' widths): they fall into a few of L1's sets and evict each
+    other before the next tile reuses them, and a's strides lie beyond the prefetchers'
+    reach (one core, alternated: train-m's dW 58-80 -> 92-103 GFLOP/s from b's copy; a's
+    copy then dW 1.0x at train-m and 1.2x at train-l, dx 1.4-1.6x). Where a is copied, c has
+    more than one block of rows and all of b's chunks fit in _B_WHOLE (dx: K = 4H, N = I), they are
+    copied first and each block of c's rows takes every chunk in turn while it stays in
+    cache; else (the weight gradients, K = T*B) each chunk meets every block. Each element of c adds the chunks' products in k order
+    either way: the bits depend on neither the copies nor the order.
     """
     rows, cols = c.shape
     inner = a.shape[0] if a_transposed else a.shape[1]
-    lda, ldc = a.strides[0] // 4, c.strides[0] // 4
-    a_row, a_col = (1, lda) if a_transposed else (lda, 1)
-    panels = np.empty(_K_CHUNK * cols, np.float32)  # a chunk of b: (cols / PANEL, kc, PANEL)
-    for k0 in range(0, inner, _K_CHUNK):
-        kc = min(_K_CHUNK, inner - k0)
-        _rows_into_panels(b, k0, kc, _view(panels, 0, (cols // PANEL, kc, PANEL)))
-        a_addr = a.ctypes.data + k0 * a_col * 4
-        for p in range(cols // PANEL):
-            _tiles_of_panel(a_addr, a_row, a_col, rows, panels.ctypes.data + p * kc * PANEL * 4, PANEL,
-                            c.ctypes.data + p * PANEL * 4, ldc, kc, accumulate or k0 > 0)
+    # with one block of rows, or a read in place, b's chunks in turn measured faster (from L1)
+    copy_a = cols >= _A_COPY_MIN_COLS
+    whole_b = copy_a and rows > _M_BLOCK and inner * cols <= _B_WHOLE
+    m_block = _M_BLOCK if copy_a else max(rows, 1)  # read in place, a's rows need no blocks
+    panels = np.empty((inner if whole_b else min(_K_CHUNK, inner)) * cols, np.float32)
+    groups = np.empty(_K_CHUNK * min(rows, _M_BLOCK) if copy_a else 0, np.float32)  # op(a)'s block: (n, kc, _LANES)
+    if whole_b:
+        for k0 in range(0, inner, _K_CHUNK):
+            kc = min(_K_CHUNK, inner - k0)
+            _rows_into_panels(b, k0, kc, _view(panels, k0 * cols, (cols // PANEL, kc, PANEL)))
+        for m0 in range(0, rows, _M_BLOCK):
+            for k0 in range(0, inner, _K_CHUNK):
+                _block_of_chunk(a, a_transposed, m0, min(rows, m0 + _M_BLOCK), k0, min(_K_CHUNK, inner - k0),
+                                panels[k0 * cols :], groups, c, accumulate or k0 > 0)
+    else:
+        for k0 in range(0, inner, _K_CHUNK):
+            kc = min(_K_CHUNK, inner - k0)
+            _rows_into_panels(b, k0, kc, _view(panels, 0, (cols // PANEL, kc, PANEL)))
+            for m0 in range(0, rows, m_block):
+                _block_of_chunk(a, a_transposed, m0, min(rows, m0 + m_block), k0, kc, panels, groups, c,
+                                accumulate or k0 > 0)
 
 
 @njit(inline="always")

@@ -659,19 +659,29 @@ def test_packed_forward_operand_is_the_transposed_weights_in_panels(width):
         assert np.array_equal(out[k].reshape(panels.shape), panels)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 17])
-@pytest.mark.parametrize("inner", [5, common._K_CHUNK, 2 * common._K_CHUNK + 37])  # one, exactly one, three chunks
-def test_unpacked_gemm_for_the_gradients(transposed, rows, inner):
-    """c (+)= op(a) @ b on operands read in place (row slices of wider arrays), against NumPy."""
-    from numba import njit
+@functools.cache
+def _unpacked_gemm():
+    """_gemm_unpacked compiled once for every case (its arguments' types are the same)."""
 
-    @njit
+    @numba.njit
     def gemm(a, a_transposed, b, c, accumulate):
         common._gemm_unpacked(a, a_transposed, b, c, accumulate)
 
+    return gemm
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 17, 2 * common._M_BLOCK + 19])
+@pytest.mark.parametrize("inner", [5, common._K_CHUNK, 2 * common._K_CHUNK + 37, 8 * common._K_CHUNK + 37])
+@pytest.mark.parametrize("panels", [2, common._A_COPY_MIN_COLS // common.PANEL])
+def test_unpacked_gemm_for_the_gradients(transposed, rows, inner, panels):
+    """c (+)= op(a) @ b on operands read in place (row slices of wider arrays), against NumPy:
+    one, exactly one, several chunks of K; rows in one block of op(a)'s copy or several, in
+    its groups and after them; c too narrow for op(a)'s copy and wide enough; b copied whole
+    or chunk by chunk."""
+    gemm = _unpacked_gemm()
     rng = np.random.default_rng(rows * inner)
-    cols = 2 * common.PANEL
+    cols = panels * common.PANEL
     wide_a = rng.standard_normal((inner + 3, rows + 9) if transposed else (rows + 3, inner + 9)).astype(np.float32)
     a = wide_a[:inner, :rows] if transposed else wide_a[:rows, :inner]
     b = rng.standard_normal((inner, cols + 16)).astype(np.float32)[:, :cols]
