@@ -574,6 +574,7 @@ def test_one_compiled_gradients_kernel_serves_packed_and_blas_gradients(monkeypa
         pytest.skip("needs 2 cores: the one-block plan runs its gradients on NumPy")
     monkeypatch.setattr(numba_backend, "_GRADIENTS_BY_BLAS", True)
     monkeypatch.setattr(numba_backend, "_GRADIENTS_BLAS_MIN_ROWS", 40)
+    monkeypatch.setattr(numba_backend, "_GRADIENTS_BLAS_MIN_COLUMNS", 512)
     layer = fastlstm.LSTM(32, 128, backend="numba", dtype="float32", seed=0)
     modes = set()
     for batch in (2, 16):  # 10 rows, packed; 80 rows, BLAS

@@ -74,16 +74,18 @@ _KEPT_OPERAND_BYTES = 256 * 2**20
 _WORKSPACE_BYTES = 512 * 2**20
 # The LSTM's GEMMs after the backward loop (weight and input gradients; on the parallel plan,
 # each block's share on its own thread): BLAS, single-threaded per block, or the float32
-# micro-kernel reading the operands in place. Measured on the 2-core Intel Xeon (Emerald
-# Rapids) VM, whole training steps, BLAS against the micro-kernel: train-m and train-l 1.15x
-# faster; small, stream-1 and deep (B*T = 800) 0.91-0.98x; the GRU's (gate columns copied
-# for BLAS) 0.88x. On the 2-core AMD Zen 4 VM the micro-kernel was 1.2x faster than BLAS at
-# train-m (bench/results/2026-11-27-cpu-2core.md). So: BLAS for large LSTM layers
-# (_GRADIENTS_BLAS_MIN_ROWS steps x sequences, 4H >= _GRADIENTS_BLAS_MIN_COLUMNS) except on
-# AMD Zen; the micro-kernel otherwise. Deterministic either way (one order of sums a shape).
+# micro-kernel on copies of the operands' chunks. Measured on the 2-core Intel Xeon (Emerald
+# Rapids) VM, whole training steps, BLAS against the micro-kernel: train-l 1.05x faster
+# (1.01-1.27 over 26 alternated rounds), train-m 0.95-0.98x, deep 1.0x (before the
+# micro-kernel copied a's rows, train-m too was 1.15x faster with BLAS); small and stream-1
+# 0.91-0.98x; the GRU's (gate columns copied for BLAS) 0.88x. On the 2-core AMD Zen 4 VM the
+# micro-kernel was 1.2x faster than BLAS at train-m (bench/results/2026-11-27-cpu-2core.md).
+# So: BLAS for wide LSTM layers (_GRADIENTS_BLAS_MIN_ROWS steps x sequences,
+# 4H >= _GRADIENTS_BLAS_MIN_COLUMNS) except on AMD Zen; the micro-kernel otherwise.
+# Deterministic either way (one order of sums a shape).
 _GRADIENTS_BY_BLAS = not llvm_binding.get_host_cpu_name().startswith("znver")
 _GRADIENTS_BLAS_MIN_ROWS = 1024
-_GRADIENTS_BLAS_MIN_COLUMNS = 512
+_GRADIENTS_BLAS_MIN_COLUMNS = 2048
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 # Held by every section that uses more than one core or sets BLAS's thread count (see the
