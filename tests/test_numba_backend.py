@@ -614,6 +614,27 @@ def test_block_bounds_cover_every_unit_once():
             assert sorted(perm) == list(range(4 * hidden))
 
 
+@pytest.mark.parametrize("cell_gates, gates", [(4, None), (3, None), (3, 2), (3, 1)],
+                         ids=["lstm", "gru", "cho-rz", "cho-n"])
+def test_plans_permute_rows_by_slices_as_block_permutation_orders_them(cell_gates, gates):
+    """_Plan.permute / permute_into copy runs of rows; they must give the rows block_permutation
+    names (the reference order), for the plan's own gate count and for Cho's parts, and
+    unpermute_into must undo it (weights, and 1-D biases)."""
+    backend = fastlstm.LSTM(2, 2, backend="numba")._current_backend()
+    hidden = 72
+    for threads in (2, 3):  # 2 and 3 blocks
+        plan = backend._plan(64, hidden, np.float32, gates=cell_gates, widths=(cell_gates,), num_threads=threads)
+        assert plan.num_blocks == threads
+        count = cell_gates if gates is None else gates
+        order = common.block_permutation(plan.bounds, hidden, count)
+        for shape in ((count * hidden, 7), (count * hidden,)):
+            w = np.random.default_rng(threads).standard_normal(shape).astype(np.float32)
+            permuted = plan.permute(w, gates)
+            assert np.array_equal(permuted, w[order])
+            if gates is None:
+                assert np.array_equal(plan.unpermute_into(permuted, np.empty_like(w)), w)
+
+
 @pytest.mark.parametrize("mode", [common.GEMM_BLAS, common.GEMM_SMALL, common.GEMM_PACKED])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 16, 17])
 def test_per_step_gemm_modes_and_operand_layouts(mode, rows):

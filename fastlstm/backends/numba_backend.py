@@ -100,6 +100,7 @@ class _Plan:
     mode: int | None  # common.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED (None)
     num_blocks: int
     max_units: int
+    gates: int  # gate blocks of the plan's cell
 
     @property
     def parallel(self) -> bool:
@@ -111,8 +112,30 @@ class _Plan:
         `gates`: how many gate blocks `array` has when not the plan's cell's (Cho's parts)."""
         if self.num_blocks == 1:
             return np.ascontiguousarray(array)
-        perm = self.perm if gates is None else common.block_permutation(self.bounds, len(array) // gates, gates)
-        return np.ascontiguousarray(array[perm])
+        return self.permute_into(array, np.empty(array.shape, array.dtype), gates)
+
+    def permute_into(self, array, out, gates=None):
+        """out = array's rows in the blocks' order (perm), as runs of whole rows: slice copies,
+        ~5x faster than a gather by perm (2 MB: 0.75 -> 0.15 ms). Returns out."""
+        for dst, src, count in self._runs(len(array), gates):
+            out[dst : dst + count] = array[src : src + count]
+        return out
+
+    def unpermute_into(self, array_p, out):
+        """out = array_p's rows (blocks' order) back in torch's order: permute_into undone. Returns out."""
+        for dst, src, count in self._runs(len(array_p)):
+            out[src : src + count] = array_p[dst : dst + count]
+        return out
+
+    def _runs(self, rows: int, gates=None):
+        """(row in the blocks' order, row in torch's order, count) for each block and gate."""
+        gates = self.gates if gates is None else gates
+        hidden = rows // gates
+        dst = 0
+        for u0, u1 in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
+            for gate in range(gates):
+                yield dst, gate * hidden + u0, u1 - u0
+                dst += u1 - u0
 
 
 @dataclass(frozen=True)
@@ -213,7 +236,7 @@ class NumbaBackend(ReferenceBackend):
             else:
                 mode = common.GEMM_SMALL if batch <= _SMALL_BATCH else common.GEMM_BLAS
             plan = _Plan(bounds, common.block_permutation(bounds, hidden, gates), mode, len(bounds) - 1,
-                         int(sizes.max()))
+                         int(sizes.max()), gates)
         self._plans[key] = plan  # most recently used last
         while len(self._plans) > _PLANS_KEPT:  # batch sizes that keep changing must not grow it forever
             del self._plans[next(iter(self._plans))]
@@ -289,8 +312,8 @@ class NumbaBackend(ReferenceBackend):
         if training:  # the permuted weights: packed now, and kept for the backward
             if plan.parallel:  # copies in a workspace (one block: the weights themselves, no copy)
                 w_ih_p, w_hh_p = take(w_ih.shape, w_ih.dtype), take(w_hh.shape, w_hh.dtype)
-                np.take(w_ih, plan.perm, axis=0, out=w_ih_p)
-                np.take(w_hh, plan.perm, axis=0, out=w_hh_p)
+                plan.permute_into(w_ih, w_ih_p)
+                plan.permute_into(w_hh, w_hh_p)
                 saved_buffers += [w_ih_p, w_hh_p]
             else:
                 w_ih_p, w_hh_p = plan.permute(w_ih), plan.permute(w_hh)
@@ -376,8 +399,7 @@ class NumbaBackend(ReferenceBackend):
             calls_blas=_gradients_call_blas(mode, input_size),
         )
         # Back from the blocked row order to torch's [i; f; g; o].
-        dw_ih, dw_hh, dbias = np.empty_like(dw_ih_p), np.empty_like(dw_hh_p), np.empty_like(dbias_p)
-        dw_ih[plan.perm], dw_hh[plan.perm], dbias[plan.perm] = dw_ih_p, dw_hh_p, dbias_p
+        dw_ih, dw_hh, dbias = (plan.unpermute_into(g, np.empty_like(g)) for g in (dw_ih_p, dw_hh_p, dbias_p))
         self._workspaces.give(d_gates, w_hh_ops, dw_ih_p, dw_hh_p, dbias_p)
         return dx2.reshape(num_steps, batch, input_size), dh0, dc0, dw_ih, dw_hh, dbias
 
