@@ -6,6 +6,7 @@ call (Python work, small kernels), which process-to-process spread hides on a bu
     git worktree add /tmp/base <commit> && ln -s ../kernels /tmp/base/fastlstm/kernels
     python bench/overhead_ab.py /tmp/base [--cell lstm|gru] [--mode inference|training]
         [--configs 1x1x64x128,100x1x64x128,200x16x32x64] [--rounds 11] [--rtol 1e-5]
+        [--layers 4 --bidirectional]
 
 Configs are TxBxIxH (float32, numba backend). Each round times both trees' calls back to
 back (bench/rounds.py: the order rotates, each runner's time is at least 0.2 s of calls);
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("inference", "training"), default="inference")
     parser.add_argument("--configs", default="1x1x64x128,100x1x64x128,200x16x32x64")
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--rtol", type=float, default=0.0,
                         help="for a change that reorders sums: the results may differ by this much (relative to "
                              "the largest magnitude of each array) instead of agreeing bit for bit")
@@ -84,7 +87,8 @@ def main() -> None:
     for spec in args.configs.split(","):
         T, B, I, H = (int(v) for v in spec.split("x"))
         x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
-        layers = {name: getattr(package, args.cell.upper())(I, H, backend="numba", seed=0).train(training)
+        layers = {name: getattr(package, args.cell.upper())(I, H, num_layers=args.layers, bidirectional=args.bidirectional,
+                                                             backend="numba", seed=0).train(training)
                   for name, package in packages.items()}
 
         def call(layer):
@@ -102,7 +106,9 @@ def main() -> None:
         times = rounds.alternate({name: (lambda layer=layer: rounds.seconds_per_call(lambda: call(layer)) * 1e6)
                                   for name, layer in layers.items()}, args.rounds)
         ratios = [b / n for b, n in zip(times["base"], times["new"])]
-        print(f"{args.cell} {args.mode} T={T} B={B} I={I} H={H}: base {statistics.median(times['base']):.1f} us, "
+        shape = f"T={T} B={B} I={I} H={H}" + (f" layers={args.layers}" if args.layers > 1 else "") + (
+            " bidirectional" if args.bidirectional else "")
+        print(f"{args.cell} {args.mode} {shape}: base {statistics.median(times['base']):.1f} us, "
               f"new {statistics.median(times['new']):.1f} us (medians of {args.rounds} rounds); base / new "
               f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})")
 
