@@ -673,8 +673,6 @@ def _rows_into_panels(src, r0, n_rows, dst):
 
 # Rows of op(a) a chunk's copy holds at a time: 128 KB of a at _K_CHUNK, reused by every panel from L2.
 _M_BLOCK = 256
-# The most of b (floats, 512 KB) that _gemm_unpacked copies whole rather than chunk by chunk.
-_B_WHOLE = 128 * 1024
 # The fewest columns of c for which _gemm_unpacked copies op(a): a copy that one or two panels
 # reuse costs more than it saves (small's dW and dx: one panel).
 _A_COPY_MIN_COLS = 4 * PANEL
@@ -702,26 +700,6 @@ def _a_into_groups(a, a_transposed, m0, k0, kc, dst):
 
 
 @njit(inline="always")
-def _block_of_chunk(a, a_transposed, m0, m1, k0, kc, panels, groups, c, accumulate):
-    """c[m0:m1] (+)= op(a)[m0:m1, k0:k0 + kc] @ (a chunk of b as column panels at `panels`):
-    op(a)'s rows copied into groups (the last (m1 - m0) % _LANES read in place)."""
-    cols = c.shape[1]
-    lda, ldc = a.strides[0] // 4, c.strides[0] // 4
-    a_row, a_col = (1, lda) if a_transposed else (lda, 1)
-    grouped = m0 + (m1 - m0) // _LANES * _LANES if groups.size > 0 else m0
-    n_groups = (grouped - m0) // _LANES
-    _a_into_groups(a, a_transposed, m0, k0, kc, _view(groups, 0, (n_groups, kc, _LANES)))
-    for p in range(cols // PANEL):
-        b_addr = panels.ctypes.data + p * kc * PANEL * 4
-        for g in range(n_groups):
-            _tiles_of_panel(groups.ctypes.data + g * kc * _LANES * 4, 1, _LANES, _LANES, b_addr, PANEL,
-                            c.ctypes.data + ((m0 + g * _LANES) * ldc + p * PANEL) * 4, ldc, kc, accumulate)
-        if grouped < m1:
-            _tiles_of_panel(a.ctypes.data + (grouped * a_row + k0 * a_col) * 4, a_row, a_col, m1 - grouped, b_addr,
-                            PANEL, c.ctypes.data + (grouped * ldc + p * PANEL) * 4, ldc, kc, accumulate)
-
-
-@njit(inline="always")
 def _gemm_unpacked(a, a_transposed, b, c, accumulate):
     """c (M, N) (+)= op(a) @ b for float32 with N a multiple of PANEL.
 
@@ -729,39 +707,38 @@ def _gemm_unpacked(a, a_transposed, b, c, accumulate):
     slices of larger arrays (unit stride along rows). K is cut into chunks; each chunk of
     b's rows is copied into column panels, as pack_operands lays out weights, and (c at
     least _A_COPY_MIN_COLS wide) op(a)'s rows, _M_BLOCK at a time, into groups of _LANES
-    rows that the tiles read in order. Read in place, the operands' rows lie one row apart
-    (0.5-8 KB at the gradients' widths): they fall into a few of L1's sets and evict each
-    other before the next tile reuses them, and a's strides lie beyond the prefetchers'
-    reach (one core, alternated: train-m's dW 58-80 -> 92-103 GFLOP/s from b's copy; a's
-    copy then dW 1.0x at train-m and 1.2x at train-l, dx 1.4-1.6x). Where a is copied, c has
-    more than one block of rows and all of b's chunks fit in _B_WHOLE (dx: K = 4H, N = I), they are
-    copied first and each block of c's rows takes every chunk in turn while it stays in
-    cache; else (the weight gradients, K = T*B) each chunk meets every block. Each element of c adds the chunks' products in k order
-    either way: the bits depend on neither the copies nor the order.
+    rows that the tiles read in order (the last M % _LANES read in place). Read in place,
+    the operands' rows lie one row apart (0.5-8 KB at the gradients' widths): they fall
+    into a few of L1's sets and evict each other before the next tile reuses them, and a's
+    strides lie beyond the prefetchers' reach (one core, alternated: train-m's dW 58-80 ->
+    92-103 GFLOP/s from b's copy; a's copy then dW 1.0-1.1x at train-m and 1.15-1.2x at
+    train-l, dx 1.3x and 1.5x). The same products in the same order: the bits do not
+    depend on the copies.
     """
     rows, cols = c.shape
     inner = a.shape[0] if a_transposed else a.shape[1]
-    # with one block of rows, or a read in place, b's chunks in turn measured faster (from L1)
-    copy_a = cols >= _A_COPY_MIN_COLS
-    whole_b = copy_a and rows > _M_BLOCK and inner * cols <= _B_WHOLE
-    m_block = _M_BLOCK if copy_a else max(rows, 1)  # read in place, a's rows need no blocks
-    panels = np.empty((inner if whole_b else min(_K_CHUNK, inner)) * cols, np.float32)
-    groups = np.empty(_K_CHUNK * min(rows, _M_BLOCK) if copy_a else 0, np.float32)  # op(a)'s block: (n, kc, _LANES)
-    if whole_b:
-        for k0 in range(0, inner, _K_CHUNK):
-            kc = min(_K_CHUNK, inner - k0)
-            _rows_into_panels(b, k0, kc, _view(panels, k0 * cols, (cols // PANEL, kc, PANEL)))
-        for m0 in range(0, rows, _M_BLOCK):
-            for k0 in range(0, inner, _K_CHUNK):
-                _block_of_chunk(a, a_transposed, m0, min(rows, m0 + _M_BLOCK), k0, min(_K_CHUNK, inner - k0),
-                                panels[k0 * cols :], groups, c, accumulate or k0 > 0)
-    else:
-        for k0 in range(0, inner, _K_CHUNK):
-            kc = min(_K_CHUNK, inner - k0)
-            _rows_into_panels(b, k0, kc, _view(panels, 0, (cols // PANEL, kc, PANEL)))
-            for m0 in range(0, rows, m_block):
-                _block_of_chunk(a, a_transposed, m0, min(rows, m0 + m_block), k0, kc, panels, groups, c,
-                                accumulate or k0 > 0)
+    lda, ldc = a.strides[0] // 4, c.strides[0] // 4
+    a_row, a_col = (1, lda) if a_transposed else (lda, 1)
+    grouped = rows - rows % _LANES if cols >= _A_COPY_MIN_COLS else 0  # rows copied into groups
+    panels = np.empty(_K_CHUNK * cols, np.float32)  # a chunk of b: (cols / PANEL, kc, PANEL)
+    groups = np.empty(_K_CHUNK * min(grouped, _M_BLOCK), np.float32)  # a block of op(a): (n, kc, _LANES)
+    for k0 in range(0, inner, _K_CHUNK):
+        kc = min(_K_CHUNK, inner - k0)
+        _rows_into_panels(b, k0, kc, _view(panels, 0, (cols // PANEL, kc, PANEL)))
+        for m0 in range(0, max(grouped, 1), _M_BLOCK):  # the blocks of groups; the rows in place with the last
+            n_groups = min(_M_BLOCK, grouped - m0) // _LANES
+            _a_into_groups(a, a_transposed, m0, k0, kc, _view(groups, 0, (n_groups, kc, _LANES)))
+            last = m0 + _M_BLOCK >= grouped
+            for p in range(cols // PANEL):
+                for g in range(n_groups + (1 if last and grouped < rows else 0)):
+                    if g < n_groups:  # a group, read in order
+                        addr, step_m, step_k, count = groups.ctypes.data + g * kc * _LANES * 4, 1, _LANES, _LANES
+                        row = m0 + g * _LANES
+                    else:  # the rows after the groups, read in place
+                        addr, step_m, step_k, count = a.ctypes.data + (grouped * a_row + k0 * a_col) * 4, a_row, a_col, rows - grouped
+                        row = grouped
+                    _tiles_of_panel(addr, step_m, step_k, count, panels.ctypes.data + p * kc * PANEL * 4, PANEL,
+                                    c.ctypes.data + (row * ldc + p * PANEL) * 4, ldc, kc, accumulate or k0 > 0)
 
 
 @njit(inline="always")

@@ -699,8 +699,7 @@ def _unpacked_gemm():
 def test_unpacked_gemm_for_the_gradients(transposed, rows, inner, panels):
     """c (+)= op(a) @ b on operands read in place (row slices of wider arrays), against NumPy:
     one, exactly one, several chunks of K; rows in one block of op(a)'s copy or several, in
-    its groups and after them; c too narrow for op(a)'s copy and wide enough; b copied whole
-    or chunk by chunk."""
+    its groups and after them; c too narrow for op(a)'s copy and wide enough."""
     gemm = _unpacked_gemm()
     rng = np.random.default_rng(rows * inner)
     cols = panels * common.PANEL

@@ -75,17 +75,17 @@ _WORKSPACE_BYTES = 512 * 2**20
 # The LSTM's GEMMs after the backward loop (weight and input gradients; on the parallel plan,
 # each block's share on its own thread): BLAS, single-threaded per block, or the float32
 # micro-kernel on copies of the operands' chunks. Measured on the 2-core Intel Xeon (Emerald
-# Rapids) VM, whole training steps, BLAS against the micro-kernel: train-l 1.05x faster
-# (1.01-1.27 over 26 alternated rounds), train-m 0.95-0.98x, deep 1.0x (before the
-# micro-kernel copied a's rows, train-m too was 1.15x faster with BLAS); small and stream-1
-# 0.91-0.98x; the GRU's (gate columns copied for BLAS) 0.88x. On the 2-core AMD Zen 4 VM the
-# micro-kernel was 1.2x faster than BLAS at train-m (bench/results/2026-11-27-cpu-2core.md).
-# So: BLAS for wide LSTM layers (_GRADIENTS_BLAS_MIN_ROWS steps x sequences,
-# 4H >= _GRADIENTS_BLAS_MIN_COLUMNS) except on AMD Zen; the micro-kernel otherwise.
-# Deterministic either way (one order of sums a shape).
+# Rapids) VM, whole training steps, BLAS against the micro-kernel: train-m and train-l 1.15x
+# faster while the micro-kernel read a in place; since it copies a's rows, train-m level
+# (micro / BLAS time 0.95-1.01), train-l 1.05x (1.01-1.27); small, stream-1 and deep (B*T =
+# 800) 0.91-1.0x; the GRU's (gate columns copied for BLAS) 0.88x. On the 2-core AMD Zen 4
+# VM the micro-kernel was 1.2x faster than BLAS at train-m
+# (bench/results/2026-11-27-cpu-2core.md). So: BLAS for large LSTM layers
+# (_GRADIENTS_BLAS_MIN_ROWS steps x sequences, 4H >= _GRADIENTS_BLAS_MIN_COLUMNS) except on
+# AMD Zen; the micro-kernel otherwise. Deterministic either way (one order of sums a shape).
 _GRADIENTS_BY_BLAS = not llvm_binding.get_host_cpu_name().startswith("znver")
 _GRADIENTS_BLAS_MIN_ROWS = 1024
-_GRADIENTS_BLAS_MIN_COLUMNS = 2048
+_GRADIENTS_BLAS_MIN_COLUMNS = 512
 # Fewest hidden units worth a thread of their own.
 _MIN_UNITS_PER_BLOCK = 16
 # Held by every section that uses more than one core or sets BLAS's thread count (see the
@@ -96,7 +96,6 @@ _MULTICORE = threading.RLock()
 @dataclass(frozen=True)
 class _Plan:
     bounds: np.ndarray  # block boundaries over hidden units
-    perm: np.ndarray  # weight row order matching the blocks
     mode: int | None  # common.GEMM_BLAS, GEMM_SMALL or GEMM_PACKED (None)
     num_blocks: int
     max_units: int
@@ -115,8 +114,9 @@ class _Plan:
         return self.permute_into(array, np.empty(array.shape, array.dtype), gates)
 
     def permute_into(self, array, out, gates=None):
-        """out = array's rows in the blocks' order (perm), as runs of whole rows: slice copies,
-        ~5x faster than a gather by perm (2 MB: 0.75 -> 0.15 ms). Returns out."""
+        """out = array's rows in the blocks' order (common.block_permutation's), as runs of
+        whole rows: slice copies, ~3x faster than a gather by index (2 MB: 0.75 -> ~0.2 ms).
+        Returns out."""
         for dst, src, count in self._runs(len(array), gates):
             out[dst : dst + count] = array[src : src + count]
         return out
@@ -235,8 +235,7 @@ class NumbaBackend(ReferenceBackend):
                 mode = common.GEMM_PACKED
             else:
                 mode = common.GEMM_SMALL if batch <= _SMALL_BATCH else common.GEMM_BLAS
-            plan = _Plan(bounds, common.block_permutation(bounds, hidden, gates), mode, len(bounds) - 1,
-                         int(sizes.max()), gates)
+            plan = _Plan(bounds, mode, len(bounds) - 1, int(sizes.max()), gates)
         self._plans[key] = plan  # most recently used last
         while len(self._plans) > _PLANS_KEPT:  # batch sizes that keep changing must not grow it forever
             del self._plans[next(iter(self._plans))]
