@@ -87,9 +87,9 @@ def main() -> None:
     for spec in args.configs.split(","):
         T, B, I, H = (int(v) for v in spec.split("x"))
         x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
-        layers = {name: getattr(package, args.cell.upper())(I, H, num_layers=args.layers, bidirectional=args.bidirectional,
-                                                             backend="numba", seed=0).train(training)
-                  for name, package in packages.items()}
+        layers = {name: getattr(package, args.cell.upper())(
+                      I, H, num_layers=args.layers, bidirectional=args.bidirectional, backend="numba", seed=0,
+                  ).train(training) for name, package in packages.items()}
 
         def call(layer):
             y, _ = layer(x)

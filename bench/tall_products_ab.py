@@ -77,7 +77,8 @@ def main() -> None:
                 for _ in range(3):
                     call()
                 rates[tree, name].append(3 * flops / (time.perf_counter() - start) / 1e9)
-    print(f"{args.config}: T={T} B={B} I={I} H={H}, one block of {units} units; GFLOP/s, medians of {args.rounds} rounds")
+    print(f"{args.config}: T={T} B={B} I={I} H={H}, one block of {units} units; GFLOP/s, "
+          f"medians of {args.rounds} rounds")
     for name in trees["new"]:
         ratios = [n / b for n, b in zip(rates["new", name], rates["base", name])]
         print(f"  {name:10s} base {statistics.median(rates['base', name]):6.1f}  new "

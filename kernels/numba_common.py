@@ -692,8 +692,8 @@ def _a_into_groups(a, a_transposed, m0, k0, kc, dst):
         else:  # a transpose, _LANES x _LANES at a time
             whole = kc - kc % _LANES
             for j in range(0, whole, _LANES):
-                _transpose_tile(a.ctypes.data + (r0 * lda + k0 + j) * 4, lda, dst.ctypes.data + (g * kc + j) * _LANES * 4,
-                                _LANES)
+                _transpose_tile(a.ctypes.data + (r0 * lda + k0 + j) * 4, lda,
+                                dst.ctypes.data + (g * kc + j) * _LANES * 4, _LANES)
             for k in range(whole, kc):
                 for r in range(_LANES):
                     dst[g, k, r] = a[r0 + r, k0 + k]
@@ -732,11 +732,11 @@ def _gemm_unpacked(a, a_transposed, b, c, accumulate):
             for p in range(cols // PANEL):
                 for g in range(n_groups + (1 if last and grouped < rows else 0)):
                     if g < n_groups:  # a group, read in order
-                        addr, step_m, step_k, count = groups.ctypes.data + g * kc * _LANES * 4, 1, _LANES, _LANES
-                        row = m0 + g * _LANES
+                        addr = groups.ctypes.data + g * kc * _LANES * 4
+                        step_m, step_k, count, row = 1, _LANES, _LANES, m0 + g * _LANES
                     else:  # the rows after the groups, read in place
-                        addr, step_m, step_k, count = a.ctypes.data + (grouped * a_row + k0 * a_col) * 4, a_row, a_col, rows - grouped
-                        row = grouped
+                        addr = a.ctypes.data + (grouped * a_row + k0 * a_col) * 4
+                        step_m, step_k, count, row = a_row, a_col, rows - grouped, grouped
                     _tiles_of_panel(addr, step_m, step_k, count, panels.ctypes.data + p * kc * PANEL * 4, PANEL,
                                     c.ctypes.data + (row * ldc + p * PANEL) * 4, ldc, kc, accumulate or k0 > 0)
 

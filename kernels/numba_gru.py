@@ -65,7 +65,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "7f4da49351b6cccc"
+COMMON_SOURCE_DIGEST = "b156775e30748e6f"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
