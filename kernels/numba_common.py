@@ -664,11 +664,13 @@ _K_CHUNK = 128
 
 @njit(inline="always")
 def _rows_into_panels(src, r0, n_rows, dst):
-    """dst (N / PANEL, n_rows, PANEL) = rows r0 .. r0 + n_rows of src (., N), as column panels."""
+    """dst (n, n_rows, w) = rows r0 .. r0 + n_rows of src (., >= n * w), as column panels of
+    width w (PANEL for b and the backward's weights, _LANES for op(a)'s groups)."""
+    width = dst.shape[2]
     for p in range(dst.shape[0]):
         for i in range(n_rows):
-            for q in range(PANEL):  # a plain loop: a slice copy per row costs a view
-                dst[p, i, q] = src[r0 + i, p * PANEL + q]
+            for q in range(width):  # a plain loop: a slice copy per row costs a view
+                dst[p, i, q] = src[r0 + i, p * width + q]
 
 
 # Rows of op(a) a chunk's copy holds at a time: 128 KB of a at _K_CHUNK, reused by every panel from L2.
@@ -682,21 +684,19 @@ _A_COPY_MIN_COLS = 4 * PANEL
 def _a_into_groups(a, a_transposed, m0, k0, kc, dst):
     """dst (n, kc, _LANES) = op(a)[m0 + g * _LANES + r, k0 + k] at dst[g, k, r]: op(a)'s rows in
     groups of _LANES, each group's columns one after another (the tile kernels read it in order)."""
+    if a_transposed:  # op(a)'s rows are a's columns: a's rows, as column panels _LANES wide
+        _rows_into_panels(a[:, m0:], k0, kc, dst)
+        return
     lda = a.strides[0] // 4
-    for g in range(dst.shape[0]):
+    whole = kc - kc % _LANES
+    for g in range(dst.shape[0]):  # a transpose, _LANES x _LANES at a time
         r0 = m0 + g * _LANES
-        if a_transposed:  # op(a)'s rows are a's columns: row copies
-            for k in range(kc):
-                for r in range(_LANES):
-                    dst[g, k, r] = a[k0 + k, r0 + r]
-        else:  # a transpose, _LANES x _LANES at a time
-            whole = kc - kc % _LANES
-            for j in range(0, whole, _LANES):
-                _transpose_tile(a.ctypes.data + (r0 * lda + k0 + j) * 4, lda,
-                                dst.ctypes.data + (g * kc + j) * _LANES * 4, _LANES)
-            for k in range(whole, kc):
-                for r in range(_LANES):
-                    dst[g, k, r] = a[r0 + r, k0 + k]
+        for j in range(0, whole, _LANES):
+            _transpose_tile(a.ctypes.data + (r0 * lda + k0 + j) * 4, lda,
+                            dst.ctypes.data + (g * kc + j) * _LANES * 4, _LANES)
+        for k in range(whole, kc):
+            for r in range(_LANES):
+                dst[g, k, r] = a[r0 + r, k0 + k]
 
 
 @njit(inline="always")

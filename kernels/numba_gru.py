@@ -65,7 +65,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "b156775e30748e6f"
+COMMON_SOURCE_DIGEST = "be229b19082bb733"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------

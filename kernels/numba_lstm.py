@@ -56,7 +56,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "b156775e30748e6f"
+COMMON_SOURCE_DIGEST = "be229b19082bb733"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
