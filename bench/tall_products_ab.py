@@ -3,7 +3,7 @@ checkouts in ONE process, alternated, on one core: dW_ih, dW_hh and half of dx's
 config's shapes (two blocks), GFLOP/s and new / base.
 
     git worktree add /tmp/base <commit> && ln -s ../kernels /tmp/base/fastlstm/kernels
-    python bench/tall_products_ab.py /tmp/base [--config train-m|train-l|deep|small] [--rounds 7]
+    python bench/tall_products_ab.py /tmp/base [--config train-m|train-l|deep|small|...] [--rounds 7]
 
 The base tree is imported as fastlstm_base (overhead_ab.base_package). The results must agree
 bit for bit unless --allow-other-bits (a change of chunk sizes reorders the sums).
@@ -25,10 +25,8 @@ sys.path.insert(0, str(REPO))
 
 import overhead_ab  # noqa: E402
 
+from fastlstm.bench import CONFIGS  # noqa: E402
 from fastlstm.kernels import numba_common as new_common  # noqa: E402
-
-SHAPES = {"train-m": (100, 64, 128, 256), "train-l": (50, 32, 512, 512), "deep": (100, 8, 256, 256),
-          "small": (200, 16, 32, 64)}
 
 
 def products(common, d, x, h, w, d_rows):
@@ -48,13 +46,15 @@ def products(common, d, x, h, w, d_rows):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
-    parser.add_argument("--config", choices=sorted(SHAPES), default="train-m")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="train-m",
+                        help="its first layer's shapes (fastlstm bench's configurations)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--allow-other-bits", action="store_true")
     args = parser.parse_args()
     overhead_ab.base_package(args.base.resolve())
     base_common = importlib.import_module("fastlstm_base.kernels.numba_common")
-    T, B, I, H = SHAPES[args.config]
+    config = CONFIGS[args.config]
+    T, B, I, H = config.T, config.B, config.I, config.H
     rows, units = T * B, H // 2
     rng = np.random.default_rng(0)
     d = rng.standard_normal((rows, 4 * units)).astype(np.float32)  # one block's gate gradients
