@@ -44,6 +44,7 @@ from numba.core import cgutils
 from numba.core import config as numba_config
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
+from numba.np import linalg as numba_linalg
 from numba.np.arrayobj import populate_array
 
 # Every compiled function is cached on its own. A kernel calls another compiled function
@@ -221,8 +222,9 @@ def _claim_block(sync, s, w, num_blocks):
     nobody has claimed it and this worker has waited long for it, or a worker is missing
     (not started) and one has already waited long for it once in this call. Call again
     after running the block."""
-    started, lone = sync.ctypes.data, sync.ctypes.data + 8
-    base = sync.ctypes.data + 8 * (_SYNC_HEADER + s * (num_blocks + 1))
+    started = sync.ctypes.data
+    lone = started + 8
+    base = started + 8 * (_SYNC_HEADER + s * (num_blocks + 1))
     done = base + 8 * num_blocks
     if _try_claim(base + 8 * w):
         return w
@@ -460,7 +462,7 @@ PROJECT_EACH_STEP = 2  # each block projects each step's rows just before the st
 
 # -- per-step GEMMs ---------------------------------------------------------------------
 # How a kernel multiplies by a weight block (the caller lays the operand out to match):
-GEMM_BLAS = 0  # np.dot (scipy's BLAS, one thread); operand (K, N) row-major
+GEMM_BLAS = 0  # _blas_product (scipy's BLAS, one thread); operand (K, N) row-major
 GEMM_SMALL = 1  # _matmul_small, batch 1; operand (K, N) row-major
 GEMM_PACKED = None  # _gemm_packed, float32; operand (N / PANEL, K, PANEL) column panels
 # GEMM_PACKED is None, not a number: None is a type of its own to Numba, which drops a branch
@@ -757,7 +759,64 @@ def _gemm(a, operand, inner, cols, out, mode):
         if mode == GEMM_SMALL:
             _matmul_small(a, w, out)
         else:
-            np.dot(a, w, out)
+            _blas_product(a, False, w, out, False)
+
+
+# -- BLAS ---------------------------------------------------------------------------------
+# Straight to the xgemm that Numba's np.dot calls (scipy's BLAS, through Numba's helper
+# library): np.dot compiles a specialization per operand layout and result (2-3 s of a cold
+# first training step went to six of them), needs whole rows (a copy of a column slice),
+# and adds into c only through a temporary. This is one small call for every layout.
+@intrinsic
+def _xgemm(typingctx, trans_a, trans_b, m, n, k, a_addr, lda, b_addr, ldb, accumulate, c, ldc):
+    """Column-major BLAS C (m, n) = op(A) (m, k) @ op(B) (k, n) (+ C when `accumulate`), on
+    addresses and leading dimensions (elements); c (an array) is C's first element and dtype."""
+    if not isinstance(c, types.Array) or c.dtype not in (types.float32, types.float64):
+        return None
+    numba_linalg.ensure_blas()
+    dtype = c.dtype
+    sig = types.void(types.boolean, types.boolean, *([types.intp] * 5), types.intp, types.intp, types.boolean, c,
+                     types.intp)
+
+    def codegen(context, builder, signature, args):
+        trans_a_v, trans_b_v, m_v, n_v, k_v, a_v, lda_v, b_v, ldb_v, accumulate_v, c_v, ldc_v = args
+        char, i64, void_p = ir.IntType(8), ir.IntType(64), ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [
+            char, char, char, i64, i64, i64, void_p, void_p, i64, void_p, i64, void_p, void_p, i64]), "numba_xxgemm")
+
+        def trans(flag):
+            return builder.select(flag, ir.Constant(char, ord("t")), ir.Constant(char, ord("n")))
+
+        value_type = context.get_value_type(dtype)
+        alpha = cgutils.alloca_once_value(builder, ir.Constant(value_type, 1.0))
+        beta = cgutils.alloca_once_value(builder, builder.select(accumulate_v, ir.Constant(value_type, 1.0),
+                                                                 ir.Constant(value_type, 0.0)))
+        c_data = context.make_array(c)(context, builder, c_v).data
+        res = builder.call(fn, [
+            ir.Constant(char, ord(numba_linalg.get_blas_kind(dtype))), trans(trans_a_v), trans(trans_b_v), m_v, n_v,
+            k_v, builder.bitcast(alpha, void_p), builder.inttoptr(a_v, void_p), lda_v, builder.inttoptr(b_v, void_p),
+            ldb_v, builder.bitcast(beta, void_p), builder.bitcast(c_data, void_p), ldc_v])
+        numba_linalg.check_blas_return(context, builder, res)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _blas_product(a, a_transposed, b, c, accumulate):
+    """c (M, N) (+)= op(a) @ b by BLAS, op(a) = a.T if a_transposed (a (K, M)) else a (M, K).
+
+    Each operand unit-stride along its rows (a row slice, a column slice, or whole). Row-major
+    c = op(a) b is column-major c^T = b^T op(a)^T, and a row-major array read column-major is
+    its transpose: BLAS's A is b untransposed, its B is a (transposed for a_transposed).
+    A leading dimension only matters with more than one row: raised to BLAS's minimum
+    otherwise (a one-row view may carry any row stride)."""
+    rows, cols = c.shape
+    inner = b.shape[0]
+    item = c.itemsize
+    a_cols = rows if a_transposed else inner  # a's row length in elements
+    _xgemm(False, a_transposed, cols, rows, inner, b.ctypes.data, max(b.strides[0] // item, cols, 1),
+           a.ctypes.data, max(a.strides[0] // item, a_cols, 1), accumulate, c, max(c.strides[0] // item, cols, 1))
 
 
 @intrinsic
@@ -1004,14 +1063,8 @@ def _tall_product(a, a_transposed, b, c, accumulate, packed):
     """_gemm_tall's work."""
     if packed and c.shape[1] % PANEL == 0:
         _gemm_unpacked(a, a_transposed, b, c, accumulate)
-        return
-    a = np.ascontiguousarray(a)  # a column slice (the GRU's gate columns) through a copy: BLAS wants it whole
-    if accumulate:
-        c += np.dot(a.T, b) if a_transposed else np.dot(a, b)
-    elif a_transposed:
-        np.dot(a.T, b, c)
     else:
-        np.dot(a, b, c)
+        _blas_product(a, a_transposed, b, c, accumulate)
 
 
 @njit(inline="always")  # inlined into the gradients kernels (numba_lstm.gradients)

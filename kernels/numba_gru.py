@@ -44,6 +44,7 @@ from .numba_common import (
     _add,
     _backward_times,
     _block_done,
+    _blas_product,
     _block_view,
     _call,
     _claim_block,
@@ -65,7 +66,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "be229b19082bb733"
+COMMON_SOURCE_DIGEST = "b6ed7c1535e0c670"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -131,7 +132,7 @@ def _reset_gradient(d_reset, other, gr, dr):
 
 
 # -- forward ------------------------------------------------------------------------------
-@njit(inline="always")  # one call site (_forward_worker), as numba_lstm._forward_block_step
+@njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._forward_block_step
 def _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
                          rec, lengths, y, h_states, hidden_n, training, mode):
     """Block k's share of step t, whose gate rows start at row0: the whole step (reset_after:
@@ -199,10 +200,9 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
             _gemm_packed(x2, panels[q * per_gate : (q + 1) * per_gate], gates[:, q * hidden + u0 : q * hidden + u0 + nu],
                          False)
     else:
-        part = np.dot(x2, w_ih_ops[k, : inner * 3 * nu].reshape((inner, 3 * nu)))
-        for r in range(part.shape[0]):
-            for q in range(3):
-                _copy(part[r, q * nu : (q + 1) * nu], gates[r, q * hidden + u0 : q * hidden + u0 + nu])
+        w = w_ih_ops[k, : inner * 3 * nu].reshape((inner, 3 * nu))
+        for q in range(3):
+            _blas_product(x2, False, w[:, q * nu : (q + 1) * nu], gates[:, q * hidden + u0 : q * hidden + u0 + nu], False)
 
 
 @njit(**_OPTS)
@@ -250,8 +250,10 @@ def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_
         row0 = 0 if projection == PROJECT_EACH_STEP and not training else t * batch  # this step's gate rows
         for phase in range(phases):
             p = s * phases + phase
-            k = _claim_block(sync, p, w, num_blocks)
-            while k >= 0:
+            while True:  # one claim site: each inlined copy of _claim_block is ~300 IR statements
+                k = _claim_block(sync, p, w, num_blocks)
+                if k < 0:
+                    break
                 # A block's steps read only its own gate columns: it can project its input
                 # for all steps at the first step, or each step's just before it.
                 if projection == PROJECT_AT_FIRST_STEP and p == 0:
@@ -260,10 +262,9 @@ def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_
                     x_t = _view(x2, t * batch * x2.shape[1], (batch, x2.shape[1]))
                     gates_t = _view(gates, row0 * gates.shape[1], (batch, gates.shape[1]))
                     _call(_project_block, (k, bounds, x_t, w_ih_ops, mode, gates_t))
-                _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
-                                     h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode)
+                _call(_forward_block_phase, (k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
+                                             h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode))
                 _block_done(sync, p, num_blocks)
-                k = _claim_block(sync, p, w, num_blocks)
 
 
 # -- backward -----------------------------------------------------------------------------
@@ -377,14 +378,15 @@ def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengt
         t, t_prev = _backward_times(s, num_steps, reverse)
         for phase in range(phases):
             p = s * phases + phase
-            k = _claim_block(sync, p, w, num_blocks)
-            while k >= 0:
+            while True:  # one claim site: each inlined copy of _claim_block is ~300 IR statements
+                k = _claim_block(sync, p, w, num_blocks)
+                if k < 0:
+                    break
                 _call(_backward_block_phase, (k, t, t_prev, phase, bounds, gates, h_states, h0,
                                               hidden_n, w_ops, w_ops_n, dy, lengths, dh_pass, partials[s & 1],
                                               partials[(s + 1) & 1], partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                                               scratch, mode))
                 _block_done(sync, p, num_blocks)
-                k = _claim_block(sync, p, w, num_blocks)
 
 
 # -- weight and input gradients ------------------------------------------------------------

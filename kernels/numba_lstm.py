@@ -56,7 +56,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "be229b19082bb733"
+COMMON_SOURCE_DIGEST = "b6ed7c1535e0c670"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -116,9 +116,10 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 
 
 # -- forward ----------------------------------------------------------------------------
-# Inlined into its one caller: a streaming step takes ~2 us, where a call per block and step
-# could show. The backward's step is compiled on its own instead (_backward_block_step).
-@njit(inline="always")
+# Compiled on its own and called through _call, as the backward's step is: inlined into the
+# worker, Numba copied, typed and lowered all of its IR there again (1-2 s of a cold first
+# inference here); a call per block and step measured level (one step of batch 1, H = 128).
+@njit(**_OPTS)
 def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, mode, recurrent_done, descending):
     """Block k's step t: its gate rows row0 .. row0 + B of `gates` hold the input projection
@@ -212,8 +213,10 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
         # Packed, each step's input projected just before it: both products in one pass
         # over the panels (zig-zag order).
         fused = projection == PROJECT_EACH_STEP and mode is GEMM_PACKED
-        k = _claim_block(sync, s, w, num_blocks)
-        while k >= 0:
+        while True:  # one claim site: each inlined copy of _claim_block is ~300 IR statements
+            k = _claim_block(sync, s, w, num_blocks)
+            if k < 0:
+                break
             # A block's steps read only its own gate columns: it can project its input
             # for all steps at the first step, or each step's just before it.
             if fused:
@@ -224,10 +227,9 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
                       (k, bounds, x2[t * batch : (t + 1) * batch], w_ih_ops, gates, row0, mode))
             elif projection == PROJECT_AT_FIRST_STEP and s == 0:
                 _call(_input_projection_block, (k, bounds, x2, w_ih_ops, gates, 0, mode))
-            _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
-                                lengths, y, h_states, c_states, training, mode, fused, descending)
+            _call(_forward_block_step, (k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
+                                        lengths, y, h_states, c_states, training, mode, fused, descending))
             _block_done(sync, s, num_blocks)
-            k = _claim_block(sync, s, w, num_blocks)
 
 
 # -- backward ---------------------------------------------------------------------------
@@ -299,12 +301,13 @@ def _backward_worker(w, gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bou
     for s in range(num_steps):
         t, t_prev = _backward_times(s, num_steps, reverse)
         # step s reads the blocks' dh_{t} shares from partials[s % 2], writes the other
-        k = _claim_block(sync, s, w, num_blocks)
-        while k >= 0:
+        while True:  # one claim site: each inlined copy of _claim_block is ~300 IR statements
+            k = _claim_block(sync, s, w, num_blocks)
+            if k < 0:
+                break
             _call(_backward_block_step, (k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
                                          partials[s & 1], partials[(s + 1) & 1], dc, d_gates, scratch, mode))
             _block_done(sync, s, num_blocks)
-            k = _claim_block(sync, s, w, num_blocks)
 
 
 # -- weight gradients -------------------------------------------------------------------

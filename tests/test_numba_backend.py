@@ -480,17 +480,19 @@ def test_each_compiled_kernel_function_holds_only_its_own_code(make):
 
 
 def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
-    """A float32 inference on the packed plan types no BLAS call: Numba pruned the other GEMM
+    """A float32 inference on the packed plan holds no BLAS call: Numba pruned the other GEMM
     modes' branches before typing them (GEMM_PACKED is None: numba_common). Seen in a fresh
-    process on an empty cache, through Numba's compile events: typing np.dot compiles its
-    overload (dot_...), as a float64 call (BLAS) shows. (Training types np.dot either way: the
-    weight gradients use BLAS for widths that are not whole panels, known only at run time.)"""
+    process on an empty cache: no function it compiled has a call of Numba's BLAS wrapper
+    (numba_xxgemm) in its code, as a float64 call's (BLAS) does; and no np.dot overload
+    (dot_...) compiles for any plan (numba_common._blas_product calls BLAS straight)."""
     script = tmp_path / "compiled.py"
     script.write_text(textwrap.dedent("""
         import json
         import numpy as np
+        import numba
         import fastlstm
         from numba.core import event
+        from fastlstm.kernels import numba_common, numba_gru, numba_lstm
 
         compiled = []
 
@@ -502,23 +504,31 @@ def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
             def on_end(self, e):
                 pass
 
+        def kernels_code():
+            return {(d.py_func.__qualname__, sig): d for module in (numba_common, numba_lstm, numba_gru)
+                    for d in vars(module).values() if isinstance(d, numba.core.registry.CPUDispatcher)
+                    for sig in d.overloads}
+
         event.register("numba:compile", Listener())
-        seen = {}
+        seen, blas = {}, {}
         for name, make, dtype in (("lstm", fastlstm.LSTM, "float32"), ("gru", fastlstm.GRU, "float32"),
                                   ("lstm-float64", fastlstm.LSTM, "float64")):
+            before = kernels_code()
             layer = make(32, 64, backend="numba", dtype=dtype).eval()  # whole panels a block: float32 packs
             for batch in (1, 17):  # each step's input projected at the first step; and just before it
                 layer(np.ones((5, batch, 32), dtype))
             seen[name] = sorted(set(compiled))  # what this layer compiled beyond the ones before it
             compiled.clear()
-        print(json.dumps(seen))
+            blas[name] = any("numba_xxgemm" in d.inspect_llvm(sig) for (_, sig), d in kernels_code().items()
+                             if (_, sig) not in before)
+        print(json.dumps([seen, blas]))
     """))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
-    typed_dot = {name: any(function.startswith("dot_") for function in functions) for name, functions in seen.items()}
-    assert typed_dot == {"lstm": False, "gru": False, "lstm-float64": True}, seen
+    seen, blas = json.loads(result.stdout.strip().splitlines()[-1])
+    assert blas == {"lstm": False, "gru": False, "lstm-float64": True}, seen
+    assert not any(function.startswith("dot_") for functions in seen.values() for function in functions), seen
     assert {"forward", "_forward_worker", "_input_projection_block", "_gemm", "pack_operands"} <= set(seen["lstm"])
 
 

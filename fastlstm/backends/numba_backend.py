@@ -1,7 +1,7 @@
 """The Numba backend: the sequence primitives of both cells as compiled CPU kernels
 (``kernels/numba_lstm.py``, ``kernels/numba_gru.py``, on ``kernels/numba_common.py``).
 
-Importing this module imports numba, scipy (Numba's ``np.dot`` calls scipy's BLAS)
+Importing this module imports numba, scipy (the kernels call scipy's BLAS through Numba's helper)
 and threadpoolctl; the registry does that only when this backend is asked for.
 Nothing is compiled at import: kernels compile (or load from Numba's cache) on
 first use.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import scipy
-import scipy.linalg.cython_blas  # noqa: F401  - Numba's np.dot needs it; fail here, not mid-call
+import scipy.linalg.cython_blas  # noqa: F401  - the kernels' BLAS (numba_common._xgemm); fail here, not mid-call
 import threadpoolctl
 from llvmlite import binding as llvm_binding
 
@@ -43,6 +43,7 @@ from ..kernels import numba_common as common
 from ..kernels import numba_gru as gru_kernels
 from ..kernels import numba_lstm as kernels
 from .base import ReferenceBackend, input_and_weight_grads, previous_states
+from .numba_compile_ahead import CompileAhead, cached_here
 from .workspaces import Workspaces
 
 # Below this many multiply-adds per step, the per-step barrier and moving h between cores
@@ -200,6 +201,7 @@ class NumbaBackend(ReferenceBackend):
         self._kept = {}  # (weights' array id, layout) -> _KeptOperand, most recently used last
         self._kept_lock = threading.Lock()
         self._workspaces = Workspaces(_WORKSPACE_BYTES)
+        self._compile_ahead = CompileAhead()  # a cold first training step's gradients kernel, on another core
 
     def describe(self) -> str:
         used = _numba_threads()
@@ -304,6 +306,8 @@ class NumbaBackend(ReferenceBackend):
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._plan(batch, hidden, dtype)
+        if training and plan.parallel:
+            self._compile_ahead.start("lstm", _call_description(batch, input_size, hidden, dtype))
         bias_p = plan.permute(bias)
         take = self._workspaces.take
         scratch = []  # given back after the kernel
@@ -391,6 +395,7 @@ class NumbaBackend(ReferenceBackend):
         dbias_p = take((4 * hidden,), dtype)
         dx2 = np.empty((rows, input_size), dtype)
         mode = _gradients_mode(plan, rows, hidden)
+        self._compile_ahead.wait("lstm")
         self._run(
             plan, kernels.gradients,
             d_gates, saved.x2, saved.h_states, np.ascontiguousarray(saved.h0), saved.w_ih_p, saved.reverse,
@@ -428,6 +433,9 @@ class NumbaBackend(ReferenceBackend):
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._gru_plan(batch, hidden, dtype, reset_after)
+        if training and plan.parallel:
+            self._compile_ahead.start("gru", {**_call_description(batch, input_size, hidden, dtype),
+                                              "reset_after": bool(reset_after)})
         take = self._workspaces.take
         x2 = x.reshape(num_steps * batch, input_size)
         # The input projection: on the parallel plan each block's, in the kernel (each step's
@@ -494,6 +502,7 @@ class NumbaBackend(ReferenceBackend):
         dw_hh = np.empty((3 * hidden, hidden), dy.dtype)
         db_ih, db_hh = np.empty(3 * hidden, dy.dtype), np.empty(3 * hidden, dy.dtype)
         if plan.parallel:
+            self._compile_ahead.wait("gru")
             self._run(
                 plan, gru_kernels.gradients,
                 d_in, d_hidden_n if saved.reset_after else np.empty((1, 1), dy.dtype), saved.x2, saved.h_states,
@@ -622,6 +631,13 @@ def _gate_rows(projection: int, training: bool, num_steps: int, batch: int) -> i
     return batch if projection == common.PROJECT_EACH_STEP and not training else num_steps * batch
 
 
+def _call_description(batch: int, input_size: int, hidden: int, dtype) -> dict:
+    """What a compile-ahead helper needs to compile a training call's gradients kernel
+    (numba_compile_ahead): what decides its argument types (the plan, the dtype)."""
+    return {"batch": batch, "input_size": input_size, "hidden": hidden, "dtype": np.dtype(dtype).name,
+            "threads": _numba_threads()}
+
+
 def _gradients_mode(plan: _Plan, rows: int, hidden: int) -> int:
     """The GEMM mode of the LSTM's gradients after the backward loop over `rows` (T*B) rows
     (see _GRADIENTS_BY_BLAS)."""
@@ -652,9 +668,7 @@ def cache_status() -> str:
     through its internals: "unknown" where they differ."""
     try:
         functions = _cached_functions()
-        host = functions[0].targetctx.codegen().magic_tuple()
-        cached = sum(any(key[1] == host for key in function._cache._cache_file._load_index())
-                     for function in functions)
+        cached = sum(cached_here(function) for function in functions)
         folder = functions[0]._cache._cache_path
     except Exception as exc:  # noqa: BLE001 - a report, never a failure
         return f"unknown ({type(exc).__name__}: {exc})"
