@@ -16,7 +16,10 @@ and a second training step (nothing left to compile). With --training-first the 
 phase comes first (a new user who trains: what the first training step waits for), then
 inference (nothing left to compile) and the stream. Wall time and the process's CPU
 time: compiling runs on one thread, so on a host whose vCPUs see steal time the CPU time
-is the steadier number.
+is the steadier number; except for a cold training phase that starts its compile-ahead
+helper (fastlstm.backends.numba_compile_ahead: the gradients kernel compiled in a second
+process, on a second core), whose work this process's CPU time does not count: there wall
+time is the number (FASTLSTM_COMPILE_AHEAD=0 gives the one-process figure).
 """
 
 from __future__ import annotations
