@@ -50,7 +50,13 @@ from numba.np.arrayobj import populate_array
 # Every compiled function is cached on its own. A kernel calls another compiled function
 # (one not inlined) only through _call or _launch, by its symbol: each function's code is
 # optimized and emitted once, not once more in every caller that links it in (see _call).
-_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
+# No C-callable wrapper (no_cfunc_wrapper: only first-class function values use it); each
+# wrapper is more code to lower, optimize and emit on a cold cache.
+_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"}, no_cfunc_wrapper=True)
+# For a function that only kernels call (through _call or _launch): no Python-callable wrapper
+# either (its argument unboxing is more code than many a small function's own). Called from
+# Python it would crash: these are private.
+_CALLED_OPTS = dict(_OPTS, no_cpython_wrapper=True)
 
 
 # -- activations ----------------------------------------------------------------------

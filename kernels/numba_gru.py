@@ -36,6 +36,7 @@ from numba import njit
 
 from .numba_common import (
     _ONE,
+    _CALLED_OPTS,
     _OPTS,
     GEMM_PACKED,
     PANEL,
@@ -66,7 +67,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "b6ed7c1535e0c670"
+COMMON_SOURCE_DIGEST = "6239753becc12c95"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -132,7 +133,7 @@ def _reset_gradient(d_reset, other, gr, dr):
 
 
 # -- forward ------------------------------------------------------------------------------
-@njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._forward_block_step
+@njit(**_CALLED_OPTS)  # compiled on its own (_call), as numba_lstm._forward_block_step
 def _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h, h_next, reset_h,
                          rec, lengths, y, h_states, hidden_n, training, mode):
     """Block k's share of step t, whose gate rows start at row0: the whole step (reset_after:
@@ -185,7 +186,7 @@ def _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih,
                 _fill(rh, 0)
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
     """Block k's units' columns of the input projection x2 W_ih^T into the rows of `gates`
     (as many as x2 has), gate by gate."""
@@ -236,7 +237,7 @@ def forward(x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_hh, h0, len
     return h_buffers[y.shape[0] % 2].copy()
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_hh, lengths, reverse, bounds,
                     training, mode, rec, y, h_states, hidden_n, h_buffers, reset_h, sync):
     """Worker w of forward: the whole time loop, running its own block each phase (or another's)."""
@@ -268,7 +269,7 @@ def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_
 
 
 # -- backward -----------------------------------------------------------------------------
-@njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
+@njit(**_CALLED_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
 def _backward_block_phase(k, t, t_prev, phase, bounds, gates, h_states, h0, hidden_n, w_ops, w_ops_n,
                           dy, lengths, dh_pass, partial, partial_next, partial_reset, dh_t, d_in, d_hidden_n, d_rec,
                           scratch, mode):
@@ -366,7 +367,7 @@ def backward_loop(gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, dh_n, lengt
     return _sum_carry(dh_pass, partials[num_steps % 2])
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengths, reverse, bounds,
                      mode, d_in, d_hidden_n, dh_pass, partials, partial_reset, dh_t, d_rec, scratch, sync):
     """Worker w of backward_loop: the whole time loop, running its own block each phase (or another's)."""
@@ -390,7 +391,7 @@ def _backward_worker(w, gates, h_states, h0, hidden_n, w_ops, w_ops_n, dy, lengt
 
 
 # -- weight and input gradients ------------------------------------------------------------
-@njit(**_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
+@njit(**_CALLED_OPTS)  # compiled on its own (_call), as numba_lstm._backward_block_step
 def _weight_grads_block(k, bounds, d_in, d_hidden_n, x2, h_states, h0, hidden_n, reverse, reset_after, packed,
                         dw_ih, dw_hh, db_ih, db_hh):
     """Block k's units' rows of dW_ih, dW_hh, db_ih and db_hh (torch's order), gate by gate:
@@ -432,7 +433,7 @@ def gradients(d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset
                                                      reset_after, bounds, packed, dw_ih, dw_hh, db_ih, db_hh, dx2))
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _gradients_worker(k, d_in, d_hidden_n, x2, h_states, h0, hidden_n, w_ih, reverse, reset_after, bounds, packed,
                       dw_ih, dw_hh, db_ih, db_hh, dx2):
     """Thread k of gradients."""

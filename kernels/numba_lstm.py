@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection modes are this module's interface too
+    _CALLED_OPTS,
     _OPTS,
     GEMM_BLAS,
     GEMM_PACKED,
@@ -56,7 +57,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "b6ed7c1535e0c670"
+COMMON_SOURCE_DIGEST = "6239753becc12c95"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -119,7 +120,7 @@ def _cell_backward(a, c_t, c_before, dh, dc, tanh_c, da):
 # Compiled on its own and called through _call, as the backward's step is: inlined into the
 # worker, Numba copied, typed and lowered all of its IR there again (1-2 s of a cold first
 # inference here); a call per block and step measured level (one step of batch 1, H = 128).
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                         lengths, y, h_states, c_states, training, mode, recurrent_done, descending):
     """Block k's step t: its gate rows row0 .. row0 + B of `gates` hold the input projection
@@ -154,7 +155,7 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
             _copy(c_row, _units(c_states, t * batch + b, u0, nu))
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _input_projection_block(k, bounds, x2, w_ih_ops, gates, row0, mode):
     """Block k's input projection of the rows of x2 into its gate rows from row0 on
     (unpacked: one row by the batch-1 kernel, more by BLAS)."""
@@ -166,7 +167,7 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, row0, mode):
         _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_BLAS))
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _input_and_recurrent_block(k, bounds, x_t, h, w_ih_ops, w_hh_ops, gates, row0, descending):
     """Block k's gate rows row0 .. row0 + B of one step (float32, packed): x_t W_ih^T + h W_hh^T."""
     nu = bounds[k + 1] - bounds[k]
@@ -198,7 +199,7 @@ def forward(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, tr
     return h_buffers[y.shape[0] % 2].copy(), c
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds, training, mode, projection, parity,
                     gates, rec, y, h_states, c_states, h_buffers, c, sync):
     """Worker w of forward: the whole time loop, running its own block each step (or another's)."""
@@ -236,7 +237,7 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
 # Compiled on its own and called through _call: inlining it made Numba copy all of its
 # inlined IR (up to ~0.8 s of a cold compile here, ~0.9 s for the GRU's step), and a call
 # per block and step measured level in the backward.
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy, lengths, dh_pass,
                          partial, partial_next, dc, d_gates, scratch, mode):
     batch, hidden = dc.shape
@@ -291,7 +292,7 @@ def backward_loop(gates, c_states, c0, w_hh_ops, dy, dh_n, dc_n, lengths, revers
     return _sum_carry(dh_pass, partials[dy.shape[0] % 2]), dc
 
 
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _backward_worker(w, gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bounds, mode, d_gates, dh_pass, dc,
                      partials, scratch, sync):
     """Worker w of backward_loop: the whole time loop, running its own block each step (or another's)."""
@@ -355,7 +356,7 @@ def gradients(d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, packed, dw_ih_
 
 # The worker's callees are inlined: small enough that Numba's copy of their IR costs
 # ~0.15 s, less than compiling one more function (the GRU's larger block is _call'ed).
-@njit(**_OPTS)
+@njit(**_CALLED_OPTS)
 def _gradients_worker(k, d_gates, x2, h_states, h0, w_ih_p, reverse, bounds, packed, dw_ih_p, dw_hh_p, dbias_p,
                       dx2):
     """Thread k of gradients: block k's weight rows, then part k of dx's rows."""
