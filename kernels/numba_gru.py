@@ -202,8 +202,9 @@ def _project_block(k, bounds, x2, w_ih_ops, mode, gates):
                          False)
     else:
         w = w_ih_ops[k, : inner * 3 * nu].reshape((inner, 3 * nu))
-        for q in range(3):
-            _blas_product(x2, False, w[:, q * nu : (q + 1) * nu], gates[:, q * hidden + u0 : q * hidden + u0 + nu], False)
+        for q in range(3):  # each gate's columns straight into its columns of `gates`
+            g0 = q * hidden + u0
+            _blas_product(x2, False, w[:, q * nu : (q + 1) * nu], gates[:, g0 : g0 + nu], False)
 
 
 @njit(**_OPTS)

@@ -51,10 +51,10 @@ def test_a_cold_training_step_takes_its_gradients_kernel_from_the_helper(tmp_pat
                 layer.train()(x)
                 dx, _ = layer.backward(dy)
                 grads.append({"dx": dx, **layer.grads})
+            kernels = (module.backward_loop, module.gradients)
             report[name] = {
-                "hits": {f.__name__: sum(f.stats.cache_hits.values()) for f in (module.backward_loop, module.gradients)},
-                "misses": {f.__name__: sum(f.stats.cache_misses.values())
-                           for f in (module.backward_loop, module.gradients)},
+                "hits": {f.__name__: sum(f.stats.cache_hits.values()) for f in kernels},
+                "misses": {f.__name__: sum(f.stats.cache_misses.values()) for f in kernels},
                 "error": max(error(grads[0][key], grads[1][key]) for key in grads[1]),
             }
         print(json.dumps(report))
@@ -122,7 +122,29 @@ def test_a_helper_that_fails_or_hangs_is_given_up_on(monkeypatch):
 
 
 def test_the_helper_refuses_a_bad_description():
-    result = subprocess.run([sys.executable, "-m", "fastlstm.backends.numba_compile_ahead", json.dumps({"cell": "rnn"})],
-                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    command = [sys.executable, "-m", "fastlstm.backends.numba_compile_ahead", json.dumps({"cell": "rnn"})]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            timeout=120)
     assert result.returncode != 0
     assert "cell: expected one of ['gru', 'lstm'], got 'rnn'" in result.stderr
+
+
+def test_the_helper_gets_numba_settings_made_in_the_process(monkeypatch):
+    """A cache folder or target CPU set through numba.config (not the environment) reaches
+    the helper: otherwise it would compile into another cache, or for another CPU."""
+    monkeypatch.setattr(ahead, "_worth_a_helper", lambda cell: True)
+    monkeypatch.setattr(ahead.numba.config, "CACHE_DIR", "/somewhere/cache")
+    monkeypatch.setattr(ahead.numba.config, "CPU_NAME", "haswell")
+    monkeypatch.setattr(ahead.numba.config, "CPU_FEATURES", "")
+    monkeypatch.setenv("FASTLSTM_COMPILE_AHEAD", "1")
+    calls = []
+    monkeypatch.setattr(ahead.subprocess, "Popen", lambda args, **kwargs: calls.append((args, kwargs)) or _FakeHelper())
+    ahead.CompileAhead().start("gru", {"batch": 8})
+    (args, kwargs), = calls
+    assert args[1:3] == ["-m", "fastlstm.backends.numba_compile_ahead"]
+    assert json.loads(args[3]) == {"cell": "gru", "batch": 8}
+    env = kwargs["env"]
+    settings = (env["NUMBA_CACHE_DIR"], env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"])
+    assert settings == ("/somewhere/cache", "haswell", "")
+    assert env["FASTLSTM_COMPILE_AHEAD"] == "0"  # the helper starts no helper
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)

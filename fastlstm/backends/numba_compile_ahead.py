@@ -74,6 +74,16 @@ def _worth_a_helper(cell: str) -> bool:
         return False
 
 
+def _numba_settings() -> dict:
+    """This process's Numba settings that decide where the cache is and what CPU the code is
+    for, as environment variables: set in the process (numba.config), not only in its
+    environment, they would otherwise differ in the helper, whose work would then be lost."""
+    config = numba.config
+    settings = {"NUMBA_CACHE_DIR": config.CACHE_DIR or None,  # "": unset
+                "NUMBA_CPU_NAME": config.CPU_NAME, "NUMBA_CPU_FEATURES": config.CPU_FEATURES}
+    return {name: value for name, value in settings.items() if value is not None}
+
+
 class CompileAhead:
     """The helpers one backend started: at most one per cell in a process's life."""
 
@@ -92,7 +102,8 @@ class CompileAhead:
                 return
             package_parent = str(Path(__file__).resolve().parents[2])  # this fastlstm, whatever is installed
             env = dict(os.environ, FASTLSTM_COMPILE_AHEAD="0",  # a helper starts none of its own
-                       PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
+                       PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))),
+                       **_numba_settings())
             try:
                 self._helpers[cell] = subprocess.Popen(
                     [sys.executable, "-m", __name__, json.dumps({"cell": cell, **description})], env=env,
