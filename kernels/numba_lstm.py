@@ -214,7 +214,7 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
         # Packed, each step's input projected just before it: both products in one pass
         # over the panels (zig-zag order).
         fused = projection == PROJECT_EACH_STEP and mode is GEMM_PACKED
-        while True:  # one claim site: each inlined copy of _claim_block is ~300 IR statements
+        while True:  # one claim site: each inlined copy of _claim_block is ~230 IR statements
             k = _claim_block(sync, s, w, num_blocks)
             if k < 0:
                 break
@@ -302,7 +302,7 @@ def _backward_worker(w, gates, c_states, c0, w_hh_ops, dy, lengths, reverse, bou
     for s in range(num_steps):
         t, t_prev = _backward_times(s, num_steps, reverse)
         # step s reads the blocks' dh_{t} shares from partials[s % 2], writes the other
-        while True:  # one claim site: each inlined copy of _claim_block is ~300 IR statements
+        while True:  # one claim site: each inlined copy of _claim_block is ~230 IR statements
             k = _claim_block(sync, s, w, num_blocks)
             if k < 0:
                 break
