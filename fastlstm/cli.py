@@ -231,9 +231,10 @@ def _info(args, parser) -> int:
         except Exception as exc:  # noqa: BLE001
             print(f"  numba: broken ({exc})")
     if registry.available_backends()["numba"].available:
-        from .backends import numba_backend
+        from .backends import numba_backend, numba_compile_ahead
 
         print(f"numba cache: {numba_backend.cache_status()}")
+        print(f"numba compile ahead: {numba_compile_ahead.describe()}")
     if module_available("threadpoolctl"):
         import threadpoolctl
 

@@ -84,11 +84,14 @@ class _FakeHelper:
         self.killed = True
 
 
+@pytest.mark.skipif(threads.available_cores() < 2, reason="the gradients kernel runs on plans of two blocks")
 def test_no_helper_when_switched_off_or_the_kernels_are_compiled(monkeypatch):
     """FASTLSTM_COMPILE_AHEAD=0 starts none; nor does a process whose kernels are compiled
-    (this one, after a training step): the rest would compile no faster beside a helper."""
+    (this one, after a training step on two blocks): the rest would compile no faster beside
+    a helper."""
     started = []
     monkeypatch.setattr(ahead.subprocess, "Popen", lambda *args, **kwargs: started.append(args) or _FakeHelper())
+    monkeypatch.setattr(threads, "_requested", 2)  # whatever an earlier test left
     layer = fastlstm.LSTM(16, 64, backend="numba").train()
     y, _ = layer(np.ones((3, 8, 16), np.float32))
     layer.backward(np.ones_like(y))
@@ -148,3 +151,16 @@ def test_the_helper_gets_numba_settings_made_in_the_process(monkeypatch):
     assert settings == ("/somewhere/cache", "haswell", "")
     assert env["FASTLSTM_COMPILE_AHEAD"] == "0"  # the helper starts no helper
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+
+
+def test_fastlstm_info_says_whether_it_is_on(monkeypatch):
+    monkeypatch.setenv("FASTLSTM_COMPILE_AHEAD", "0")
+    assert ahead.describe() == "off (FASTLSTM_COMPILE_AHEAD=0)"
+    monkeypatch.setenv("FASTLSTM_COMPILE_AHEAD", "1")
+    monkeypatch.setattr(ahead.threads, "available_cores", lambda: 1)
+    assert ahead.describe() == "off (one core)"
+    monkeypatch.setattr(ahead.threads, "available_cores", lambda: 2)
+    assert ahead.describe().startswith("on: a cold first training step compiles its gradients kernel")
+    result = subprocess.run([sys.executable, "-m", "fastlstm", "info"], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), FASTLSTM_COMPILE_AHEAD="0"))
+    assert "numba compile ahead: off (FASTLSTM_COMPILE_AHEAD=0)" in result.stdout, result.stdout + result.stderr

@@ -62,11 +62,31 @@ def _cache_writable(function) -> bool:
     return isinstance(cache, numba.core.caching.FunctionCache) and os.access(cache._cache_path, os.W_OK)
 
 
+def _why_off() -> str | None:
+    """Why no helper can start in this process, or None."""
+    if os.environ.get("FASTLSTM_COMPILE_AHEAD", "1") == "0":
+        return "FASTLSTM_COMPILE_AHEAD=0"
+    if threads.available_cores() < 2:
+        return "one core"
+    if not sys.executable:
+        return "no Python interpreter to start (sys.executable is empty)"
+    return None
+
+
+def describe() -> str:
+    """What `fastlstm info` says of it."""
+    why = _why_off()
+    if why is not None:
+        return f"off ({why})"
+    return ("on: a cold first training step compiles its gradients kernel in a helper process "
+            "(FASTLSTM_COMPILE_AHEAD=0 turns it off)")
+
+
 def _worth_a_helper(cell: str) -> bool:
     """Whether a helper would save time: switched on, a second core, none of the cell's
     training kernels compiled here or in the cache (where the forward's is, the rest compiles
     no faster with a helper than here), and a cache it can write."""
-    if os.environ.get("FASTLSTM_COMPILE_AHEAD", "1") == "0" or threads.available_cores() < 2 or not sys.executable:
+    if _why_off() is not None:
         return False
     try:
         return all(_cache_writable(f) and not f.overloads and not cached_here(f) for f in KERNELS[cell])
