@@ -79,8 +79,8 @@ _WORKSPACE_BYTES = 512 * 2**20
 # Rapids) VM, whole training steps, BLAS against the micro-kernel: train-m and train-l 1.15x
 # faster while the micro-kernel read a in place; since it copies a's rows, train-m level
 # (micro / BLAS time 0.95-1.01), train-l 1.05x (1.01-1.27); small, stream-1 and deep (B*T =
-# 800) 0.91-1.0x; the GRU's (gate columns copied for BLAS) 0.88x. On the 2-core AMD Zen 4
-# VM the micro-kernel was 1.2x faster than BLAS at train-m
+# 800) 0.91-1.0x; the GRU's 0.88x (measured while its gate columns were copied for BLAS).
+# On the 2-core AMD Zen 4 VM the micro-kernel was 1.2x faster than BLAS at train-m
 # (bench/results/2026-11-27-cpu-2core.md). So: BLAS for large LSTM layers
 # (_GRADIENTS_BLAS_MIN_ROWS steps x sequences, 4H >= _GRADIENTS_BLAS_MIN_COLUMNS) except on
 # AMD Zen; the micro-kernel otherwise. Deterministic either way (one order of sums a shape).
