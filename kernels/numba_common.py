@@ -497,28 +497,33 @@ PANEL = 2 * _LANES  # columns per panel: two vectors
 _TILE_ROWS = 8 if _AVX512 else 6  # 16 (12) accumulators + 2 operand vectors + 1 broadcast
 
 
-def _tile_kernel(rows, steps_per_iteration):
-    """An intrinsic computing C[rows, PANEL] (+)= A[rows, K] @ B[K, PANEL] for one panel.
+def _tile_kernel(rows, steps_per_iteration, panels=1):
+    """An intrinsic computing C[rows, panels * PANEL] (+)= A[rows, K] @ B[K, panels * PANEL]
+    for `panels` adjacent panels.
 
-    Arguments are addresses and element strides: (a, a_row, a_col, b, ldb, c, ldc, K,
-    accumulate): A[m, k] at a + m * a_row + k * a_col (so A may be a transposed view),
-    B[k, 0:PANEL] at b + k * ldb (a packed panel: ldb = PANEL), C[m, 0:PANEL] at c + m * ldc.
-    The accumulators stay in registers across the whole K loop (SSA phi values). The loop
-    runs `steps_per_iteration` (1 or 2) steps of k an iteration (with 2, one more step after
-    the loop if K is odd): two halve the loop's own instructions per FMA (measured 1.09-1.18x
-    faster at the kernels' per-step shapes with 4 and 8 rows on the Intel VM; four steps
-    were no faster; one row, which waits on L2, gained nothing). Each accumulator still adds its products
-    in k order: the result is the same, bit for bit.
+    Arguments are addresses and element strides: (a, a_row, a_col, b, ldb, b_panel, c, ldc,
+    K, accumulate): A[m, k] at a + m * a_row + k * a_col (so A may be a transposed view),
+    panel j's B[k, 0:PANEL] at b + j * b_panel + k * ldb (packed panels: ldb = PANEL,
+    b_panel = K * PANEL), C[m, 0:panels * PANEL] at c + m * ldc. The accumulators stay in
+    registers across the whole K loop (SSA phi values). The loop runs `steps_per_iteration`
+    (1 or 2) steps of k an iteration (with 2, one more step after the loop if K is odd): two
+    halve the loop's own instructions per FMA (measured 1.09-1.18x faster at the kernels'
+    per-step shapes with 4 and 8 rows on the Intel VM; four steps were no faster; one row
+    gained nothing). One row of one panel has two accumulators, each waiting on the other's
+    FMA latency; one row of several panels keeps more FMAs in flight (see _ROW_PANELS).
+    Each accumulator still adds its products in k order: the result is the same, bit for
+    bit, whatever the tile.
     """
     vec = ir.VectorType(ir.FloatType(), _LANES)
     i64 = ir.IntType(64)
+    width = 2 * panels  # vectors a row
 
     @intrinsic
-    def tile(typingctx, a, a_row, a_col, b, ldb, c, ldc, inner, accumulate):
-        sig = types.void(*([types.intp] * 8), types.boolean)
+    def tile(typingctx, a, a_row, a_col, b, ldb, b_panel, c, ldc, inner, accumulate):
+        sig = types.void(*([types.intp] * 9), types.boolean)
 
         def codegen(context, builder, signature, args):
-            a_addr, a_row_v, a_col_v, p_addr, ldb_v, c_addr, ldc_v, k_count, accum = args
+            a_addr, a_row_v, a_col_v, p_addr, ldb_v, b_panel_v, c_addr, ldc_v, k_count, accum = args
             fptr = ir.FloatType().as_pointer()
             a_ptr, p_ptr, c_ptr = (builder.inttoptr(v, fptr) for v in (a_addr, p_addr, c_addr))
             fma = cgutils.get_or_insert_function(
@@ -531,9 +536,10 @@ def _tile_kernel(rows, steps_per_iteration):
                 p_row = builder.mul(kk, ldb_v)
                 a_col_offset = builder.mul(kk, a_col_v)
                 operands = []
-                for v in range(2):
-                    address = builder.gep(p_ptr, [builder.add(p_row, ir.Constant(i64, v * _LANES))])
-                    load = builder.load(builder.bitcast(address, vec.as_pointer()))
+                for v in range(width):
+                    panel_offset = builder.mul(ir.Constant(i64, v // 2), b_panel_v)
+                    offset = builder.add(builder.add(p_row, panel_offset), ir.Constant(i64, v % 2 * _LANES))
+                    load = builder.load(builder.bitcast(builder.gep(p_ptr, [offset]), vec.as_pointer()))
                     load.align = 4
                     operands.append(load)
                 updated = []
@@ -543,19 +549,19 @@ def _tile_kernel(rows, steps_per_iteration):
                     splat = builder.shuffle_vector(
                         builder.insert_element(ir.Constant(vec, ir.Undefined), a_val, ir.Constant(ir.IntType(32), 0)),
                         ir.Constant(vec, ir.Undefined), splat_mask)
-                    updated.append([builder.call(fma, [splat, operands[v], acc[m][v]]) for v in range(2)])
+                    updated.append([builder.call(fma, [splat, operands[v], acc[m][v]]) for v in range(width)])
                 return updated
 
             def phis(sources):
                 """Accumulators merged at the current block from (block, accumulators) pairs."""
-                merged = [[builder.phi(vec) for _ in range(2)] for _ in range(rows)]
+                merged = [[builder.phi(vec) for _ in range(width)] for _ in range(rows)]
                 for block, acc in sources:
                     for m in range(rows):
-                        for v in range(2):
+                        for v in range(width):
                             merged[m][v].add_incoming(acc[m][v], block)
                 return merged
 
-            zeros = [[zero, zero] for _ in range(rows)]
+            zeros = [[zero] * width for _ in range(rows)]
             entry = builder.block
             loop = builder.append_basic_block("tile_loop")
             after_loop = builder.append_basic_block("tile_after_loop")
@@ -575,7 +581,7 @@ def _tile_kernel(rows, steps_per_iteration):
             k_next = builder.add(kk, ir.Constant(i64, steps_per_iteration))
             kk.add_incoming(k_next, loop)
             for m in range(rows):
-                for v in range(2):
+                for v in range(width):
                     acc[m][v].add_incoming(after_iteration[m][v], loop)
             builder.cbranch(builder.icmp_signed("<", k_next, in_loop), loop, after_loop)
 
@@ -590,7 +596,7 @@ def _tile_kernel(rows, steps_per_iteration):
             builder.position_at_end(done)
             totals = phis([(after_loop, so_far), (last, with_last)])
             for m in range(rows):
-                for v in range(2):
+                for v in range(width):
                     total = totals[m][v]
                     offset = builder.add(builder.mul(ir.Constant(i64, m), ldc_v), ir.Constant(i64, v * _LANES))
                     address = builder.bitcast(builder.gep(c_ptr, [offset]), vec.as_pointer())
@@ -605,9 +611,13 @@ def _tile_kernel(rows, steps_per_iteration):
     return tile
 
 
+# One row (batch 1) over this many adjacent panels a tile: 2 * _ROW_PANELS independent FMA
+# chains instead of two.
+_ROW_PANELS = 4
 _tile_big = _tile_kernel(_TILE_ROWS, 2)
 _tile_4 = _tile_kernel(4, 2)
 _tile_1 = _tile_kernel(1, 1)
+_tile_row = _tile_kernel(1, 1, _ROW_PANELS)
 
 
 @njit(inline="always")
@@ -615,13 +625,13 @@ def _tiles_of_panel(a_addr, a_row, a_col, rows, b_addr, ldb, c_addr, ldc, inner,
     """C[:, panel] (+)= A @ B[:, panel] for all `rows` rows of A, in register tiles."""
     m = 0
     while m + _TILE_ROWS <= rows:
-        _tile_big(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        _tile_big(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, 0, c_addr + m * ldc * 4, ldc, inner, accumulate)
         m += _TILE_ROWS
     while m + 4 <= rows:
-        _tile_4(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        _tile_4(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, 0, c_addr + m * ldc * 4, ldc, inner, accumulate)
         m += 4
     while m < rows:
-        _tile_1(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, c_addr + m * ldc * 4, ldc, inner, accumulate)
+        _tile_1(a_addr + m * a_row * 4, a_row, a_col, b_addr, ldb, 0, c_addr + m * ldc * 4, ldc, inner, accumulate)
         m += 1
 
 
@@ -648,10 +658,28 @@ def _panel_of(a, panels, c, p, accumulate):
 # A panel's result does not depend on when it is computed: the order changes no bit.
 @njit(inline="always")
 def _gemm_packed_in_order(a, panels, c, accumulate, descending):
-    """_gemm_packed, its panels last to first when `descending`."""
+    """_gemm_packed, its panels last to first when `descending`; one row of a (batch 1) takes
+    _ROW_PANELS panels a tile, the panels after the last whole group one at a time."""
     count = panels.shape[0]
-    for q in range(count):
-        _panel_of(a, panels, c, count - 1 - q if descending else q, accumulate)
+    grouped = count - count % _ROW_PANELS if a.shape[0] == 1 else 0
+    if descending:
+        for p in range(count - 1, grouped - 1, -1):
+            _panel_of(a, panels, c, p, accumulate)
+        for p in range(grouped - _ROW_PANELS, -1, -_ROW_PANELS):
+            _row_panels(a, panels, c, p, accumulate)
+    else:
+        for p in range(0, grouped, _ROW_PANELS):
+            _row_panels(a, panels, c, p, accumulate)
+        for p in range(grouped, count):
+            _panel_of(a, panels, c, p, accumulate)
+
+
+@njit(inline="always")
+def _row_panels(a, panels, c, p, accumulate):
+    """Panels p .. p + _ROW_PANELS of _gemm_packed for a's one row, in one tile."""
+    inner = a.shape[1]
+    _tile_row(a.ctypes.data, a.strides[0] // 4, 1, panels.ctypes.data + p * inner * PANEL * 4, PANEL, inner * PANEL,
+              c.ctypes.data + p * PANEL * 4, c.strides[0] // 4, inner, accumulate)
 
 
 @njit(inline="always")
@@ -1056,6 +1084,50 @@ def _hidden_buffers(h0):
 
 
 # -- tall GEMMs after the time loop ------------------------------------------------------
+# -- the batch cut across threads (inference: each slice of sequences on a thread of its own)
+@njit(inline="always")
+def _sequences_in(x2, num_steps, b0, b1, out):
+    """out (T * (b1 - b0), I) = x2's rows (T * B, I) of sequences b0 .. b1, step by step."""
+    total = x2.shape[0] // num_steps
+    width = x2.shape[1]
+    for t in range(num_steps):
+        for b in range(b1 - b0):
+            _copy(_units(x2, t * total + b0 + b, 0, width), _units(out, t * (b1 - b0) + b, 0, width))
+
+
+@njit(inline="always")
+def _sequences_out(part, b0, out):
+    """out[:, b0 : b0 + B'] = part (T, B', H): _sequences_in undone."""
+    num_steps, batch, width = part.shape
+    total = out.shape[1]
+    for t in range(num_steps):
+        for b in range(batch):
+            _copy(_units(part, t * batch + b, 0, width), _units(out, t * total + b0 + b, 0, width))
+
+
+@njit(inline="always")
+def _slice_in(w, slices, x2, x_parts, y_parts, h0, y):
+    """Worker w's slice of a forward_sequences kernel: its first sequence b0, its number of
+    sequences, its input's copy (T * n, I) in x_parts[w], its output's place (T, n, H) in
+    y_parts[w], and its hidden-state buffers (_hidden_buffers) from its rows of h0."""
+    num_steps, hidden = y.shape[0], y.shape[2]
+    b0 = slices[w]
+    batch = slices[w + 1] - b0
+    x_part = _view(x_parts, w * x_parts.shape[1], (num_steps * batch, x2.shape[1]))
+    _sequences_in(x2, num_steps, b0, b0 + batch, x_part)
+    y_part = _view(y_parts, w * y_parts.shape[1], (num_steps, batch, hidden))
+    return b0, batch, x_part, y_part, _hidden_buffers(_view(h0, b0 * hidden, (batch, hidden)))
+
+
+@njit(inline="always")
+def _slice_out(b0, y_part, h_buffers, y, h_n):
+    """A slice's output and final hidden state (after T steps) into its rows of y and h_n."""
+    _sequences_out(y_part, b0, y)
+    num_steps, batch, hidden = y_part.shape
+    for b in range(batch):
+        _copy(_units(h_buffers, (num_steps % 2) * batch + b, 0, hidden), _units(h_n, b0 + b, 0, hidden))
+
+
 @njit(inline="always")
 def _gemm_tall(a, a_transposed, b, c, accumulate, packed):
     """c (+)= op(a) @ b, op(a) = a.T if a_transposed: the float32 micro-kernel, reading the

@@ -58,6 +58,8 @@ from .numba_common import (
     _launch,
     _new_sync,
     _panels,
+    _slice_in,
+    _slice_out,
     _sum_carry,
     _times_previous_states,
     _view,
@@ -67,7 +69,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "6239753becc12c95"
+COMMON_SOURCE_DIGEST = "c124137a32ff6e81"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -267,6 +269,35 @@ def _forward_worker(w, x2, w_ih_ops, projection, gates, w_ops, w_ops_n, b_ih, b_
                 _call(_forward_block_phase, (k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih, b_hh, h,
                                              h_next, reset_h, rec, lengths, y, h_states, hidden_n, training, mode))
                 _block_done(sync, p, num_blocks)
+
+
+@njit(**_OPTS)
+def forward_sequences(x2, w_ih_ops, projection, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, mode,
+                      slices, x_parts, y_parts, gates, rec, y, h_n):
+    """Inference forward with the batch cut instead of the units, as numba_lstm.forward_sequences:
+    worker w runs sequences slices[w] .. slices[w + 1] through forward's one-block time loop on
+    its own thread (bounds = [0, H], operands packed for it; projection PROJECT_AT_FIRST_STEP or
+    PROJECT_EACH_STEP). x_parts / y_parts / gates / rec: (slices, ...) scratch for a slice's
+    input, output, gates ((T or 1) * rows * 3H) and rec. Fills y and h_n."""
+    _launch(_sequences_worker, slices.shape[0] - 1,
+            (x2, w_ih_ops, projection, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, mode, slices,
+             x_parts, y_parts, gates, rec, y, h_n))
+
+
+@njit(**_CALLED_OPTS)
+def _sequences_worker(w, x2, w_ih_ops, projection, w_ops, w_ops_n, b_ih, b_hh, h0, lengths, reverse, bounds, mode,
+                      slices, x_parts, y_parts, gates, rec, y, h_n):
+    """Worker w of forward_sequences: forward's one-block time loop over its slice's copies."""
+    b0, batch, x_part, y_part, h_buffers = _slice_in(w, slices, x2, x_parts, y_parts, h0, y)
+    num_steps, hidden = y.shape[0], y.shape[2]
+    gate_rows = batch if projection == PROJECT_EACH_STEP else num_steps * batch
+    phases = 1 if w_ops_n is None else 2
+    no_states = np.empty((1, 1, 1), y.dtype)
+    _call(_forward_worker, (0, x_part, w_ih_ops, projection, _view(gates, w * gates.shape[1], (gate_rows, 3 * hidden)),
+                            w_ops, w_ops_n, b_ih, b_hh, lengths[b0 : b0 + batch], reverse, bounds, False, mode,
+                            _view(rec, w * rec.shape[1], (1, rec.shape[1])), y_part, no_states, no_states, h_buffers,
+                            np.zeros((batch, hidden), y.dtype), _new_sync(num_steps * phases, 1)))
+    _slice_out(b0, y_part, h_buffers, y, h_n)
 
 
 # -- backward -----------------------------------------------------------------------------

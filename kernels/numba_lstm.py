@@ -9,7 +9,9 @@ pointwise cell update. Each kernel runs one worker per block through
 split (one block), whose caller does the input projection and the weight gradients as
 NumPy GEMMs on BLAS's own threads. On the parallel plan the weight and input gradients
 after the loop run per block too (``gradients``), through the same micro-kernel with the
-operands read in place.
+operands read in place. Inference with small steps and enough sequences cuts the batch
+instead (``forward_sequences``): each thread runs the one-block time loop over its own
+sequences, waiting for no other.
 
 Gate buffers: block k's gate columns are [i(u0:u1), f(u0:u1), g(u0:u1), o(u0:u1)], stored
 contiguously per block as (T*B, 4*nu) in a flat (num_blocks, T*B*4*max_nu) buffer.
@@ -47,6 +49,8 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
     _launch,
     _new_sync,
     _panels,
+    _slice_in,
+    _slice_out,
     _sum_carry,
     _times_previous_states,
     _units,
@@ -57,7 +61,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "6239753becc12c95"
+COMMON_SOURCE_DIGEST = "c124137a32ff6e81"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -231,6 +235,37 @@ def _forward_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, lengths, reverse, bounds,
             _call(_forward_block_step, (k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, c, rec,
                                         lengths, y, h_states, c_states, training, mode, fused, descending))
             _block_done(sync, s, num_blocks)
+
+
+@njit(**_OPTS)
+def forward_sequences(x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, mode, projection, slices,
+                      x_parts, y_parts, gates, rec, y, h_n, c_n):
+    """Inference forward with the batch cut instead of the units: worker w runs sequences
+    slices[w] .. slices[w + 1] through the whole time loop on its own thread, with all the
+    weights (one block: bounds = [0, H], operands packed for it), so that no step waits for
+    another thread. x_parts / y_parts: (slices, T * max rows * I / H) scratch for a slice's
+    input and output; gates / rec: (slices, ...) as forward's for one block and a slice's
+    rows. Fills y, h_n and c_n."""
+    _launch(_sequences_worker, slices.shape[0] - 1,
+            (x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, mode, projection, slices,
+             x_parts, y_parts, gates, rec, y, h_n, c_n))
+
+
+@njit(**_CALLED_OPTS)
+def _sequences_worker(w, x2, w_ih_ops, w_hh_ops, bias_p, h0, c0, lengths, reverse, bounds, mode, projection, slices,
+                      x_parts, y_parts, gates, rec, y, h_n, c_n):
+    """Worker w of forward_sequences: forward's one-block time loop over its slice's copies."""
+    b0, batch, x_part, y_part, h_buffers = _slice_in(w, slices, x2, x_parts, y_parts, h0, y)
+    hidden = y.shape[2]
+    c = _view(c_n, b0 * hidden, (batch, hidden))
+    for b in range(batch):
+        _copy(_units(c0, b0 + b, 0, hidden), _units(c, b, 0, hidden))
+    no_states = np.empty((1, 1, 1), y.dtype)
+    _call(_forward_worker, (0, x_part, w_ih_ops, w_hh_ops, bias_p, lengths[b0 : b0 + batch], reverse, bounds, False,
+                            mode, projection, 0, _view(gates, w * gates.shape[1], (1, gates.shape[1])),
+                            _view(rec, w * rec.shape[1], (1, rec.shape[1])), y_part, no_states, no_states,
+                            h_buffers, c, _new_sync(y.shape[0], 1)))
+    _slice_out(b0, y_part, h_buffers, y, h_n)
 
 
 # -- backward ---------------------------------------------------------------------------
