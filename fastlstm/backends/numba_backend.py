@@ -67,9 +67,9 @@ _STEPWISE_PROJECTION_MIN_BATCH = 16
 # small (kernels.forward_sequences): each thread runs its sequences' whole time loop alone,
 # with no barrier a step, but reads all the weights every step, not its block's. Measured
 # (one process, alternated, against the units cut; T x B x I x H): 200x16x32x64 1.12-1.22x,
-# 100x32x64x64 1.19x, 100x16x64x128 1.14x faster; 100x32x128x128 (4.2 M multiply-adds a step)
+# 100x32x64x64 1.19x, 100x16x64x128 1.0-1.14x faster; 100x32x128x128 (4.2 M multiply-adds a step)
 # 0.89-1.01x; 4-row slices (B = 8) 1.0x at H = 128 and 0.86x at I = H = 256 (the 4-row tile
-# does less a load than the 8-row one). So: slices of at least _SLICE_MIN_ROWS sequences, steps
+# does fewer FMAs a load than the 8-row one). So: slices of at least _SLICE_MIN_ROWS sequences, steps
 # of at most _SLICE_MAX_STEP_WORK multiply-adds (B * (I + H) * 4H).
 _SLICE_MIN_ROWS = 8
 _SLICE_MAX_STEP_WORK = 2 * 2**20
