@@ -895,45 +895,33 @@ def _transpose_tile(typingctx, src, src_stride, dst, dst_stride):
     return sig, codegen
 
 
-@njit(**_OPTS)
 def pack_operands(w_p, bounds, gates, mode, rows_are_inputs, out):
     """Lay out each block's weight rows as the operand of a per-step GEMM, flat in out[k].
 
     w_p: (gates*H, K) permuted weights; block k owns rows [gates*u0, gates*u1).
     rows_are_inputs: False for the forward (block rows are GEMM outputs: W_blk^T,
     (K, gates*nu)), True for the backward's recurrent GEMM (block rows are GEMM inputs:
-    W_blk itself, (gates*nu, K)).
+    W_blk itself, (gates*nu, K)). GEMM_PACKED: as column panels (n / PANEL, rows, PANEL).
+
+    NumPy, not Numba: compiling it took 0.7-1 s of a cold first call; NumPy's strided copies
+    take 1.1-3x as long (train-m's three operands ~0.1 ms more a training step of ~100 ms).
     """
     width = w_p.shape[1]
-    for k in range(bounds.shape[0] - 1):
-        r0 = gates * bounds[k]
-        n_rows = gates * bounds[k + 1] - r0
-        if rows_are_inputs:  # operand (gates*nu, K)
-            if mode is GEMM_PACKED:
-                _rows_into_panels(w_p, r0, n_rows, _view(out, k * out.shape[1], (width // PANEL, n_rows, PANEL)))
-            else:
-                for i in range(n_rows):
-                    _copy(w_p[r0 + i], out[k, i * width : (i + 1) * width])
-        elif mode is GEMM_PACKED:  # operand (K, gates*nu) as column panels: float32 only
-            dst = _view(out, k * out.shape[1], (n_rows // PANEL, width, PANEL))
-            ld = w_p.strides[0] // 4
-            whole = width - width % _LANES
-            for p in range(n_rows // PANEL):
-                for i0 in range(0, PANEL, _LANES):  # dst[p, j, i] = w_p[r0 + p * PANEL + i, j]
-                    row0 = r0 + p * PANEL + i0
-                    for j0 in range(0, whole, _LANES):
-                        _transpose_tile(w_p.ctypes.data + (row0 * ld + j0) * 4, ld,
-                                        dst.ctypes.data + ((p * width + j0) * PANEL + i0) * 4, PANEL)
-                    for j in range(whole, width):
-                        for i in range(_LANES):
-                            dst[p, j, i0 + i] = w_p[row0 + i, j]
-        else:  # operand (K, gates*nu): the transpose, in 16x16 tiles
-            dst = _block_view(out, k, width, n_rows)
-            for i0 in range(0, n_rows, 16):
-                for j0 in range(0, width, 16):
-                    for i in range(i0, min(i0 + 16, n_rows)):
-                        for j in range(j0, min(j0 + 16, width)):
-                            dst[j, i] = w_p[r0 + i, j]
+    for k in range(len(bounds) - 1):
+        r0 = gates * int(bounds[k])
+        n_rows = gates * int(bounds[k + 1]) - r0
+        block = w_p[r0 : r0 + n_rows]
+        dst = out[k, : n_rows * width]
+        if rows_are_inputs and mode is GEMM_PACKED:  # W_blk's columns in panels
+            np.copyto(dst.reshape(width // PANEL, n_rows, PANEL), block.reshape(n_rows, width // PANEL, PANEL)
+                      .transpose(1, 0, 2))
+        elif rows_are_inputs:  # W_blk
+            np.copyto(dst.reshape(n_rows, width), block)
+        elif mode is GEMM_PACKED:  # W_blk^T's columns in panels: float32 only
+            np.copyto(dst.reshape(n_rows // PANEL, width, PANEL), block.reshape(n_rows // PANEL, PANEL, width)
+                      .transpose(0, 2, 1))
+        else:  # W_blk^T
+            np.copyto(dst.reshape(width, n_rows), block.T)
 
 
 @njit(**_OPTS)

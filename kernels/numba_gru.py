@@ -69,7 +69,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "c124137a32ff6e81"
+COMMON_SOURCE_DIGEST = "41877751977e53a3"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
