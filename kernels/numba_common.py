@@ -661,17 +661,14 @@ def _gemm_packed_in_order(a, panels, c, accumulate, descending):
     """_gemm_packed, its panels last to first when `descending`; one row of a (batch 1) takes
     _ROW_PANELS panels a tile, the panels after the last whole group one at a time."""
     count = panels.shape[0]
-    grouped = count - count % _ROW_PANELS if a.shape[0] == 1 else 0
-    if descending:
-        for p in range(count - 1, grouped - 1, -1):
-            _panel_of(a, panels, c, p, accumulate)
-        for p in range(grouped - _ROW_PANELS, -1, -_ROW_PANELS):
-            _row_panels(a, panels, c, p, accumulate)
-    else:
-        for p in range(0, grouped, _ROW_PANELS):
-            _row_panels(a, panels, c, p, accumulate)
-        for p in range(grouped, count):
-            _panel_of(a, panels, c, p, accumulate)
+    groups = count // _ROW_PANELS if a.shape[0] == 1 else 0
+    units = groups + count - groups * _ROW_PANELS  # the groups, then the panels after them
+    for q in range(units):  # one call site each: every inlined tile is compile time
+        u = units - 1 - q if descending else q
+        if u < groups:
+            _row_panels(a, panels, c, u * _ROW_PANELS, accumulate)
+        else:
+            _panel_of(a, panels, c, u - groups + groups * _ROW_PANELS, accumulate)
 
 
 @njit(inline="always")

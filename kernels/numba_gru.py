@@ -69,7 +69,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "41877751977e53a3"
+COMMON_SOURCE_DIGEST = "a3a0207573349c4e"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------

@@ -61,7 +61,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "41877751977e53a3"
+COMMON_SOURCE_DIGEST = "a3a0207573349c4e"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
