@@ -658,25 +658,31 @@ def _panel_of(a, panels, c, p, accumulate):
 # A panel's result does not depend on when it is computed: the order changes no bit.
 @njit(inline="always")
 def _gemm_packed_in_order(a, panels, c, accumulate, descending):
-    """_gemm_packed, its panels last to first when `descending`; one row of a (batch 1) takes
-    _ROW_PANELS panels a tile, the panels after the last whole group one at a time."""
-    count = panels.shape[0]
-    groups = count // _ROW_PANELS if a.shape[0] == 1 else 0
+    """_gemm_packed, its panels last to first when `descending`: _packed_product, compiled
+    once for every caller (its tiles are the larger part of a step's compile), called with
+    addresses and sizes (arrays passed would cost reference counts, ~40 ns a call)."""
+    _call(_packed_product, (a.ctypes.data, a.strides[0] // 4, a.shape[0], a.shape[1], panels.ctypes.data,
+                            panels.shape[0], c.ctypes.data, c.strides[0] // 4, accumulate, descending))
+
+
+@njit(**_CALLED_OPTS)
+def _packed_product(a, lda, rows, inner, panels, count, c, ldc, accumulate, descending):
+    """C (rows, count * PANEL) (+)= A (rows, inner) @ W: A's rows lda items apart from address
+    a, W's `count` packed panels (inner, PANEL) one after another from address `panels`, C's
+    rows ldc apart from address c. One row (batch 1) takes _ROW_PANELS panels a tile, the
+    panels after the last whole group one at a time; `descending`: the order reversed."""
+    groups = count // _ROW_PANELS if rows == 1 else 0
     units = groups + count - groups * _ROW_PANELS  # the groups, then the panels after them
     for q in range(units):  # one call site each: every inlined tile is compile time
         u = units - 1 - q if descending else q
         if u < groups:
-            _row_panels(a, panels, c, u * _ROW_PANELS, accumulate)
+            p = u * _ROW_PANELS
+            _tile_row(a, lda, 1, panels + p * inner * PANEL * 4, PANEL, inner * PANEL, c + p * PANEL * 4, ldc, inner,
+                      accumulate)
         else:
-            _panel_of(a, panels, c, u - groups + groups * _ROW_PANELS, accumulate)
-
-
-@njit(inline="always")
-def _row_panels(a, panels, c, p, accumulate):
-    """Panels p .. p + _ROW_PANELS of _gemm_packed for a's one row, in one tile."""
-    inner = a.shape[1]
-    _tile_row(a.ctypes.data, a.strides[0] // 4, 1, panels.ctypes.data + p * inner * PANEL * 4, PANEL, inner * PANEL,
-              c.ctypes.data + p * PANEL * 4, c.strides[0] // 4, inner, accumulate)
+            p = u - groups + groups * _ROW_PANELS
+            _tiles_of_panel(a, lda, 1, rows, panels + p * inner * PANEL * 4, PANEL, c + p * PANEL * 4, ldc, inner,
+                            accumulate)
 
 
 @njit(inline="always")
@@ -791,6 +797,15 @@ def _gemm(a, operand, inner, cols, out, mode):
             _matmul_small(a, w, out)
         else:
             _blas_product(a, False, w, out, False)
+
+
+@njit(inline="always")
+def _product(a, operand, inner, cols, out, mode):
+    """_gemm from a kernel: packed, straight to _packed_product (one call, not two)."""
+    if mode is GEMM_PACKED:
+        _gemm_packed(a, _panels(operand, inner, cols), out, False)
+    else:
+        _call(_gemm, (a, operand, inner, cols, out, mode))
 
 
 # -- BLAS ---------------------------------------------------------------------------------

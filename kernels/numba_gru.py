@@ -51,13 +51,13 @@ from .numba_common import (
     _claim_block,
     _copy,
     _fill,
-    _gemm,
     _gemm_packed,
     _gemm_tall,
     _hidden_buffers,
     _launch,
     _new_sync,
     _panels,
+    _product,
     _slice_in,
     _slice_out,
     _sum_carry,
@@ -69,7 +69,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "a3a0207573349c4e"
+COMMON_SOURCE_DIGEST = "2478ea33e0eacd6e"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------
@@ -148,13 +148,13 @@ def _forward_block_phase(k, t, row0, phase, bounds, gates, w_ops, w_ops_n, b_ih,
     b_hr, b_hz, b_hn = _unit_views(b_hh, hidden, u0, nu)
     if reset_after:
         rec_k = _block_view(rec, k, batch, 3 * nu)
-        _call(_gemm, (h, w_ops[k], hidden, 3 * nu, rec_k, mode))
+        _product(h, w_ops[k], hidden, 3 * nu, rec_k, mode)
     elif phase == 0:
         rec_k = _block_view(rec, k, batch, 2 * nu)
-        _call(_gemm, (h, w_ops[k], hidden, 2 * nu, rec_k, mode))
+        _product(h, w_ops[k], hidden, 2 * nu, rec_k, mode)
     else:
         rec_k = rec[k, batch * 2 * nu : batch * 3 * nu].reshape((batch, nu))
-        _call(_gemm, (reset_h, w_ops_n[k], hidden, nu, rec_k, mode))
+        _product(reset_h, w_ops_n[k], hidden, nu, rec_k, mode)
     for b in range(batch):
         gr, gz, gn = _unit_views(gates[row0 + b], hidden, u0, nu)
         h_row, h_new = h[b, u0 : u0 + nu], h_next[b, u0 : u0 + nu]
@@ -365,11 +365,11 @@ def _backward_block_phase(k, t, t_prev, phase, bounds, gates, h_states, h0, hidd
                 passed[j] = dh[j] * gz[j] + d_reset_h[j] * gr[j]
     # This block's share of dh_{t-1} (or, Cho's phase 0, of d(r * h)): d_rec_k @ W[block rows].
     if reset_after:
-        _call(_gemm, (d_rec_k, w_ops[k], width, hidden, partial_next[k], mode))
+        _product(d_rec_k, w_ops[k], width, hidden, partial_next[k], mode)
     elif phase == 0:
-        _call(_gemm, (d_rec_k, w_ops_n[k], width, hidden, partial_reset[k], mode))
+        _product(d_rec_k, w_ops_n[k], width, hidden, partial_reset[k], mode)
     else:
-        _call(_gemm, (d_rec_k, w_ops[k], width, hidden, partial_next[k], mode))
+        _product(d_rec_k, w_ops[k], width, hidden, partial_next[k], mode)
 
 
 @njit(**_OPTS)

@@ -40,7 +40,6 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
     _claim_block,
     _copy,
     _fill,
-    _gemm,
     _gemm_packed,
     _gemm_packed_in_order,
     _gemm_packed_sum,
@@ -49,6 +48,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
     _launch,
     _new_sync,
     _panels,
+    _product,
     _slice_in,
     _slice_out,
     _sum_carry,
@@ -61,7 +61,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "a3a0207573349c4e"
+COMMON_SOURCE_DIGEST = "2478ea33e0eacd6e"
 
 
 # -- pointwise cell ---------------------------------------------------------------------
@@ -140,7 +140,7 @@ def _forward_block_step(k, t, row0, bounds, gates, w_hh_ops, bias_p, h, h_next, 
         _gemm_packed_in_order(h, _panels(w_hh_ops[k], hidden, 4 * nu), g_t, True, descending)
     else:
         r = _block_view(rec, k, batch, 4 * nu)
-        _call(_gemm, (h, w_hh_ops[k], hidden, 4 * nu, r, mode))
+        _product(h, w_hh_ops[k], hidden, 4 * nu, r, mode)
         for b in range(batch):
             _add(r[b], g_t[b])
     b_k = bias_p[4 * u0 : 4 * u0 + 4 * nu]
@@ -166,9 +166,9 @@ def _input_projection_block(k, bounds, x2, w_ih_ops, gates, row0, mode):
     nu = bounds[k + 1] - bounds[k]
     g_k = _view(gates, k * gates.shape[1] + row0 * 4 * nu, (x2.shape[0], 4 * nu))
     if mode is GEMM_PACKED or (mode == GEMM_SMALL and x2.shape[0] == 1):
-        _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, mode))
+        _product(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, mode)
     else:
-        _call(_gemm, (x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_BLAS))
+        _product(x2, w_ih_ops[k], x2.shape[1], 4 * nu, g_k, GEMM_BLAS)
 
 
 @njit(**_CALLED_OPTS)
@@ -303,7 +303,7 @@ def _backward_block_step(k, t, t_prev, bounds, gates, c_states, c0, w_hh_ops, dy
             _copy(dhr, passed)
     # This block's share of dh_{t-1}: d_gates[t][:, block] @ W_hh_p[block rows].
     da_t = d_k[t * batch : (t + 1) * batch]
-    _call(_gemm, (da_t, w_hh_ops[k], 4 * nu, hidden, partial_next[k], mode))
+    _product(da_t, w_hh_ops[k], 4 * nu, hidden, partial_next[k], mode)
 
 
 @njit(inline="always")

@@ -530,7 +530,7 @@ def test_a_packed_plan_compiles_no_code_of_the_other_gemm_modes(tmp_path):
     seen, blas = json.loads(result.stdout.strip().splitlines()[-1])
     assert blas == {"lstm": False, "gru": False, "lstm-float64": True}, seen
     assert not any(function.startswith("dot_") for functions in seen.values() for function in functions), seen
-    assert {"forward", "_forward_worker", "_input_projection_block", "_gemm"} <= set(seen["lstm"])
+    assert {"forward", "_forward_worker", "_input_projection_block", "_packed_product"} <= set(seen["lstm"])
 
 
 def test_the_avx2_kernels_match_numpy(tmp_path):
