@@ -644,34 +644,39 @@ def _gemm_packed(a, panels, c, accumulate):
     _gemm_packed_in_order(a, panels, c, accumulate, False)
 
 
-@njit(inline="always")
-def _panel_of(a, panels, c, p, accumulate):
-    """Panel p of _gemm_packed: c[:, p * PANEL : (p + 1) * PANEL] (+)= a @ panels[p]."""
-    inner = a.shape[1]
-    _tiles_of_panel(a.ctypes.data, a.strides[0] // 4, 1, a.shape[0], panels.ctypes.data + p * inner * PANEL * 4, PANEL,
-                    c.ctypes.data + p * PANEL * 4, c.strides[0] // 4, inner, accumulate)
-
-
 # Zig-zag order: a time loop whose weights do not fit in a core's L2 reads a step's panels
 # in the reverse of the previous step's order, so that it starts with those the previous
 # step left in cache (one step of I = H = 512, batch 1, 4 MB a core: 125 us instead of 160).
 # A panel's result does not depend on when it is computed: the order changes no bit.
 @njit(inline="always")
 def _gemm_packed_in_order(a, panels, c, accumulate, descending):
-    """_gemm_packed, its panels last to first when `descending`: _packed_product, compiled
-    once for every caller (its tiles are the larger part of a step's compile), called with
-    addresses and sizes (arrays passed would cost reference counts, ~40 ns a call)."""
+    """_gemm_packed, its panels last to first when `descending` (_packed_product)."""
     _call(_packed_product, (a.ctypes.data, a.strides[0] // 4, a.shape[0], a.shape[1], panels.ctypes.data,
-                            panels.shape[0], c.ctypes.data, c.strides[0] // 4, accumulate, descending))
+                            panels.shape[0], c.ctypes.data, c.strides[0] // 4, accumulate, descending,
+                            a.ctypes.data, 0, 0, panels.ctypes.data))
 
 
+@njit(inline="always")
+def _gemm_packed_sum(a1, panels1, a2, panels2, c, descending):
+    """c = a1 @ W1 + a2 @ W2 (float32, W1 and W2 packed with the same panels), panel by panel:
+    W1's product stored, then W2's added, as _gemm_packed twice would; in zig-zag order."""
+    _call(_packed_product, (a1.ctypes.data, a1.strides[0] // 4, a1.shape[0], a1.shape[1], panels1.ctypes.data,
+                            panels1.shape[0], c.ctypes.data, c.strides[0] // 4, False, descending,
+                            a2.ctypes.data, a2.strides[0] // 4, a2.shape[1], panels2.ctypes.data))
+
+
+# Every packed product of the kernels' steps runs here, compiled once for all its callers
+# (its tiles were the larger part of each caller's compile when inlined) and called with
+# addresses and sizes (arrays passed would cost reference counts, ~40 ns a call).
 @njit(**_CALLED_OPTS)
-def _packed_product(a, lda, rows, inner, panels, count, c, ldc, accumulate, descending):
+def _packed_product(a, lda, rows, inner, panels, count, c, ldc, accumulate, descending, a2, lda2, inner2, panels2):
     """C (rows, count * PANEL) (+)= A (rows, inner) @ W: A's rows lda items apart from address
     a, W's `count` packed panels (inner, PANEL) one after another from address `panels`, C's
-    rows ldc apart from address c. One row (batch 1) takes _ROW_PANELS panels a tile, the
-    panels after the last whole group one at a time; `descending`: the order reversed."""
-    groups = count // _ROW_PANELS if rows == 1 else 0
+    rows ldc apart from address c; `descending`: the panels last to first. With inner2 > 0,
+    C = A @ W + A2 @ W2 (A2 (rows, inner2) at a2, W2's panels at panels2), panel by panel:
+    W's product stored, then W2's added. One row (batch 1) of a single product takes
+    _ROW_PANELS panels a tile, the panels after the last whole group one at a time."""
+    groups = count // _ROW_PANELS if rows == 1 and inner2 == 0 else 0
     units = groups + count - groups * _ROW_PANELS  # the groups, then the panels after them
     for q in range(units):  # one call site each: every inlined tile is compile time
         u = units - 1 - q if descending else q
@@ -683,17 +688,9 @@ def _packed_product(a, lda, rows, inner, panels, count, c, ldc, accumulate, desc
             p = u - groups + groups * _ROW_PANELS
             _tiles_of_panel(a, lda, 1, rows, panels + p * inner * PANEL * 4, PANEL, c + p * PANEL * 4, ldc, inner,
                             accumulate)
-
-
-@njit(inline="always")
-def _gemm_packed_sum(a1, panels1, a2, panels2, c, descending):
-    """c = a1 @ W1 + a2 @ W2 (float32, W1 and W2 packed with the same panels), panel by panel:
-    W1's product stored, then W2's added, as _gemm_packed twice would; in zig-zag order."""
-    count = panels1.shape[0]
-    for q in range(count):
-        p = count - 1 - q if descending else q
-        _panel_of(a1, panels1, c, p, False)
-        _panel_of(a2, panels2, c, p, True)
+            if inner2 > 0:
+                _tiles_of_panel(a2, lda2, 1, rows, panels2 + p * inner2 * PANEL * 4, PANEL, c + p * PANEL * 4, ldc,
+                                inner2, True)
 
 
 # The weight and input gradients multiply tall operands (K = T*B rows): K is cut into
