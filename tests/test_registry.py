@@ -136,8 +136,8 @@ def test_import_imports_no_framework_and_compiles_nothing():
         compiled = None
         if statuses["numba"].available:
             from fastlstm.kernels import numba_common as c, numba_gru as g, numba_lstm as k
-            compiled = sum(len(f.signatures) for m in (k, g) for f in (m.forward, m.backward_loop, m.gradients)) + len(
-                           c.pack_operands.signatures)
+            kernels = [f for m in (k, g) for f in (m.forward, m.forward_sequences, m.backward_loop, m.gradients)]
+            compiled = sum(len(f.signatures) for f in kernels + [c._packed_product, c._gemm])
         print(json.dumps({"heavy": heavy, "compiled": compiled}))
         """
     )
