@@ -1083,35 +1083,19 @@ def _hidden_buffers(h0):
 # -- tall GEMMs after the time loop ------------------------------------------------------
 # -- the batch cut across threads (inference: each slice of sequences on a thread of its own)
 @njit(inline="always")
-def _sequences_in(x2, num_steps, b0, b1, out):
-    """out (T * (b1 - b0), I) = x2's rows (T * B, I) of sequences b0 .. b1, step by step."""
-    total = x2.shape[0] // num_steps
-    width = x2.shape[1]
-    for t in range(num_steps):
-        for b in range(b1 - b0):
-            _copy(_units(x2, t * total + b0 + b, 0, width), _units(out, t * (b1 - b0) + b, 0, width))
-
-
-@njit(inline="always")
-def _sequences_out(part, b0, out):
-    """out[:, b0 : b0 + B'] = part (T, B', H): _sequences_in undone."""
-    num_steps, batch, width = part.shape
-    total = out.shape[1]
-    for t in range(num_steps):
-        for b in range(batch):
-            _copy(_units(part, t * batch + b, 0, width), _units(out, t * total + b0 + b, 0, width))
-
-
-@njit(inline="always")
 def _slice_in(w, slices, x2, x_parts, y_parts, h0, y):
     """Worker w's slice of a forward_sequences kernel: its first sequence b0, its number of
-    sequences, its input's copy (T * n, I) in x_parts[w], its output's place (T, n, H) in
-    y_parts[w], and its hidden-state buffers (_hidden_buffers) from its rows of h0."""
-    num_steps, hidden = y.shape[0], y.shape[2]
+    sequences n, a copy of its input (x2's rows of its sequences, step by step: (T * n, I)) in
+    x_parts[w], its output's place (T, n, H) in y_parts[w], and its hidden-state buffers
+    (_hidden_buffers) from its rows of h0."""
+    num_steps, total, hidden = y.shape
+    width = x2.shape[1]
     b0 = slices[w]
     batch = slices[w + 1] - b0
-    x_part = _view(x_parts, w * x_parts.shape[1], (num_steps * batch, x2.shape[1]))
-    _sequences_in(x2, num_steps, b0, b0 + batch, x_part)
+    x_part = _view(x_parts, w * x_parts.shape[1], (num_steps * batch, width))
+    for t in range(num_steps):
+        for b in range(batch):
+            _copy(_units(x2, t * total + b0 + b, 0, width), _units(x_part, t * batch + b, 0, width))
     y_part = _view(y_parts, w * y_parts.shape[1], (num_steps, batch, hidden))
     return b0, batch, x_part, y_part, _hidden_buffers(_view(h0, b0 * hidden, (batch, hidden)))
 
@@ -1119,8 +1103,11 @@ def _slice_in(w, slices, x2, x_parts, y_parts, h0, y):
 @njit(inline="always")
 def _slice_out(b0, y_part, h_buffers, y, h_n):
     """A slice's output and final hidden state (after T steps) into its rows of y and h_n."""
-    _sequences_out(y_part, b0, y)
     num_steps, batch, hidden = y_part.shape
+    total = y.shape[1]
+    for t in range(num_steps):
+        for b in range(batch):
+            _copy(_units(y_part, t * batch + b, 0, hidden), _units(y, t * total + b0 + b, 0, hidden))
     for b in range(batch):
         _copy(_units(h_buffers, (num_steps % 2) * batch + b, 0, hidden), _units(h_n, b0 + b, 0, hidden))
 

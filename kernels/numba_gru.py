@@ -69,7 +69,7 @@ from .numba_common import (
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "d0975532abb17aa1"
+COMMON_SOURCE_DIGEST = "eeb3b0f2670a2cc6"
 
 
 # -- pointwise cell (see numba_lstm.py on how these loops are written to vectorize) ---------

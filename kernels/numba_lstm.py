@@ -61,7 +61,7 @@ from .numba_common import (  # noqa: F401  - PANEL, the GEMM and projection mode
 )
 
 # The digest of numba_common.py this file was last compiled against (see its docstring).
-COMMON_SOURCE_DIGEST = "d0975532abb17aa1"
+COMMON_SOURCE_DIGEST = "eeb3b0f2670a2cc6"
 
 
 # -- pointwise cell ---------------------------------------------------------------------

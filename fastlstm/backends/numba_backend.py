@@ -318,14 +318,15 @@ class NumbaBackend(ReferenceBackend):
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._plan(batch, hidden, dtype)
-        slices = None if training else _sequence_slices(plan, batch, batch * (input_size + hidden) * 4 * hidden)
+        slices = None if training else _sequence_slices(plan, batch, input_size, hidden)
         if slices is not None:  # inference, the batch cut across threads
             one = self._plan(slices.rows, hidden, dtype, num_threads=1)
+            projection = _slice_projection(one, slices)
             y, h_n, c_n = self._by_sequences(
-                kernels.forward_sequences, one, x, hidden, slices, 4 * hidden, 2,
+                kernels.forward_sequences, one, x, hidden, slices, projection, 2,
                 self._forward_operand(one, w_ih, 4, keep=True), self._forward_operand(one, w_hh, 4, keep=True),
                 np.ascontiguousarray(bias), np.ascontiguousarray(h0), np.ascontiguousarray(c0),
-                _lengths(lengths, num_steps, batch), reverse, one.bounds, one.mode, _slice_projection(one, slices))
+                _lengths(lengths, num_steps, batch), reverse, one.bounds, one.mode, projection)
             return y, h_n, c_n, None
         if training and plan.parallel:
             self._compile_ahead.start("lstm", _call_description(batch, input_size, hidden, dtype))
@@ -389,13 +390,14 @@ class NumbaBackend(ReferenceBackend):
             self._workspaces.give_when_freed(saved, *saved_buffers)  # its backward may run twice, or never
         return y, h_n, c_n, saved
 
-    def _by_sequences(self, kernel, plan, x, hidden, slices, gate_columns, num_states, *args):
-        """Run a cell's forward_sequences kernel (inference, the batch cut into `slices`):
-        kernel(x2, *args, slices, its scratch, y, final states). gate_columns: a gate row's
-        (4H, 3H). Returns y and the `num_states` final states."""
+    def _by_sequences(self, kernel, plan, x, hidden, slices, projection, num_states, *args):
+        """Run a cell's forward_sequences kernel (inference, the batch cut into `slices`, each
+        slice's input projected as `projection` says): kernel(x2, *args, slices, its scratch, y,
+        final states). Returns y and the `num_states` final states."""
         num_steps, batch, input_size = x.shape
         count, rows = slices.count, slices.rows
-        gate_rows = _gate_rows(_slice_projection(plan, slices), False, num_steps, rows)
+        gate_rows = _gate_rows(projection, False, num_steps, rows)
+        gate_columns = plan.gates * hidden
         take = self._workspaces.take
         scratch = [take((count, size), x.dtype) for size in (num_steps * rows * input_size, num_steps * rows * hidden,
                                                             gate_rows * gate_columns, rows * gate_columns)]
@@ -471,12 +473,13 @@ class NumbaBackend(ReferenceBackend):
         hidden = w_hh.shape[1]
         dtype = x.dtype
         plan = self._gru_plan(batch, hidden, dtype, reset_after)
-        slices = None if training else _sequence_slices(plan, batch, batch * (input_size + hidden) * 3 * hidden)
+        slices = None if training else _sequence_slices(plan, batch, input_size, hidden)
         if slices is not None:  # inference, the batch cut across threads
             one = self._gru_plan(slices.rows, hidden, dtype, reset_after, num_threads=1)
+            projection = _slice_projection(one, slices)
             y, h_n = self._by_sequences(
-                gru_kernels.forward_sequences, one, x, hidden, slices, 3 * hidden, 1,
-                self._forward_operand(one, w_ih, 3, keep=True), _slice_projection(one, slices),
+                gru_kernels.forward_sequences, one, x, hidden, slices, projection, 1,
+                self._forward_operand(one, w_ih, 3, keep=True), projection,
                 *self._gru_operands(one, w_hh, reset_after, rows_are_inputs=False, keep=True),
                 np.ascontiguousarray(b_ih), np.ascontiguousarray(b_hh), np.ascontiguousarray(h0),
                 _lengths(lengths, num_steps, batch), reverse, one.bounds, one.mode)
@@ -684,9 +687,10 @@ class _Slices:
         return len(self.bounds) - 1
 
 
-def _sequence_slices(plan: _Plan, batch: int, step_work: int):
+def _sequence_slices(plan: _Plan, batch: int, input_size: int, hidden: int):
     """The slices for an inference call, or None where the units stay cut (one thread, few
     sequences, much work a step)."""
+    step_work = batch * (input_size + hidden) * plan.gates * hidden
     if not plan.parallel or batch < 2 * _SLICE_MIN_ROWS or step_work > _SLICE_MAX_STEP_WORK:
         return None
     return _slices(batch, min(plan.num_blocks, batch // _SLICE_MIN_ROWS))

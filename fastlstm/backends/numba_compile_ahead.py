@@ -15,9 +15,9 @@ here: ~1.3-1.5x each), so the gain is less than the helper's share.
 
 The helper compiles what the real backward will, with the same argument types, because it
 runs the same code: the backend's forward of a two-step sequence with this call's batch,
-sizes, dtype, GRU variant and threads, then its backward, with the forward kernel, the
-backward loop and the weight packing replaced by stubs (they compile here), so that only
-the gradients kernel compiles there. If it compiled other types after all, or failed, or
+sizes, dtype, GRU variant and threads, then its backward, with the forward kernel and the
+backward loop replaced by stubs (they compile here), so that only the gradients kernel
+compiles there. If it compiled other types after all, or failed, or
 takes longer than _WAIT_S, the gradients kernel compiles here as it would have: results
 never depend on the helper.
 
@@ -37,7 +37,6 @@ import numba
 import numpy as np
 
 from .. import threads
-from ..kernels import numba_common as common
 from ..kernels import numba_gru as gru_kernels
 from ..kernels import numba_lstm as kernels
 
@@ -167,7 +166,6 @@ def _compile_gradients(description: dict) -> None:
     threads.set_num_threads(int(description["threads"]))
     h0 = np.zeros((batch, hidden), dtype)
     x = np.zeros((2, batch, input_size), dtype)
-    common.pack_operands = lambda *args: None  # packed weights: read only by stubbed kernels here
     backend = NumbaBackend()
     if cell == "lstm":
         kernels.forward = kernels.backward_loop = lambda *args: (h0.copy(), h0.copy())
